@@ -1,0 +1,1 @@
+"""Interference signals: eBPF probes (libbpf CO-RE, bcc fallback), cheap fallbacks, detector."""

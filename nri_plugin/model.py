@@ -1,0 +1,147 @@
+"""Typed, protobuf-free view of pods, containers and the changes a policy asks for.
+
+Policies and the embedded runtime work on these values; only
+`nri_plugin.protocol.convert` knows the protobuf classes. Keeping the wire types out of
+the policy means a policy test builds a `Container(...)` in one line and can never
+forget NRI's presence rules.
+
+Presence rules carried over from NRI: `None` means "not set / leave alone"; for `cpus`
+and `mems` the empty string means the same (NRI cannot express an empty cpuset). Mapping
+fields hold plain dicts: treat them as read-only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from enum import IntEnum
+
+
+class ContainerState(IntEnum):
+    UNKNOWN = 0
+    CREATED = 1
+    PAUSED = 2
+    RUNNING = 3
+    STOPPED = 4
+
+
+@dataclass(frozen=True, slots=True)
+class CpuResources:
+    shares: int | None = None
+    quota: int | None = None
+    period: int | None = None
+    realtime_runtime: int | None = None
+    realtime_period: int | None = None
+    cpus: str = ""
+    mems: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryResources:
+    limit: int | None = None
+    reservation: int | None = None
+    swap: int | None = None
+    kernel: int | None = None
+    kernel_tcp: int | None = None
+    swappiness: int | None = None
+    disable_oom_killer: bool | None = None
+    use_hierarchy: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HugepageLimit:
+    page_size: str
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    """Linux resources, both as the runtime reports them and as a plugin requests them."""
+
+    cpu: CpuResources | None = None
+    memory: MemoryResources | None = None
+    hugepage_limits: tuple[HugepageLimit, ...] = ()
+    blockio_class: str | None = None
+    rdt_class: str | None = None
+    unified: Mapping[str, str] = field(default_factory=dict)
+    pids_limit: int | None = None
+
+    def is_empty(self) -> bool:
+        return self == _EMPTY_RESOURCES
+
+
+_EMPTY_RESOURCES = Resources()
+
+
+@dataclass(frozen=True, slots=True)
+class Pod:
+    id: str
+    name: str = ""
+    uid: str = ""
+    namespace: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    runtime_handler: str = ""
+    cgroup_parent: str = ""
+    cgroups_path: str = ""
+    pid: int | None = None
+    ips: tuple[str, ...] = ()
+    # linux namespace type -> path ("" when the runtime gives no path)
+    namespaces: Mapping[str, str] = field(default_factory=dict)
+    overhead: Resources | None = None
+    pod_resources: Resources | None = None
+    sandbox_resources: Resources | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Container:
+    id: str
+    pod_id: str = ""
+    name: str = ""
+    state: ContainerState = ContainerState.UNKNOWN
+    labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    args: tuple[str, ...] = ()
+    env: tuple[str, ...] = ()  # "KEY=VALUE", as the runtime sends them
+    cgroups_path: str = ""
+    resources: Resources | None = None
+    oom_score_adj: int | None = None
+    pid: int | None = None
+    namespaces: Mapping[str, str] = field(default_factory=dict)
+    created_at: int = 0  # unix nanoseconds; 0 = unknown (before NRI v0.10)
+    started_at: int = 0
+    finished_at: int = 0
+    exit_code: int = 0
+
+    def with_resources(self, resources: Resources | None) -> Container:
+        return replace(self, resources=resources)
+
+
+@dataclass(frozen=True, slots=True)
+class Adjustment:
+    """What a plugin changes on a container being created (CreateContainer reply)."""
+
+    resources: Resources | None = None
+    oom_score_adj: int | None = None
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    env: tuple[tuple[str, str], ...] = ()
+
+    def is_empty(self) -> bool:
+        return (
+            (self.resources is None or self.resources.is_empty())
+            and self.oom_score_adj is None
+            and not self.annotations
+            and not self.env
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """A resource change for an existing container (event replies, UpdateContainers)."""
+
+    container_id: str
+    resources: Resources
+    ignore_failure: bool = False
+
+
+NO_ADJUSTMENT = Adjustment()

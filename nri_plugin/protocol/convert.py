@@ -1,0 +1,290 @@
+"""Conversions between NRI protobuf messages and `nri_plugin.model` values.
+
+Pure functions, both directions: the plugin reads pods/containers and writes
+adjustments/updates; the embedded runtime does the opposite. Fields nri-qos has no use
+for (mounts, hooks, seccomp, ...) are dropped on the way in and never produced on the
+way out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from nri_plugin import model
+from nri_plugin.protocol import nri_pb2 as pb
+
+# --- small helpers for NRI's presence wrappers -------------------------------------------
+
+
+def _opt(msg: object, name: str) -> int | None:
+    """Value of an Optional* wrapper field, or None when the wrapper is absent."""
+    if msg.HasField(name):  # type: ignore[attr-defined]
+        return int(getattr(msg, name).value)
+    return None
+
+
+def _opt_bool(msg: object, name: str) -> bool | None:
+    if msg.HasField(name):  # type: ignore[attr-defined]
+        return bool(getattr(msg, name).value)
+    return None
+
+
+def _opt_str(msg: object, name: str) -> str | None:
+    if msg.HasField(name):  # type: ignore[attr-defined]
+        return str(getattr(msg, name).value)
+    return None
+
+
+def _set_opt(msg: object, name: str, value: int | bool | str | None) -> None:
+    if value is not None:
+        getattr(msg, name).value = value
+
+
+def _namespaces(items: Iterable[pb.LinuxNamespace]) -> dict[str, str]:
+    return {ns.type: ns.path for ns in items}
+
+
+# --- resources ---------------------------------------------------------------------------
+
+
+def resources_from_pb(msg: pb.LinuxResources) -> model.Resources:
+    cpu = None
+    if msg.HasField("cpu"):
+        c = msg.cpu
+        cpu = model.CpuResources(
+            shares=_opt(c, "shares"),
+            quota=_opt(c, "quota"),
+            period=_opt(c, "period"),
+            realtime_runtime=_opt(c, "realtime_runtime"),
+            realtime_period=_opt(c, "realtime_period"),
+            cpus=c.cpus,
+            mems=c.mems,
+        )
+    memory = None
+    if msg.HasField("memory"):
+        m = msg.memory
+        memory = model.MemoryResources(
+            limit=_opt(m, "limit"),
+            reservation=_opt(m, "reservation"),
+            swap=_opt(m, "swap"),
+            kernel=_opt(m, "kernel"),
+            kernel_tcp=_opt(m, "kernel_tcp"),
+            swappiness=_opt(m, "swappiness"),
+            disable_oom_killer=_opt_bool(m, "disable_oom_killer"),
+            use_hierarchy=_opt_bool(m, "use_hierarchy"),
+        )
+    return model.Resources(
+        cpu=cpu,
+        memory=memory,
+        hugepage_limits=tuple(
+            model.HugepageLimit(h.page_size, h.limit) for h in msg.hugepage_limits
+        ),
+        blockio_class=_opt_str(msg, "blockio_class"),
+        rdt_class=_opt_str(msg, "rdt_class"),
+        unified=dict(msg.unified),
+        pids_limit=msg.pids.limit if msg.HasField("pids") else None,
+    )
+
+
+def resources_to_pb(res: model.Resources, out: pb.LinuxResources | None = None) -> pb.LinuxResources:
+    msg = pb.LinuxResources() if out is None else out
+    if res.cpu is not None:
+        c = msg.cpu
+        c.SetInParent()
+        _set_opt(c, "shares", res.cpu.shares)
+        _set_opt(c, "quota", res.cpu.quota)
+        _set_opt(c, "period", res.cpu.period)
+        _set_opt(c, "realtime_runtime", res.cpu.realtime_runtime)
+        _set_opt(c, "realtime_period", res.cpu.realtime_period)
+        c.cpus = res.cpu.cpus
+        c.mems = res.cpu.mems
+    if res.memory is not None:
+        m = msg.memory
+        m.SetInParent()
+        _set_opt(m, "limit", res.memory.limit)
+        _set_opt(m, "reservation", res.memory.reservation)
+        _set_opt(m, "swap", res.memory.swap)
+        _set_opt(m, "kernel", res.memory.kernel)
+        _set_opt(m, "kernel_tcp", res.memory.kernel_tcp)
+        _set_opt(m, "swappiness", res.memory.swappiness)
+        _set_opt(m, "disable_oom_killer", res.memory.disable_oom_killer)
+        _set_opt(m, "use_hierarchy", res.memory.use_hierarchy)
+    for h in res.hugepage_limits:
+        msg.hugepage_limits.add(page_size=h.page_size, limit=h.limit)
+    _set_opt(msg, "blockio_class", res.blockio_class)
+    _set_opt(msg, "rdt_class", res.rdt_class)
+    msg.unified.update(res.unified)
+    if res.pids_limit is not None:
+        msg.pids.limit = res.pids_limit
+    return msg
+
+
+# --- pods and containers -----------------------------------------------------------------
+
+
+def pod_from_pb(msg: pb.PodSandbox) -> model.Pod:
+    linux = msg.linux
+    has_linux = msg.HasField("linux")
+    return model.Pod(
+        id=msg.id,
+        name=msg.name,
+        uid=msg.uid,
+        namespace=msg.namespace,
+        labels=dict(msg.labels),
+        annotations=dict(msg.annotations),
+        runtime_handler=msg.runtime_handler,
+        cgroup_parent=linux.cgroup_parent,
+        cgroups_path=linux.cgroups_path,
+        pid=msg.pid or None,
+        ips=tuple(msg.ips),
+        namespaces=_namespaces(linux.namespaces),
+        overhead=resources_from_pb(linux.pod_overhead)
+        if has_linux and linux.HasField("pod_overhead")
+        else None,
+        pod_resources=resources_from_pb(linux.pod_resources)
+        if has_linux and linux.HasField("pod_resources")
+        else None,
+        sandbox_resources=resources_from_pb(linux.resources)
+        if has_linux and linux.HasField("resources")
+        else None,
+    )
+
+
+def pod_to_pb(pod: model.Pod, out: pb.PodSandbox | None = None) -> pb.PodSandbox:
+    msg = pb.PodSandbox() if out is None else out
+    msg.id = pod.id
+    msg.name = pod.name
+    msg.uid = pod.uid
+    msg.namespace = pod.namespace
+    msg.labels.update(pod.labels)
+    msg.annotations.update(pod.annotations)
+    msg.runtime_handler = pod.runtime_handler
+    linux = msg.linux
+    linux.SetInParent()
+    linux.cgroup_parent = pod.cgroup_parent
+    linux.cgroups_path = pod.cgroups_path
+    for ns_type, path in pod.namespaces.items():
+        linux.namespaces.add(type=ns_type, path=path)
+    if pod.overhead is not None:
+        resources_to_pb(pod.overhead, linux.pod_overhead)
+        linux.pod_overhead.SetInParent()
+    if pod.pod_resources is not None:
+        resources_to_pb(pod.pod_resources, linux.pod_resources)
+        linux.pod_resources.SetInParent()
+    if pod.sandbox_resources is not None:
+        resources_to_pb(pod.sandbox_resources, linux.resources)
+        linux.resources.SetInParent()
+    msg.pid = pod.pid or 0
+    msg.ips.extend(pod.ips)
+    return msg
+
+
+def container_from_pb(msg: pb.Container) -> model.Container:
+    linux = msg.linux
+    has_linux = msg.HasField("linux")
+    return model.Container(
+        id=msg.id,
+        pod_id=msg.pod_sandbox_id,
+        name=msg.name,
+        state=_state(msg.state),
+        labels=dict(msg.labels),
+        annotations=dict(msg.annotations),
+        args=tuple(msg.args),
+        env=tuple(msg.env),
+        cgroups_path=linux.cgroups_path,
+        resources=resources_from_pb(linux.resources)
+        if has_linux and linux.HasField("resources")
+        else None,
+        oom_score_adj=_opt(linux, "oom_score_adj") if has_linux else None,
+        pid=msg.pid or None,
+        namespaces=_namespaces(linux.namespaces),
+        created_at=msg.created_at,
+        started_at=msg.started_at,
+        finished_at=msg.finished_at,
+        exit_code=msg.exit_code,
+    )
+
+
+def _state(value: int) -> model.ContainerState:
+    try:
+        return model.ContainerState(value)
+    except ValueError:  # a newer runtime's state we do not know
+        return model.ContainerState.UNKNOWN
+
+
+def container_to_pb(ctr: model.Container, out: pb.Container | None = None) -> pb.Container:
+    msg = pb.Container() if out is None else out
+    msg.id = ctr.id
+    msg.pod_sandbox_id = ctr.pod_id
+    msg.name = ctr.name
+    msg.state = int(ctr.state)  # type: ignore[assignment]
+    msg.labels.update(ctr.labels)
+    msg.annotations.update(ctr.annotations)
+    msg.args.extend(ctr.args)
+    msg.env.extend(ctr.env)
+    linux = msg.linux
+    linux.SetInParent()
+    for ns_type, path in ctr.namespaces.items():
+        linux.namespaces.add(type=ns_type, path=path)
+    if ctr.resources is not None:
+        resources_to_pb(ctr.resources, linux.resources)
+        linux.resources.SetInParent()
+    _set_opt(linux, "oom_score_adj", ctr.oom_score_adj)
+    linux.cgroups_path = ctr.cgroups_path
+    msg.pid = ctr.pid or 0
+    msg.created_at = ctr.created_at
+    msg.started_at = ctr.started_at
+    msg.finished_at = ctr.finished_at
+    msg.exit_code = ctr.exit_code
+    return msg
+
+
+# --- what plugins ask for ----------------------------------------------------------------
+
+
+def adjustment_to_pb(adj: model.Adjustment) -> pb.ContainerAdjustment:
+    msg = pb.ContainerAdjustment()
+    msg.annotations.update(adj.annotations)
+    for key, value in adj.env:
+        msg.env.add(key=key, value=value)
+    if adj.resources is not None and not adj.resources.is_empty():
+        resources_to_pb(adj.resources, msg.linux.resources)
+        msg.linux.resources.SetInParent()
+    if adj.oom_score_adj is not None:
+        msg.linux.oom_score_adj.value = adj.oom_score_adj
+    return msg
+
+
+def adjustment_from_pb(msg: pb.ContainerAdjustment) -> model.Adjustment:
+    linux = msg.linux
+    return model.Adjustment(
+        resources=resources_from_pb(linux.resources)
+        if msg.HasField("linux") and linux.HasField("resources")
+        else None,
+        oom_score_adj=_opt(linux, "oom_score_adj") if msg.HasField("linux") else None,
+        annotations=dict(msg.annotations),
+        env=tuple((kv.key, kv.value) for kv in msg.env),
+    )
+
+
+def update_to_pb(upd: model.Update, out: pb.ContainerUpdate | None = None) -> pb.ContainerUpdate:
+    msg = pb.ContainerUpdate() if out is None else out
+    msg.container_id = upd.container_id
+    resources_to_pb(upd.resources, msg.linux.resources)
+    msg.linux.resources.SetInParent()
+    msg.ignore_failure = upd.ignore_failure
+    return msg
+
+
+def update_from_pb(msg: pb.ContainerUpdate) -> model.Update:
+    return model.Update(
+        container_id=msg.container_id,
+        resources=resources_from_pb(msg.linux.resources),
+        ignore_failure=msg.ignore_failure,
+    )
+
+
+def updates_to_pb(updates: Iterable[model.Update], field: object) -> None:
+    """Append `updates` to a repeated ContainerUpdate field of a response message."""
+    for upd in updates:
+        update_to_pb(upd, field.add())  # type: ignore[attr-defined]
