@@ -86,7 +86,9 @@ def resources_from_pb(msg: pb.LinuxResources) -> model.Resources:
     )
 
 
-def resources_to_pb(res: model.Resources, out: pb.LinuxResources | None = None) -> pb.LinuxResources:
+def resources_to_pb(
+    res: model.Resources, out: pb.LinuxResources | None = None
+) -> pb.LinuxResources:
     msg = pb.LinuxResources() if out is None else out
     if res.cpu is not None:
         c = msg.cpu
