@@ -1,0 +1,459 @@
+"""Plugin runtime behaviour against a scripted runtime over real unix sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from nri_plugin import dispatch
+from nri_plugin.model import Adjustment, Container, CpuResources, Pod, Resources, Update
+from nri_plugin.plugin import (
+    Backoff,
+    NriPlugin,
+    PluginSettings,
+    PluginSetupError,
+    RuntimeUnavailable,
+)
+from nri_plugin.policy.api import CreateResult, PolicyBase, RecordingPolicy
+from nri_plugin.protocol import convert, mux
+from nri_plugin.protocol import nri_pb2 as pb
+from nri_plugin.protocol.connection import RequestReceived, ResponseReceived
+from nri_plugin.protocol.versions import Event, infer_runtime
+from tests.scripted_runtime import ScriptedRuntime
+
+
+def _pod(pid: str = "pod0") -> pb.PodSandbox:
+    return convert.pod_to_pb(Pod(id=pid, name=f"name-{pid}", namespace="default", uid="u"))
+
+
+def _ctr(cid: str = "ctr0", pod: str = "pod0") -> pb.Container:
+    return convert.container_to_pb(
+        Container(
+            id=cid,
+            pod_id=pod,
+            name=f"name-{cid}",
+            resources=Resources(cpu=CpuResources(shares=1024)),
+        )
+    )
+
+
+async def _start(
+    policy: PolicyBase, **settings: object
+) -> tuple[NriPlugin, ScriptedRuntime, asyncio.Task[object]]:
+    runtime, reader, writer = await ScriptedRuntime.pair()
+    plugin = NriPlugin(policy, PluginSettings(**settings))  # type: ignore[arg-type]
+    task: asyncio.Task[object] = asyncio.create_task(plugin.serve(reader, writer))
+    return plugin, runtime, task
+
+
+async def _finish(
+    plugin: NriPlugin, runtime: ScriptedRuntime, task: asyncio.Task[object]
+) -> object:
+    await runtime.close()
+    end = await asyncio.wait_for(task, 5)
+    plugin.close()
+    return end
+
+
+# --- configuration and subscription ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "version", "nri", "timeouts", "valid"),
+    [
+        ("containerd", "v1.7.13", "", False, 0x7FF),
+        ("containerd", "v1.7.27", "", True, 0x7FF),
+        ("containerd", "v2.2.0", "", True, 0x3FFF),
+        ("containerd", "v2.3.4", "v0.12.0", True, 0x3FFF),
+        ("cri-o", "1.36.3", "", True, 0x3FFF),
+        ("cri-o", "1.31.2", "", True, 0x7FF),
+        ("someruntime", "9.9", "", False, 0x7FF),
+        ("someruntime", "9.9", "0.0.0-unknown", True, 0x3FFF),
+    ],
+)
+def test_subscription_fits_the_runtime(
+    name: str, version: str, nri: str, timeouts: bool, valid: int
+) -> None:
+    runtime = infer_runtime(name, version, nri, timeouts)
+    assert runtime.valid_events == valid, runtime
+    mask = dispatch.subscription_mask(PolicyBase().events(), runtime)
+    assert mask and mask & ~valid == 0
+    assert not mask & Event.VALIDATE_CONTAINER_ADJUSTMENT.bit
+    assert bool(mask & Event.UPDATE_POD_SANDBOX.bit) == (valid == 0x3FFF)
+    # a policy that wants nothing the runtime knows still never sends 0
+    nothing = dispatch.subscription_mask(frozenset({Event.POST_UPDATE_POD_SANDBOX}), runtime)
+    assert nothing != 0
+
+
+def test_settings_are_validated_with_clear_messages() -> None:
+    with pytest.raises(PluginSetupError, match="exactly two digits"):
+        PluginSettings(idx="5").validate()
+    with pytest.raises(PluginSetupError, match="letters, digits"):
+        PluginSettings(name="nri qos").validate()
+
+
+def test_backoff_is_capped_exponential_and_resets() -> None:
+    b = Backoff(0.5, 4.0, jitter=0.0)
+    assert [b.next() for _ in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    assert b.at_cap
+    b.reset()
+    assert b.next() == 0.5
+    jittery = Backoff(1.0, 8.0, jitter=0.1, rng=lambda: 1.0)
+    assert jittery.next() == pytest.approx(1.1)
+
+
+async def test_configure_before_register_reply_is_served() -> None:
+    """containerd may send Configure before its RegisterPlugin reply (protocol doc §3.3)."""
+    plugin, runtime, task = await _start(RecordingPolicy())
+    reg = await runtime.expect_call("RegisterPlugin")
+    cfg = await runtime.call(
+        "Configure", pb.ConfigureRequest(runtime_name="containerd", runtime_version="v1.7.13")
+    )
+    assert cfg.code == 0 and pb.ConfigureResponse.FromString(cfg.payload).events == 0x7FF
+    runtime.reply(reg)
+    await asyncio.wait_for(plugin.configured.wait(), 2)
+    assert plugin.runtime is not None and str(plugin.runtime.nri_version) == "v0.4.0"
+    end = await _finish(plugin, runtime, task)
+    assert end.configured  # type: ignore[attr-defined]
+
+
+async def test_register_carries_name_index_and_version() -> None:
+    plugin, runtime, task = await _start(RecordingPolicy(), name="qos", idx="07")
+    registered, configured = await runtime.handshake()
+    assert (registered.plugin_name, registered.plugin_idx, registered.NRI_version) == (
+        "qos",
+        "07",
+        "v0.12.2",
+    )
+    assert configured.events & Event.CREATE_CONTAINER.bit
+    await _finish(plugin, runtime, task)
+
+
+async def test_refused_registration_ends_the_session_with_the_reason() -> None:
+    plugin, runtime, task = await _start(RecordingPolicy())
+    reg = await runtime.expect_call("RegisterPlugin")
+    runtime.reply_error(reg, 2, 'invalid plugin index "5"')
+    end = await asyncio.wait_for(task, 5)
+    assert not end.configured and "invalid plugin index" in end.reason
+    plugin.close()
+    await runtime.close()
+
+
+async def test_no_configure_within_registration_timeout_ends_session() -> None:
+    plugin, runtime, task = await _start(RecordingPolicy(), registration_timeout=0.2)
+    reg = await runtime.expect_call("RegisterPlugin")
+    runtime.reply(reg)
+    end = await asyncio.wait_for(task, 5)
+    assert not end.configured and "no Configure" in end.reason
+    plugin.close()
+    await runtime.close()
+
+
+# --- fail-open ---------------------------------------------------------------------------
+
+
+class SlowPolicy(RecordingPolicy):
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+
+    def create_container(self, pod: Pod, container: Container) -> CreateResult:
+        time.sleep(self.delay)
+        return CreateResult(Adjustment(annotations={"late": "1"}))
+
+
+class BrokenPolicy(RecordingPolicy):
+    def create_container(self, pod: Pod, container: Container) -> CreateResult:
+        raise KeyError("boom")
+
+
+async def test_late_policy_fails_open_inside_the_deadline() -> None:
+    plugin, runtime, task = await _start(SlowPolicy(1.0))
+    await runtime.handshake()
+    started = time.monotonic()
+    reply = await runtime.call(
+        "CreateContainer", pb.CreateContainerRequest(pod=_pod(), container=_ctr()), timeout=0.4
+    )
+    elapsed = time.monotonic() - started
+    assert reply.code == 0
+    assert pb.CreateContainerResponse.FromString(reply.payload) == pb.CreateContainerResponse()
+    assert elapsed < 0.35, elapsed  # budget = half of the 0.4 s the runtime gave us
+    assert plugin.metrics.fail_open.labels("CreateContainer", "deadline")._value.get() == 1
+    await _finish(plugin, runtime, task)
+
+
+async def test_raising_policy_fails_open_logs_and_counts(caplog: pytest.LogCaptureFixture) -> None:
+    plugin, runtime, task = await _start(BrokenPolicy())
+    await runtime.handshake()
+    with caplog.at_level(logging.ERROR, "nri_qos.plugin"):
+        reply = await runtime.call(
+            "CreateContainer", pb.CreateContainerRequest(pod=_pod(), container=_ctr())
+        )
+    assert reply.code == 0 and reply.payload == b""
+    assert plugin.metrics.fail_open.labels("CreateContainer", "error")._value.get() == 1
+    assert "policy raised KeyError" in caplog.text
+    await _finish(plugin, runtime, task)
+
+
+async def test_undecodable_payload_fails_open() -> None:
+    plugin, runtime, task = await _start(RecordingPolicy())
+    await runtime.handshake()
+    sid, data = runtime.conn.send_request(
+        "nri.pkg.api.v1alpha1.Plugin", "CreateContainer", b"\x0a\xff\xff", 2_000_000_000
+    )
+    runtime.send_raw(data)
+    reply = await runtime.response(sid)
+    assert reply.code == 0
+    assert plugin.metrics.fail_open.labels("CreateContainer", "decode")._value.get() == 1
+    await _finish(plugin, runtime, task)
+
+
+async def test_failed_configure_still_subscribes_safely() -> None:
+    class BadConfigure(RecordingPolicy):
+        def configure(self, runtime: object, config: str) -> None:  # type: ignore[override]
+            raise RuntimeError("bad config")
+
+    plugin, runtime, task = await _start(BadConfigure())
+    _, configured = await runtime.handshake()
+    assert configured.events != 0 and configured.events & ~0x3FFF == 0
+    assert not configured.events & Event.VALIDATE_CONTAINER_ADJUSTMENT.bit
+    await _finish(plugin, runtime, task)
+
+
+async def test_unknown_methods_and_services_get_unimplemented() -> None:
+    plugin, runtime, task = await _start(RecordingPolicy())
+    await runtime.handshake()
+    reply = await runtime.call("NoSuchMethod", pb.Empty())
+    assert (reply.code, reply.message) == (12, "method NoSuchMethod")
+    sid, data = runtime.conn.send_request("some.Other", "Configure", b"")
+    runtime.send_raw(data)
+    other = await runtime.response(sid)
+    assert (other.code, other.message) == (12, "service some.Other")
+    await _finish(plugin, runtime, task)
+
+
+# --- events ------------------------------------------------------------------------------
+
+
+async def test_notifications_arrive_the_same_via_statechange_and_dedicated_rpcs() -> None:
+    policy = RecordingPolicy()
+    plugin, runtime, task = await _start(policy)
+    await runtime.handshake()
+    await runtime.call("RunPodSandbox", pb.RunPodSandboxRequest(pod=_pod("p1")))
+    await runtime.call("StateChange", pb.StateChangeEvent(event=pb.RUN_POD_SANDBOX, pod=_pod("p2")))
+    await runtime.call(
+        "StartContainer", pb.StartContainerRequest(pod=_pod("p1"), container=_ctr("c1", "p1"))
+    )
+    await runtime.call(
+        "StateChange",
+        pb.StateChangeEvent(event=pb.START_CONTAINER, pod=_pod("p2"), container=_ctr("c2", "p2")),
+    )
+    await runtime.call(
+        "RemoveContainer", pb.RemoveContainerRequest(pod=_pod("p1"), container=_ctr("c1", "p1"))
+    )
+    seen = [
+        (o.event, o.pod.id if o.pod else None, o.container.id if o.container else None)
+        for o in policy.observations[2:]
+    ]
+    assert seen == [
+        ("RunPodSandbox", "p1", None),
+        ("RunPodSandbox", "p2", None),
+        ("StartContainer", "p1", "c1"),
+        ("StartContainer", "p2", "c2"),
+        ("RemoveContainer", "p1", "c1"),
+    ]
+    await _finish(plugin, runtime, task)
+
+
+class AdjustingPolicy(RecordingPolicy):
+    """Pins new containers and asks for a deferred change of an existing one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deferred: list[Update] = []
+
+    def create_container(self, pod: Pod, container: Container) -> CreateResult:
+        super().create_container(pod, container)
+        self.deferred.append(Update("old", Resources(cpu=CpuResources(cpus="1"))))
+        return CreateResult(
+            Adjustment(
+                resources=Resources(cpu=CpuResources(cpus="0", mems="0")), oom_score_adj=900
+            ),
+            updates=(Update("other", Resources(cpu=CpuResources(shares=2))),),
+        )
+
+    def take_deferred_updates(self) -> Sequence[Update]:
+        out, self.deferred = self.deferred, []
+        return out
+
+
+async def test_adjustment_updates_and_deferred_update_containers_after_reply() -> None:
+    plugin, runtime, task = await _start(AdjustingPolicy())
+    await runtime.handshake()
+    frames_before = len(runtime.raw_frames)
+    sid = runtime.send("CreateContainer", pb.CreateContainerRequest(pod=_pod(), container=_ctr()))
+    first = await runtime.next_event()
+    second = await runtime.next_event()
+    # the reply is written before the UpdateContainers call starts
+    assert isinstance(first, ResponseReceived) and first.stream_id == sid
+    assert isinstance(second, RequestReceived) and second.method == "UpdateContainers"
+    conns = [conn for conn, _ in runtime.raw_frames[frames_before:]]
+    assert conns[:2] == [mux.PLUGIN_SERVICE_CONN, mux.RUNTIME_SERVICE_CONN]
+    reply = pb.CreateContainerResponse.FromString(first.payload)
+    assert reply.adjust.linux.resources.cpu.cpus == "0"
+    assert reply.adjust.linux.resources.cpu.mems == "0"
+    assert reply.adjust.linux.oom_score_adj.value == 900
+    assert [u.container_id for u in reply.update] == ["other"]
+    assert reply.update[0].linux.resources.cpu.shares.value == 2
+    req = pb.UpdateContainersRequest.FromString(second.payload)
+    assert [(u.container_id, u.linux.resources.cpu.cpus) for u in req.update] == [("old", "1")]
+    runtime.reply(second, pb.UpdateContainersResponse())
+    await asyncio.sleep(0.05)
+    assert plugin.metrics.update_containers.labels("ok")._value.get() == 1
+    await _finish(plugin, runtime, task)
+
+
+class SyncPolicy(RecordingPolicy):
+    def synchronize(self, pods: Sequence[Pod], containers: Sequence[Container]) -> Sequence[Update]:
+        super().synchronize(pods, containers)
+        return [Update(c.id, Resources(cpu=CpuResources(cpus="0"))) for c in containers]
+
+
+async def test_split_synchronize_is_collected_and_answered_once() -> None:
+    policy = SyncPolicy()
+    plugin, runtime, task = await _start(policy)
+    reg = await runtime.expect_call("RegisterPlugin")
+    runtime.reply(reg)
+    await runtime.call(
+        "Configure",
+        pb.ConfigureRequest(
+            runtime_name="containerd",
+            runtime_version="v2.3.4",
+            NRI_version="v0.12.0",
+            request_timeout=2000,
+            registration_timeout=5000,
+        ),
+    )
+    chunks = [
+        pb.SynchronizeRequest(pods=[_pod("p1")], containers=[_ctr("c1", "p1")], more=True),
+        pb.SynchronizeRequest(pods=[_pod("p2")], containers=[_ctr("c2", "p2")], more=True),
+        pb.SynchronizeRequest(pods=[_pod("p3")], containers=[_ctr("c3", "p3")], more=False),
+    ]
+    replies = [
+        pb.SynchronizeResponse.FromString((await runtime.call("Synchronize", c)).payload)
+        for c in chunks
+    ]
+    assert [r.more for r in replies] == [True, True, False]
+    assert [len(r.update) for r in replies] == [0, 0, 3]
+    syncs = [o for o in policy.observations if o.event == "Synchronize"]
+    assert len(syncs) == 1 and syncs[0].detail == {"pods": 3, "containers": 3}
+    await _finish(plugin, runtime, task)
+
+
+async def test_shutdown_is_answered_then_the_session_ends() -> None:
+    plugin, runtime, task = await _start(RecordingPolicy())
+    await runtime.handshake()
+    reply = await runtime.call("Shutdown", pb.Empty())
+    assert reply.code == 0 and reply.payload == b""
+    end = await asyncio.wait_for(task, 5)
+    assert "Shutdown" in end.reason  # type: ignore[attr-defined]
+    plugin.close()
+    await runtime.close()
+
+
+async def test_policy_runs_in_one_thread_one_call_at_a_time() -> None:
+    threads: set[str] = set()
+
+    class ThreadSpy(RecordingPolicy):
+        def run_pod(self, pod: Pod) -> None:
+            threads.add(threading.current_thread().name)
+            super().run_pod(pod)
+
+    plugin, runtime, task = await _start(ThreadSpy())
+    await runtime.handshake()
+    sids = [
+        runtime.send("RunPodSandbox", pb.RunPodSandboxRequest(pod=_pod(f"p{i}"))) for i in range(20)
+    ]
+    got = [await runtime.next_event() for _ in sids]
+    assert sorted(e.stream_id for e in got) == sids
+    assert len(threads) == 1 and next(iter(threads)).startswith("nri-policy")
+    await _finish(plugin, runtime, task)
+
+
+# --- connecting and reconnecting ---------------------------------------------------------
+
+
+async def test_missing_socket_gives_an_actionable_error(tmp_path: Path) -> None:
+    plugin = NriPlugin(RecordingPolicy(), PluginSettings(socket_path=tmp_path / "nri.sock"))
+    with pytest.raises(RuntimeUnavailable) as info:
+        await plugin.run(wait_for_runtime=False)
+    text = str(info.value)
+    assert "does not exist" in text and 'plugins."io.containerd.nri.v1.nri"' in text
+    assert "disable = false" in text
+    plugin.close()
+
+
+async def test_refused_socket_gives_an_actionable_error(tmp_path: Path) -> None:
+    import socket as pysocket
+
+    path = tmp_path / "nri.sock"
+    s = pysocket.socket(pysocket.AF_UNIX)
+    s.bind(str(path))  # bound but not listening: connect() is refused
+    plugin = NriPlugin(RecordingPolicy(), PluginSettings(socket_path=path))
+    with pytest.raises(RuntimeUnavailable, match="refused"):
+        await plugin.run(wait_for_runtime=False)
+    s.close()
+    plugin.close()
+
+
+async def test_reconnects_with_backoff_and_resynchronizes(tmp_path: Path) -> None:
+    path = tmp_path / "nri.sock"
+    sessions: list[ScriptedRuntime] = []
+    accepted = asyncio.Queue[ScriptedRuntime]()
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        rt = ScriptedRuntime(reader, writer)
+        sessions.append(rt)
+        await accepted.put(rt)
+
+    class Counting(RecordingPolicy):
+        disconnects = 0
+
+        def disconnected(self) -> None:
+            Counting.disconnects += 1
+
+    policy = Counting()
+    plugin = NriPlugin(
+        policy, PluginSettings(socket_path=path, backoff_initial=0.05, backoff_max=0.2)
+    )
+    # The runtime is not up yet: the plugin must keep trying.
+    runner = asyncio.create_task(plugin.run())
+    await asyncio.sleep(0.15)
+    server = await asyncio.start_unix_server(on_connect, path=str(path))
+    first = await asyncio.wait_for(accepted.get(), 5)
+    await first.handshake(pods=[_pod("p1")], containers=[_ctr("c1", "p1")])
+    await first.close()  # runtime restarts
+    second = await asyncio.wait_for(accepted.get(), 5)
+    reg = await second.expect_call("RegisterPlugin")
+    assert reg.stream_id == 1  # a fresh connection starts its stream ids again
+    second.reply(reg)
+    await second.call(
+        "Configure", pb.ConfigureRequest(runtime_name="containerd", runtime_version="v2.3.4")
+    )
+    await second.call("Synchronize", pb.SynchronizeRequest(pods=[_pod("p1")]))
+    syncs = [o for o in policy.observations if o.event == "Synchronize"]
+    assert [s.detail["pods"] for s in syncs] == [1, 1]
+    assert Counting.disconnects == 1
+    assert plugin.metrics.connections.labels("unavailable")._value.get() >= 1
+    plugin.stop()
+    await asyncio.wait_for(runner, 5)
+    plugin.close()
+    for rt in sessions:
+        await rt.close()
+    server.close()
