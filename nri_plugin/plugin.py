@@ -432,6 +432,7 @@ class _Session:
             task = asyncio.create_task(self._send_deferred(outcome.deferred))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+        loop.run_in_executor(plugin._executor, self._after_reply, name)
         if name == "Shutdown":
             self.close("runtime sent Shutdown")
 
@@ -445,6 +446,14 @@ class _Session:
             return request, dispatch.handle(self.plugin.policy, method, request, self.sync)
         except Exception as exc:
             raise _HandlerFailed(request, f"policy raised {type(exc).__name__}: {exc}") from exc
+
+    def _after_reply(self, name: str) -> None:
+        """Policy housekeeping after a reply (host writes); never raises into the loop."""
+        try:
+            self.plugin.policy.after_reply()
+        except Exception:
+            self.plugin.metrics.fail_open.labels(name, "after_reply").inc()
+            log.exception("%s: policy after_reply failed", name)
 
     def _after_configure(self, outcome: dispatch.Outcome, request: Message | None) -> None:
         if outcome.runtime is None:

@@ -104,6 +104,11 @@ class PolicyBase:
         """
         return ()
 
+    def after_reply(self) -> None:
+        """Called in the policy thread after each reply is written, outside any deadline:
+        the place for host writes the runtime cannot do for us (e.g. oom_score_adj of
+        running processes on runtimes older than NRI v0.7)."""
+
     def disconnected(self) -> None:
         """The runtime connection ended; state will be rebuilt by the next Synchronize."""
 
