@@ -14,7 +14,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from nri_plugin.cpuset import CpuListError, parse_cpu_list
 from nri_plugin.plugin import DEFAULT_SOCKET, PluginSettings, PluginSetupError
+from nri_plugin.policy.oom import OomBands
+from nri_plugin.policy.planner import PlannerConfig
+from nri_plugin.policy.qos import QosConfig
+from nri_plugin.policy.qos_policy import QosPolicyConfig
 
 
 class ConfigError(ValueError):
@@ -29,12 +34,21 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class QosSettings:
+    """The [policy] section of the qos policy."""
+
+    policy: QosPolicyConfig = field(default_factory=QosPolicyConfig)
+    rebalance_interval: float = 5.0  # seconds between usage samples; 0 disables
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     plugin: PluginSettings = field(default_factory=PluginSettings)
     log: LogConfig = field(default_factory=LogConfig)
-    # Per-policy sections stay raw here; the policy validates its own section.
-    policy_name: str = "recording"
-    policy: dict[str, Any] = field(default_factory=dict)
+    policy_name: str = "qos"
+    qos: QosSettings = field(default_factory=QosSettings)
+    # Every host path (sysfs, cgroupfs, procfs) hangs off this root.
+    host_root: Path = Path("/")
 
 
 _PLUGIN_KEYS: dict[str, tuple[str, Callable[[Any], object]]] = {
@@ -48,7 +62,15 @@ _PLUGIN_KEYS: dict[str, tuple[str, Callable[[Any], object]]] = {
     "backoff_max_ms": ("backoff_max", lambda v: float(v) / 1000),
 }
 _LOG_LEVELS = {"debug", "info", "warning", "error"}
-POLICIES = {"recording"}
+_KIND_NAMES = {
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    str: "a string",
+    list: "a list",
+    dict: "a table",
+}
+POLICIES = {"qos", "recording"}
 
 
 def parse_config(text: str, source: str = "<config>") -> Config:
@@ -56,20 +78,28 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    unknown = set(raw) - {"plugin", "log", "policy"}
+    unknown = set(raw) - {"plugin", "log", "policy", "host"}
     if unknown:
         raise ConfigError(
-            f"{source}: unknown section(s) {sorted(unknown)}; allowed: [plugin], [log], [policy]"
+            f"{source}: unknown section(s) {sorted(unknown)}; "
+            "allowed: [plugin], [log], [policy], [host]"
         )
     plugin = _plugin_settings(_table(raw, "plugin", source), source)
     log = _log_config(_table(raw, "log", source), source)
     policy = dict(_table(raw, "policy", source))
-    name = str(policy.pop("name", "recording"))
+    name = str(policy.pop("name", "qos"))
     if name not in POLICIES:
         raise ConfigError(
             f"{source}: [policy] name = {name!r} is unknown; choose one of {sorted(POLICIES)}"
         )
-    return Config(plugin=plugin, log=log, policy_name=name, policy=policy)
+    if name != "qos" and policy:
+        raise ConfigError(f"{source}: policy {name!r} takes no settings, got {sorted(policy)}")
+    qos = _qos_settings(policy, source) if name == "qos" else QosSettings()
+    host = _table(raw, "host", source)
+    if set(host) - {"root"}:
+        raise ConfigError(f"{source}: [host] has only the key 'root'")
+    root = Path(str(host.get("root", "/")))
+    return Config(plugin=plugin, log=log, policy_name=name, qos=qos, host_root=root)
 
 
 def load_config(path: Path | None) -> Config:
@@ -120,4 +150,67 @@ def _log_config(table: dict[str, Any], source: str) -> LogConfig:
     return LogConfig(level=level, target=str(table.get("target", "auto")))
 
 
-__all__ = ["DEFAULT_SOCKET", "Config", "ConfigError", "LogConfig", "load_config", "parse_config"]
+def _qos_settings(table: dict[str, Any], source: str) -> QosSettings:
+    """[policy] for name = "qos": every key optional, every value checked here, so a bad
+    value stops start-up with its key named instead of surfacing mid-decision."""
+    known = {
+        "reserved_cpus", "min_shared_cpus", "reclaimed_min_cpus", "reclaimed_overlap_shared",
+        "shared_headroom", "dedicated_full_pcpus", "include_isolated_cpus",
+        "guaranteed_integral_to_dedicated", "system_namespaces_to_system_cores",
+        "system_namespaces", "system_reserved_memory", "rebalance_interval_ms", "oom_bands",
+    }  # fmt: skip
+    unknown = set(table) - known
+    if unknown:
+        raise ConfigError(
+            f"{source}: [policy] has no key(s) {sorted(unknown)}; allowed: {sorted(known)}"
+        )
+
+    def get(key: str, kind: type, default: Any) -> Any:
+        value = table.get(key, default)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(f"{source}: [policy] {key} = {value!r} must be {_KIND_NAMES[kind]}")
+        return value
+
+    try:
+        reserved = parse_cpu_list(get("reserved_cpus", str, ""))
+    except CpuListError as exc:
+        raise ConfigError(f"{source}: [policy] reserved_cpus: {exc}") from None
+    try:
+        bands = OomBands.from_mapping(get("oom_bands", dict, {}))
+        planner = PlannerConfig(
+            reserved_cpus=reserved,
+            min_shared_cpus=get("min_shared_cpus", int, 1),
+            reclaimed_min_cpus=get("reclaimed_min_cpus", int, 1),
+            reclaimed_overlap_shared=get("reclaimed_overlap_shared", bool, False),
+            shared_headroom=get("shared_headroom", float, 0.2),
+            dedicated_full_pcpus=get("dedicated_full_pcpus", bool, True),
+            include_isolated_cpus=get("include_isolated_cpus", bool, False),
+            oom_bands=bands,
+        )
+        qos = QosConfig(
+            guaranteed_integral_to_dedicated=get("guaranteed_integral_to_dedicated", bool, False),
+            system_namespaces_to_system_cores=get("system_namespaces_to_system_cores", bool, False),
+            system_namespaces=tuple(get("system_namespaces", list, ["kube-system"])),
+        )
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{source}: [policy] {exc}") from None
+    interval = get("rebalance_interval_ms", int, 5000) / 1000
+    if interval < 0:
+        raise ConfigError(f"{source}: [policy] rebalance_interval_ms must be >= 0")
+    memory = get("system_reserved_memory", int, 0)
+    return QosSettings(
+        QosPolicyConfig(qos=qos, planner=planner, system_reserved_memory=memory), interval
+    )
+
+
+__all__ = [
+    "DEFAULT_SOCKET",
+    "Config",
+    "ConfigError",
+    "LogConfig",
+    "QosSettings",
+    "load_config",
+    "parse_config",
+]

@@ -8,18 +8,26 @@ its socket on an inherited fd (NRI_PLUGIN_SOCKET) and no stdout/stderr.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import logging.handlers
 import os
 import signal
 import socket
 import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
+from isolation.host import LinuxHost
 from nri_plugin.config import Config
-from nri_plugin.plugin import NriPlugin
+from nri_plugin.model import Update
+from nri_plugin.plugin import NotConnected, NriPlugin, PluginSetupError
 from nri_plugin.policy.api import PolicyBase, RecordingPolicy
+from nri_plugin.policy.planner import PlannerConfigError, UsageSample
+from nri_plugin.policy.qos_policy import QosPolicy
+from nri_plugin.policy.topology import TopologyError, discover_topology
+from nri_plugin.protocol.errors import RpcError
+from nri_plugin.usage import UsageMeter
 
 log = logging.getLogger("nri_qos.daemon")
 
@@ -27,9 +35,50 @@ LAUNCHED_LOG_FILE = Path("/var/log/nri-qos.log")
 
 
 def build_policy(config: Config) -> PolicyBase:
+    """The configured policy, with the host's topology and host adapter for "qos"."""
     if config.policy_name == "recording":
         return RecordingPolicy()
-    raise ValueError(f"unknown policy {config.policy_name!r}")  # config.py checked already
+    try:
+        topology = discover_topology(config.host_root)
+    except (OSError, TopologyError) as exc:
+        raise PluginSetupError(
+            f"cannot read the CPU topology under {config.host_root}/sys/devices/system: {exc}"
+        ) from None
+    try:
+        return QosPolicy(topology, config.qos.policy, LinuxHost.at(config.host_root))
+    except PlannerConfigError as exc:
+        raise PluginSetupError(f"[policy] does not fit this host: {exc}") from None
+
+
+async def rebalance_loop(plugin: NriPlugin, policy: QosPolicy, interval: float) -> None:
+    """Sample online CPU usage every `interval` and resize the reclaimed pool.
+
+    Readings and re-planning run in the policy thread, serialized with the runtime's
+    events; the resulting updates go out with UpdateContainers from here, outside any
+    event, as the protocol requires."""
+    host = policy.host
+    if not isinstance(host, LinuxHost):
+        return
+    meter = UsageMeter()
+
+    def step() -> Sequence[Update]:
+        counters = {c.id: host.cpu_usage_ns(c) for c in policy.online_containers()}
+        cores = meter.sample(time.monotonic(), counters)
+        return policy.rebalance(UsageSample(online_cores=cores))
+
+    while True:
+        await asyncio.sleep(interval)
+        if not plugin.configured.is_set():
+            continue
+        try:
+            updates = await plugin.in_policy_thread(step)
+            if updates:
+                log.info("online usage moved the pools: updating %d container(s)", len(updates))
+                await plugin.update_containers(updates)
+        except (NotConnected, RpcError, TimeoutError, ConnectionError) as exc:
+            log.warning("rebalance: %s", exc or type(exc).__name__)
+        except Exception:
+            log.exception("rebalance failed; will retry")
 
 
 def launched_by_runtime() -> bool:
@@ -81,11 +130,25 @@ async def run_daemon(config: Config, wait_for_runtime: bool = True) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, plugin.stop)
 
-    async def announce_ready() -> None:
-        await plugin.configured.wait()
-        sd_notify("READY=1")
+    async def report_status() -> None:
+        # READY at once: a runtime that is down must not fail the unit's start-up; the
+        # connection state goes to STATUS= (shown by `systemctl status`).
+        sd_notify("READY=1\nSTATUS=waiting for the container runtime")
+        while True:
+            await plugin.configured.wait()
+            rt = plugin.runtime
+            sd_notify(f"STATUS=serving {rt.name} {rt.version}" if rt else "STATUS=serving")
+            while plugin.configured.is_set():
+                await asyncio.sleep(1)
+            sd_notify("STATUS=runtime connection lost; reconnecting")
 
-    ready = asyncio.create_task(announce_ready())
+    ready = asyncio.create_task(report_status())
+    background = [ready]
+    policy = plugin.policy
+    if isinstance(policy, QosPolicy) and config.qos.rebalance_interval > 0:
+        background.append(
+            asyncio.create_task(rebalance_loop(plugin, policy, config.qos.rebalance_interval))
+        )
     try:
         if launched_by_runtime():
             fd = int(os.environ["NRI_PLUGIN_SOCKET"])
@@ -99,7 +162,7 @@ async def run_daemon(config: Config, wait_for_runtime: bool = True) -> int:
         return 0
     finally:
         sd_notify("STOPPING=1")
-        ready.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await ready
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         plugin.close()

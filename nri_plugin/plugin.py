@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
@@ -48,6 +48,7 @@ from nri_plugin.protocol.errors import Code, ProtocolError, RemoteProtocolError,
 from nri_plugin.protocol.versions import RuntimeInfo
 
 log = logging.getLogger("nri_qos.plugin")
+_R = TypeVar("_R")
 
 DEFAULT_SOCKET = Path("/var/run/nri/nri.sock")
 # The protocol level we implement; runtimes log it, none reject on it.
@@ -234,6 +235,11 @@ class NriPlugin:
         reader, writer = await asyncio.open_unix_connection(sock=sock)
         self.metrics.connections.labels("inherited").inc()
         return await self.serve(reader, writer)
+
+    async def in_policy_thread(self, fn: Callable[[], _R]) -> _R:
+        """Run `fn` in the policy thread, serialized with every request handler, so
+        out-of-band work (e.g. rebalancing on usage) sees a consistent policy state."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     async def update_containers(self, updates: Sequence[Update]) -> None:
         """Ask the runtime to change running containers (never call from a policy hook)."""

@@ -15,7 +15,9 @@ def test_defaults_without_a_file() -> None:
     config = load_config(None)
     assert config.plugin.socket_path == Path("/var/run/nri/nri.sock")
     assert (config.plugin.name, config.plugin.idx) == ("nri-qos", "50")
-    assert config.policy_name == "recording"
+    assert config.policy_name == "qos"
+    assert config.qos.policy.planner.reserved_cpus == frozenset()
+    assert config.qos.rebalance_interval == 5.0
 
 
 def test_full_file_is_applied() -> None:
@@ -29,12 +31,27 @@ def test_full_file_is_applied() -> None:
         [log]
         level = "debug"
         [policy]
-        name = "recording"
+        name = "qos"
+        reserved_cpus = "0-1"
+        reclaimed_min_cpus = 2
+        shared_headroom = 0.5
+        guaranteed_integral_to_dedicated = true
+        system_namespaces = ["kube-system", "monitoring"]
+        rebalance_interval_ms = 1000
+        oom_bands = { reclaimed_cores = [600, 1000] }
+        [host]
+        root = "/tmp/fake"
         """
     )
     assert config.plugin.idx == "07" and config.plugin.handler_budget == 0.5
     assert config.plugin.socket_path == Path("/run/crio/nri.sock")
     assert config.log.level == "debug"
+    planner = config.qos.policy.planner
+    assert planner.reserved_cpus == {0, 1} and planner.reclaimed_min_cpus == 2
+    assert planner.shared_headroom == 0.5 and planner.oom_bands.reclaimed_cores.lowest == 600
+    assert config.qos.policy.qos.guaranteed_integral_to_dedicated
+    assert config.qos.policy.qos.system_namespaces == ("kube-system", "monitoring")
+    assert config.qos.rebalance_interval == 1.0 and config.host_root == Path("/tmp/fake")
 
 
 @pytest.mark.parametrize(
@@ -47,6 +64,11 @@ def test_full_file_is_applied() -> None:
         ("[policy]\nname = 'magic'", "'magic' is unknown"),
         ("[plugin\n", "not valid TOML"),
         ("[plugin]\nhandler_budget_ms = 'fast'", "handler_budget_ms = 'fast' is not valid"),
+        ("[policy]\nreserved_cpus = '3-1'", "reserved_cpus"),
+        ("[policy]\nreclaimed_min_cpus = 'two'", "must be an integer"),
+        ("[policy]\nreserve_cpus = '0'", "no key"),
+        ("[policy]\noom_bands = { reclaimed_cores = [0, 100] }", "oom bands|band"),
+        ("[policy]\nname = 'recording'\nreserved_cpus = '0'", "takes no settings"),
     ],
 )
 def test_bad_config_says_what_is_wrong(text: str, message: str) -> None:
