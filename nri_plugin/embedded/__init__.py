@@ -1,0 +1,60 @@
+"""An NRI runtime in Python (the containerd / CRI-O side of the protocol).
+
+Used by the tests, the benchmarks and `nri-qos lab` to run NRI plugins on a machine
+without containerd. `RuntimeFlavor` picks which real runtime to emulate; the three
+captured ones are provided as constants.
+"""
+
+from nri_plugin.embedded.backend import BackendCall, ContainerBackend, InMemoryBackend
+from nri_plugin.embedded.errors import (
+    AdjustmentError,
+    BackendError,
+    EmbeddedRuntimeError,
+    InvalidOperationError,
+    OwnershipConflictError,
+    PluginFailedOperationError,
+    UnknownObjectError,
+    ValidationRejectedError,
+)
+from nri_plugin.embedded.flavor import (
+    CONTAINERD_1_7,
+    CONTAINERD_2_3,
+    CRIO_1_36,
+    FLAVORS,
+    RuntimeFlavor,
+    UpdateScope,
+)
+from nri_plugin.embedded.records import (
+    ExchangeRecord,
+    Outcome,
+    PluginCounters,
+    PluginInfo,
+    PluginState,
+)
+from nri_plugin.embedded.runtime import EmbeddedRuntime
+
+__all__ = [
+    "CONTAINERD_1_7",
+    "CONTAINERD_2_3",
+    "CRIO_1_36",
+    "FLAVORS",
+    "AdjustmentError",
+    "BackendCall",
+    "BackendError",
+    "ContainerBackend",
+    "EmbeddedRuntime",
+    "EmbeddedRuntimeError",
+    "ExchangeRecord",
+    "InMemoryBackend",
+    "InvalidOperationError",
+    "Outcome",
+    "OwnershipConflictError",
+    "PluginCounters",
+    "PluginFailedOperationError",
+    "PluginInfo",
+    "PluginState",
+    "RuntimeFlavor",
+    "UnknownObjectError",
+    "UpdateScope",
+    "ValidationRejectedError",
+]
