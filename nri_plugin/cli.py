@@ -31,10 +31,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--socket", type=Path, help="runtime NRI socket (default /var/run/nri/nri.sock)"
     )
-    run.add_argument("--config", type=Path, help="TOML config file")
+    run.add_argument(
+        "--config", type=Path, help="TOML config file (default /etc/nri-qos/config.toml if present)"
+    )
     run.add_argument("--name", help="plugin name to register (default nri-qos)")
     run.add_argument("--index", help="two-digit plugin index (default 50)")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.add_argument(
+        "--status-socket",
+        type=Path,
+        help="serve the plan and decisions as JSON on this unix socket (root only)",
+    )
     run.add_argument(
         "--no-wait",
         action="store_true",
@@ -56,8 +63,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+DEFAULT_CONFIG = Path("/etc/nri-qos/config.toml")
+
+
 def _run_config(args: argparse.Namespace) -> Config:
-    config = load_config(args.config)
+    path = args.config
+    if path is None and DEFAULT_CONFIG.exists():
+        path = DEFAULT_CONFIG
+    config = load_config(path)
     plugin = config.plugin
     overrides: dict[str, object] = {}
     if args.socket is not None:
@@ -84,7 +97,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = _run_config(args)
     setup_logging(config.log.level, config.log.target)
-    return asyncio.run(run_daemon(config, wait_for_runtime=not args.no_wait))
+    return asyncio.run(
+        run_daemon(config, wait_for_runtime=not args.no_wait, status_socket=args.status_socket)
+    )
 
 
 def _cmd_version() -> int:

@@ -27,6 +27,7 @@ from nri_plugin.policy.planner import PlannerConfigError, UsageSample
 from nri_plugin.policy.qos_policy import QosPolicy
 from nri_plugin.policy.topology import TopologyError, discover_topology
 from nri_plugin.protocol.errors import RpcError
+from nri_plugin.status import StatusServer
 from nri_plugin.usage import UsageMeter
 
 log = logging.getLogger("nri_qos.daemon")
@@ -123,9 +124,17 @@ def sd_notify(state: str) -> bool:
     return True
 
 
-async def run_daemon(config: Config, wait_for_runtime: bool = True) -> int:
+async def run_daemon(
+    config: Config, wait_for_runtime: bool = True, status_socket: Path | None = None
+) -> int:
     """Serve until SIGTERM/SIGINT (external) or until the inherited socket closes."""
-    plugin = NriPlugin(build_policy(config), config.plugin)
+    policy = build_policy(config)
+    plugin = NriPlugin(policy, config.plugin)
+    status = None
+    if status_socket is not None:
+        decisions = policy.decisions if isinstance(policy, QosPolicy) else None
+        status = StatusServer(status_socket, plugin, decisions)
+        await status.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, plugin.stop)
@@ -144,7 +153,6 @@ async def run_daemon(config: Config, wait_for_runtime: bool = True) -> int:
 
     ready = asyncio.create_task(report_status())
     background = [ready]
-    policy = plugin.policy
     if isinstance(policy, QosPolicy) and config.qos.rebalance_interval > 0:
         background.append(
             asyncio.create_task(rebalance_loop(plugin, policy, config.qos.rebalance_interval))
@@ -165,4 +173,6 @@ async def run_daemon(config: Config, wait_for_runtime: bool = True) -> int:
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+        if status is not None:
+            await status.stop()
         plugin.close()

@@ -112,6 +112,10 @@ class PolicyBase:
     def disconnected(self) -> None:
         """The runtime connection ended; state will be rebuilt by the next Synchronize."""
 
+    def snapshot(self) -> dict[str, object]:
+        """The policy's state as JSON-ready data, for the status socket."""
+        return {"policy": self.name}
+
 
 class RecordingPolicy(PolicyBase):
     """Records everything it sees and asks for nothing.
@@ -189,3 +193,6 @@ class RecordingPolicy(PolicyBase):
 
     def remove_container(self, pod: Pod, container: Container) -> None:
         self._saw("RemoveContainer", pod, container)
+
+    def snapshot(self) -> dict[str, object]:
+        return {"policy": self.name, "observations": [o.event for o in self.observations]}

@@ -230,6 +230,60 @@ class QosPolicy(PolicyBase):
             if p.pool not in ("reclaimed", "dedicated") and cid in self.containers
         ]
 
+    def snapshot(self) -> dict[str, object]:
+        """Everything a person needs to see why each container got what it got (JSON)."""
+        plan = self.plan
+        containers: dict[str, object] = {}
+        if plan is not None:
+            for cid, p in plan.containers.items():
+                mems = p.mems.value
+                containers[cid] = {
+                    "name": p.name,
+                    "class": p.qos_class.value,
+                    "pool": p.pool,
+                    "cpus": format_cpu_list(p.cpus.value),
+                    "mems": format_cpu_list(mems) if mems else "",
+                    "cpu_shares": p.cpu_shares.value,
+                    "oom_score_adj": p.oom_score_adj.value,
+                    "reasons": p.reasons(),
+                    "classification": self.classifications[cid].reason
+                    if cid in self.classifications
+                    else "",
+                }
+        pools: dict[str, object] = {}
+        if plan is not None:
+            pools = {
+                "system": format_cpu_list(plan.pools.system),
+                "shared": format_cpu_list(plan.pools.shared),
+                "reclaimed": format_cpu_list(plan.pools.reclaimed),
+                "named": {k: format_cpu_list(v) for k, v in plan.pools.named.items()},
+                "dedicated": {k: format_cpu_list(v.cpus) for k, v in plan.pools.dedicated.items()},
+                "reasons": dict(plan.pools.reasons),
+                "online_demand_millicores": plan.online_demand_millicores,
+            }
+        return {
+            "policy": self.name,
+            "runtime": None
+            if self.runtime is None
+            else {
+                "name": self.runtime.name,
+                "version": self.runtime.version,
+                "nri_version": str(self.runtime.nri_version),
+            },
+            "pools": pools,
+            "containers": containers,
+            "reclaimable": {
+                str(n): {
+                    "cpus": format_cpu_list(r.cpus),
+                    "millicores": r.millicores,
+                    "memory_bytes": r.memory_bytes,
+                    "reason": r.reason,
+                }
+                for n, r in self.reclaimable().items()
+            },
+            "usage_online_cores": None if self.usage is None else self.usage.online_cores,
+        }
+
     # --- internals --------------------------------------------------------------------------
 
     def _runtime_sets_oom(self) -> bool:

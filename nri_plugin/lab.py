@@ -1,0 +1,484 @@
+"""`nri-qos lab`: the plugin against the embedded runtime, on a machine without one.
+
+Two processes over a real unix socket, exactly as in production: this process runs the
+embedded NRI runtime (behaving like containerd 2.3 by default), and the plugin is a
+child process (`nri-qos run --socket ...`) that connects to it. The lab then plays a
+small cluster's worth of pods — one per QoS class, plus one that was already running
+before the plugin came up (so it arrives through Synchronize) — and reports, read back
+from the host, what each container got and why.
+
+As root on a host with cgroups, containers are real: cgroups under a lab parent and a
+real process each (the embedded runtime's host backend applies what the plugin asks for
+the way runc would). Without root it falls back to simulated containers and says so.
+Everything the lab creates is removed when it ends, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nri_plugin.cpuset import format_cpu_list
+from nri_plugin.embedded import (
+    CONTAINERD_1_7,
+    CONTAINERD_2_3,
+    CRIO_1_36,
+    ContainerBackend,
+    EmbeddedRuntime,
+    ExchangeRecord,
+    InMemoryBackend,
+    RuntimeFlavor,
+)
+from nri_plugin.model import Container, ContainerState, CpuResources, MemoryResources, Pod
+from nri_plugin.model import Resources as Res
+from nri_plugin.policy.topology import discover_topology
+from nri_plugin.protocol import convert
+from nri_plugin.protocol import nri_pb2 as pb
+from nri_plugin.status import query
+
+FLAVOR_NAMES: dict[str, RuntimeFlavor] = {
+    "containerd-1.7": CONTAINERD_1_7,
+    "containerd-2.3": CONTAINERD_2_3,
+    "cri-o-1.36": CRIO_1_36,
+}
+LAB_PREFIX = "nri-qos-lab-"
+QOS = "katalyst.kubewharf.io/qos_level"
+MEMORY_ENHANCEMENT = "katalyst.kubewharf.io/memory_enhancement"
+MiB = 1 << 20
+BURNER = (
+    sys.executable,
+    "-c",
+    "import time\nend = time.time() + 30\nwhile time.time() < end: pass",
+)
+SLEEPER = ("sleep", "300")
+
+
+@dataclass(frozen=True, slots=True)
+class DemoPod:
+    """One pod of the demo: what a kubelet would hand the runtime for it."""
+
+    name: str
+    namespace: str
+    annotations: dict[str, str]
+    container: str
+    args: tuple[str, ...]
+    millicores: int  # request = limit (Guaranteed) unless `burstable`
+    memory: int | None
+    oom_score_adj: int  # the kubelet's value for its QoS class
+    burstable: bool = False
+    best_effort: bool = False
+
+    def resources(self) -> Res:
+        if self.best_effort:
+            return Res(cpu=CpuResources(shares=2, period=100_000), memory=MemoryResources())
+        shares = max(2, self.millicores * 1024 // 1000)
+        quota = self.millicores * 100 * (2 if self.burstable else 1)
+        return Res(
+            cpu=CpuResources(shares=shares, quota=quota, period=100_000),
+            memory=MemoryResources(limit=self.memory),
+        )
+
+
+def demo_pods(numa_nodes: int) -> list[DemoPod]:
+    bind = {MEMORY_ENHANCEMENT: json.dumps({"numa_binding": "true"})} if numa_nodes else {}
+    return [
+        DemoPod("node-agent", "kube-system", {QOS: "system_cores"}, "agent", SLEEPER,
+                100, 64 * MiB, -997),
+        DemoPod("database", "prod", {QOS: "dedicated_cores", **bind}, "postgres", SLEEPER,
+                1000, 256 * MiB, -997),
+        DemoPod("frontend", "prod", {QOS: "shared_cores"}, "web", SLEEPER,
+                500, 128 * MiB, 500, burstable=True),
+        DemoPod("nightly-etl", "batch", {QOS: "reclaimed_cores"}, "spark", BURNER,
+                0, None, 1000, best_effort=True),
+    ]  # fmt: skip
+
+
+PRE_EXISTING = DemoPod(
+    "legacy-cron", "prod", {}, "cron", SLEEPER, 200, 64 * MiB, 900, burstable=True
+)
+
+
+@dataclass
+class LabRun:
+    flavor: str
+    real: bool
+    note: str
+    runtime_info: dict[str, Any] = field(default_factory=dict)
+    containers: list[dict[str, Any]] = field(default_factory=list)
+    exchanges: list[str] = field(default_factory=list)
+    plan: dict[str, Any] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    plugin_log: str = ""
+
+
+def _make_pod(demo: DemoPod, lab_id: str) -> Pod:
+    uid = str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{lab_id}.{demo.name}"))
+    return Pod(
+        id=f"sandbox-{demo.name}",
+        name=demo.name,
+        namespace=demo.namespace,
+        uid=uid,
+        labels={"app": demo.name},
+        annotations=dict(demo.annotations),
+        cgroup_parent=f"/{LAB_PREFIX}{lab_id}/pod{uid}",
+    )
+
+
+def _make_container(demo: DemoPod, pod: Pod) -> Container:
+    cid = f"ctr-{demo.name}"
+    return Container(
+        id=cid,
+        pod_id=pod.id,
+        name=demo.container,
+        state=ContainerState.CREATED,
+        labels={"io.kubernetes.container.name": demo.container},
+        args=demo.args,
+        cgroups_path=f"{pod.cgroup_parent}/{cid}",
+        resources=demo.resources(),
+        oom_score_adj=demo.oom_score_adj,
+    )
+
+
+# --- host backend ------------------------------------------------------------------------------
+
+
+def _host_backend(
+    lab_id: str,
+) -> tuple[ContainerBackend, bool, str, Callable[[Container], dict[str, Any]]]:
+    """The real backend when we can use it, else simulated containers, and why."""
+    simulated = InMemoryBackend()
+
+    def from_runtime(container: Container) -> dict[str, Any]:
+        res = container.resources
+        cpu = res.cpu if res is not None else None
+        return {
+            "cpus": cpu.cpus if cpu else "",
+            "mems": cpu.mems if cpu else "",
+            "oom_score_adj": container.oom_score_adj,
+            "pids": [container.pid] if container.pid else [],
+            "cpu_shares": cpu.shares if cpu else None,
+            "source": "simulated (runtime state, not the host)",
+        }
+
+    if os.geteuid() != 0:
+        return (
+            simulated,
+            False,
+            "not root: containers are simulated (run as root for real cgroups)",
+            from_runtime,
+        )
+    try:
+        from nri_plugin.embedded.host_backend import lab_backend
+    except ImportError:
+        return simulated, False, "no host backend available: containers are simulated", from_runtime
+    return lab_backend(lab_id)
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+async def _settle(runtime: EmbeddedRuntime, quiet: float = 0.3, limit: float = 5.0) -> None:
+    """Wait until the plugin's deferred UpdateContainers calls have come and gone."""
+    deadline = time.monotonic() + limit
+    seen = len(runtime.log)
+    calm_since = time.monotonic()
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        if len(runtime.log) != seen:
+            seen, calm_since = len(runtime.log), time.monotonic()
+        elif time.monotonic() - calm_since >= quiet:
+            return
+
+
+def _plugin_config(online_cpus: int) -> str:
+    reserved = "0" if online_cpus >= 4 else ""
+    return (
+        "[policy]\n"
+        'name = "qos"\n'
+        f'reserved_cpus = "{reserved}"\n'
+        "system_namespaces_to_system_cores = true\n"
+        "rebalance_interval_ms = 0\n"
+    )
+
+
+async def run(flavor_name: str, log: Callable[[str], None]) -> LabRun:
+    flavor = FLAVOR_NAMES[flavor_name]
+    lab_id = uuid.uuid4().hex[:8]
+    topology = discover_topology()
+    backend, real, note, read_back = _host_backend(lab_id)
+    result = LabRun(flavor_name, real, note)
+    tmp = Path(tempfile.mkdtemp(prefix=LAB_PREFIX))
+    sock, status, config = tmp / "nri.sock", tmp / "status.sock", tmp / "nri-qos.toml"
+    config.write_text(_plugin_config(len(topology.online_cpus)))
+    plugin_log = tmp / "plugin.log"
+    runtime = EmbeddedRuntime(sock, flavor=flavor, backend=backend)
+    plugin: subprocess.Popen[bytes] | None = None
+    pods = [
+        (demo, _make_pod(demo, lab_id))
+        for demo in [PRE_EXISTING, *demo_pods(len(topology.cpu_nodes))]
+    ]
+    try:
+        await runtime.start()
+        log(
+            f"embedded runtime: {flavor.runtime_name} {flavor.runtime_version} "
+            f"(NRI {flavor.nri_version}) on {sock}"
+        )
+        log(f"containers: {note}")
+        # A pod that runs before the plugin exists: the plugin learns of it via Synchronize.
+        demo, pod = pods[0]
+        await _start_pod(runtime, demo, pod)
+        log(f"started {pod.namespace}/{pod.name} before the plugin (no NRI calls yet)")
+
+        with plugin_log.open("wb") as out:
+            plugin = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "nri_plugin",
+                    "run",
+                    "--socket",
+                    str(sock),
+                    "--config",
+                    str(config),
+                    "--status-socket",
+                    str(status),
+                    "--log-level",
+                    "info",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+            )
+        await runtime.wait_for_plugins(1, timeout=30)
+        info = runtime.plugins[0]
+        log(
+            f"plugin {info.idx}-{info.name} (pid {info.pid}) registered, events "
+            f"{info.events:#x}, synchronized"
+        )
+        for demo, pod in pods[1:]:
+            await _start_pod(runtime, demo, pod)
+            log(f"started {pod.namespace}/{pod.name}")
+        await _settle(runtime)
+
+        answer = await query(status, "plan")
+        events = await query(status, "events")
+        result.plan = answer
+        result.events = list(events.get("events", []))  # type: ignore[call-overload]
+        result.runtime_info = {
+            "name": flavor.runtime_name,
+            "version": flavor.runtime_version,
+            "nri_version": str(flavor.nri_version),
+        }
+        planned: dict[str, Any] = answer.get("containers", {})  # type: ignore[assignment]
+        current = runtime.containers
+        for demo, pod in pods:
+            cid = f"ctr-{demo.name}"
+            container = current[cid]
+            plan = planned.get(cid, {})
+            seen = read_back(container)
+            entry: dict[str, Any] = {
+                "pod": f"{pod.namespace}/{pod.name}",
+                "name": container.name,
+                "id": cid,
+                "class": plan.get("class", "unknown"),
+                "pool": plan.get("pool", ""),
+                **seen,
+                "planned": {
+                    k: plan.get(k) for k in ("cpus", "mems", "oom_score_adj", "cpu_shares")
+                },
+                "reasons": plan.get("reasons", {}),
+                "classification": plan.get("classification", ""),
+            }
+            entry["notes"] = _notes(entry)
+            result.containers.append(entry)
+        result.exchanges = [_exchange_line(r) for r in runtime.log]
+
+        for demo, pod in reversed(pods):
+            await _stop_pod(runtime, pod, f"ctr-{demo.name}")
+        log("stopped and removed every pod")
+    finally:
+        if plugin is not None:
+            plugin.terminate()
+            try:
+                plugin.wait(10)
+            except subprocess.TimeoutExpired:
+                plugin.kill()
+        with contextlib.suppress(Exception):
+            await runtime.stop()
+        cleanup = getattr(backend, "cleanup", None)
+        if cleanup is not None:
+            await cleanup()
+        with contextlib.suppress(OSError):
+            result.plugin_log = plugin_log.read_text(errors="replace")
+        for path in (sock, status, config, plugin_log):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        with contextlib.suppress(OSError):
+            tmp.rmdir()
+    return result
+
+
+async def _start_pod(runtime: EmbeddedRuntime, demo: DemoPod, pod: Pod) -> None:
+    await runtime.run_pod_sandbox(pod)
+    container = _make_container(demo, pod)
+    await runtime.create_container(pod.id, container)
+    await runtime.start_container(container.id)
+
+
+async def _stop_pod(runtime: EmbeddedRuntime, pod: Pod, container_id: str) -> None:
+    await runtime.stop_container(container_id)
+    await runtime.remove_container(container_id)
+    await runtime.stop_pod_sandbox(pod.id)
+    await runtime.remove_pod_sandbox(pod.id)
+
+
+def _exchange_line(record: ExchangeRecord) -> str:
+    """The runtime's log line, plus what the plugin answered or asked for."""
+    text = record.describe()
+    request, reply = record.request_message(), record.reply_message()
+    detail = ""
+    if isinstance(reply, pb.ConfigureResponse):
+        detail = f"subscribed events {reply.events:#x}"
+    elif isinstance(reply, pb.CreateContainerResponse) and reply.HasField("adjust"):
+        adj = convert.adjustment_from_pb(reply.adjust)
+        cpu = adj.resources.cpu if adj.resources else None
+        parts = []
+        if cpu and cpu.cpus:
+            parts.append(f"cpus={cpu.cpus}")
+        if cpu and cpu.mems:
+            parts.append(f"mems={cpu.mems}")
+        if cpu and cpu.shares is not None:
+            parts.append(f"shares={cpu.shares}")
+        if adj.oom_score_adj is not None:
+            parts.append(f"oom_score_adj={adj.oom_score_adj}")
+        parts += [f"+annotation {k}" for k in adj.annotations]
+        detail = "adjust " + " ".join(parts) if parts else "no adjustment"
+    elif isinstance(request, pb.UpdateContainersRequest):
+        detail = "update " + ", ".join(
+            f"{u.container_id} cpus={u.linux.resources.cpu.cpus or '-'}" for u in request.update
+        )
+    elif isinstance(reply, pb.SynchronizeResponse | pb.UpdateContainerResponse) and reply.update:
+        detail = f"{len(reply.update)} update(s)"
+    return f"{text}  {detail}" if detail else text
+
+
+def _notes(entry: dict[str, Any]) -> list[str]:
+    notes = []
+    want = entry["planned"].get("oom_score_adj")
+    got = entry.get("oom_score_adj")
+    if want is not None and got is not None and want != got:
+        notes.append(
+            f"planned oom_score_adj {want}, host has {got}"
+            + (
+                ": lowering needs CAP_SYS_RESOURCE, which this host does not give"
+                if want < got
+                else ""
+            )
+        )
+    if (
+        entry["planned"].get("cpus")
+        and entry.get("cpus")
+        and entry["planned"]["cpus"] != entry["cpus"]
+    ):
+        notes.append(f"planned cpus {entry['planned']['cpus']}, host enforces {entry['cpus']}")
+    return notes
+
+
+# --- output --------------------------------------------------------------------------------
+
+
+def _text(run_: LabRun) -> str:
+    lines = [""]
+    lines.append("NRI exchanges (runtime view):")
+    lines += [f"  {line}" for line in run_.exchanges]
+    pools = run_.plan.get("pools", {})
+    lines.append("")
+    lines.append("Pools:")
+    for key in ("system", "shared", "reclaimed"):
+        reason = pools.get("reasons", {}).get(key, "")
+        lines.append(f"  {key:<9} {pools.get(key) or '-':<8} {reason}")
+    for name, cpus in pools.get("dedicated", {}).items():
+        lines.append(f"  dedicated {cpus:<8} {name}")
+    lines.append("")
+    lines.append("Reclaimable per NUMA node:")
+    for node, r in run_.plan.get("reclaimable", {}).items():
+        lines.append(
+            f"  node {node}: {r['millicores']}m CPU ({r['cpus'] or '-'}), "
+            f"{r['memory_bytes'] // MiB} MiB"
+        )
+    lines.append("")
+    source = "read back from the host" if run_.real else "simulated"
+    lines.append(f"Containers ({source}):")
+    for c in run_.containers:
+        lines.append(f"  {c['pod']}/{c['name']}  class={c['class']} pool={c['pool']}")
+        lines.append(
+            f"      cpus={c['cpus'] or '-'} mems={c['mems'] or '-'} "
+            f"oom_score_adj={c['oom_score_adj']} pids={c['pids']}"
+        )
+        if c.get("classification"):
+            lines.append(f"      class: {c['classification']}")
+        for fieldname in ("cpus", "mems", "oom_score_adj", "cpu_shares"):
+            reason = c["reasons"].get(fieldname)
+            if reason:
+                lines.append(f"      {fieldname}: {reason}")
+        for note in c["notes"]:
+            lines.append(f"      note: {note}")
+    if run_.events:
+        lines.append("")
+        lines.append("Decisions:")
+        for e in run_.events:
+            lines.append(f"  [{e['kind']}] {e['subject']}: {e['message']}")
+    return "\n".join(lines)
+
+
+def run_lab(flavor: str = "containerd-2.3", as_json: bool = False) -> int:
+    progress: Callable[[str], None] = (lambda _msg: None) if as_json else print
+
+    async def main() -> LabRun:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel if task else (lambda: None))
+        return await run(flavor, progress)
+
+    try:
+        result = asyncio.run(main())
+    except asyncio.CancelledError:
+        print("nri-qos lab: interrupted; everything it created was removed", file=sys.stderr)
+        return 130
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "flavor": result.flavor,
+                    "real_containers": result.real,
+                    "note": result.note,
+                    "runtime": result.runtime_info,
+                    "pools": result.plan.get("pools", {}),
+                    "reclaimable": result.plan.get("reclaimable", {}),
+                    "containers": result.containers,
+                    "exchanges": result.exchanges,
+                    "events": result.events,
+                },
+                indent=2,
+                default=str,
+            )
+        )
+    else:
+        print(_text(result))
+    return 0
+
+
+__all__ = ["FLAVOR_NAMES", "demo_pods", "format_cpu_list", "run_lab"]
