@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from isolation.cgroups import CgroupError
 from nri_plugin.cpuset import format_cpu_list
 from nri_plugin.embedded import (
     CONTAINERD_1_7,
@@ -41,6 +42,7 @@ from nri_plugin.embedded import (
     InMemoryBackend,
     RuntimeFlavor,
 )
+from nri_plugin.embedded.host_backend import lab_backend
 from nri_plugin.model import Container, ContainerState, CpuResources, MemoryResources, Pod
 from nri_plugin.model import Resources as Res
 from nri_plugin.policy.topology import discover_topology
@@ -145,7 +147,6 @@ def _make_container(demo: DemoPod, pod: Pod) -> Container:
         state=ContainerState.CREATED,
         labels={"io.kubernetes.container.name": demo.container},
         args=demo.args,
-        cgroups_path=f"{pod.cgroup_parent}/{cid}",
         resources=demo.resources(),
         oom_score_adj=demo.oom_score_adj,
     )
@@ -180,10 +181,9 @@ def _host_backend(
             from_runtime,
         )
     try:
-        from nri_plugin.embedded.host_backend import lab_backend
-    except ImportError:
-        return simulated, False, "no host backend available: containers are simulated", from_runtime
-    return lab_backend(lab_id)
+        return lab_backend(lab_id)
+    except CgroupError as exc:
+        return simulated, False, f"cgroups unusable ({exc}): containers are simulated", from_runtime
 
 
 # --- the run -----------------------------------------------------------------------------------

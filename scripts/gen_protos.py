@@ -24,8 +24,8 @@ PROTOS = ("nri.proto", "ttrpc.proto")
 def generate(out_dir: Path) -> list[Path]:
     """Run protoc (from grpcio-tools) and return the files it wrote."""
     try:
-        from grpc_tools import protoc  # type: ignore[import-untyped]
         import grpc_tools
+        from grpc_tools import protoc  # type: ignore[import-untyped]
     except ImportError:
         sys.exit("grpcio-tools is missing: pip install -e '.[test]' (it pins the protoc we use)")
     bundled = Path(grpc_tools.__file__).parent / "_proto"

@@ -74,6 +74,7 @@ from nri_plugin.embedded.state import (
     ContainerRecord,
     Moment,
     PodRecord,
+    cgroups_path_for,
     container_model,
     container_spec,
     container_view,
@@ -304,6 +305,9 @@ class EmbeddedRuntime:
             spec = container_spec(_container_pb(container), pod_id)
             if not spec.id:
                 raise InvalidOperationError("a container needs an id")
+            if not spec.linux.cgroups_path and pod.spec.linux.cgroup_parent:
+                # containerd composes it from the sandbox's parent before relaying the event
+                spec.linux.cgroups_path = cgroups_path_for(pod.spec.linux.cgroup_parent, spec.id)
             if spec.id in self._containers:
                 raise InvalidOperationError(f"container {spec.id!r} already exists")
             rec = ContainerRecord(spec)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from enum import Enum
+from pathlib import PurePosixPath
 
 from nri_plugin import model
 from nri_plugin.embedded.flavor import RuntimeFlavor
@@ -131,3 +132,18 @@ def container_model(rec: ContainerRecord, flavor: RuntimeFlavor) -> model.Contai
     return ctr.with_resources(
         replace(resources, blockio_class=rec.blockio_class, rdt_class=rec.rdt_class)
     )
+
+
+def cgroups_path_for(cgroup_parent: str, container_id: str) -> str:
+    """The cgroups_path containerd gives a container of a pod with this cgroup_parent.
+
+    A parent whose last element is a systemd slice gets the systemd form
+    ``<slice>:cri-containerd:<id>``; any other parent is joined with the id (cgroupfs
+    driver). The embedded runtime composes it when a container comes without one.
+    """
+    if not cgroup_parent:
+        raise ValueError("a pod without cgroup_parent has no container cgroups_path")
+    base = PurePosixPath(cgroup_parent).name
+    if base.endswith(".slice"):
+        return f"{base}:cri-containerd:{container_id}"
+    return str(PurePosixPath(cgroup_parent) / container_id)
