@@ -19,12 +19,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from isolation.host import LinuxHost
-from nri_plugin.config import Config
+from nri_plugin.config import Config, parse_config
 from nri_plugin.model import Update
 from nri_plugin.plugin import NotConnected, NriPlugin, PluginSetupError
 from nri_plugin.policy.api import PolicyBase, RecordingPolicy
 from nri_plugin.policy.planner import PlannerConfigError, UsageSample
-from nri_plugin.policy.qos_policy import QosPolicy
+from nri_plugin.policy.qos_policy import QosPolicy, QosPolicyConfig
 from nri_plugin.policy.topology import TopologyError, discover_topology
 from nri_plugin.protocol.errors import RpcError
 from nri_plugin.status import StatusServer
@@ -45,8 +45,17 @@ def build_policy(config: Config) -> PolicyBase:
         raise PluginSetupError(
             f"cannot read the CPU topology under {config.host_root}/sys/devices/system: {exc}"
         ) from None
+
+    def runtime_config(text: str) -> QosPolicyConfig:
+        return parse_config(text, "runtime-provided config").qos.policy
+
     try:
-        return QosPolicy(topology, config.qos.policy, LinuxHost.at(config.host_root))
+        return QosPolicy(
+            topology,
+            config.qos.policy,
+            LinuxHost.at(config.host_root),
+            config_parser=runtime_config,
+        )
     except PlannerConfigError as exc:
         raise PluginSetupError(f"[policy] does not fit this host: {exc}") from None
 
@@ -58,7 +67,7 @@ async def rebalance_loop(plugin: NriPlugin, policy: QosPolicy, interval: float) 
     events; the resulting updates go out with UpdateContainers from here, outside any
     event, as the protocol requires."""
     host = policy.host
-    if not isinstance(host, LinuxHost):
+    if host is None:
         return
     meter = UsageMeter()
 

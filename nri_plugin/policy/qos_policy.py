@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -59,6 +59,15 @@ class ContainerHost(Protocol):
         """Apply to every process of the container; return a one-line outcome."""
         ...
 
+    def cpu_usage_ns(self, container: Container) -> int | None:
+        """Cumulative CPU time of the container; None when it cannot be read."""
+        ...
+
+
+# Parses the config text a runtime hands a pre-installed plugin (conf.d) into a policy
+# config; injected by the daemon, which owns the config format.
+ConfigParser = Callable[[str], "QosPolicyConfig"]
+
 
 @dataclass(frozen=True, slots=True)
 class QosPolicyConfig:
@@ -76,12 +85,14 @@ class QosPolicy(PolicyBase):
         config: QosPolicyConfig | None = None,
         host: ContainerHost | None = None,
         decisions: EventLog | None = None,
+        config_parser: ConfigParser | None = None,
     ) -> None:
         self.topology = topology
         self.config = config or QosPolicyConfig()
         self.config.planner.check(topology)
         self.host = host
         self.decisions = decisions or EventLog()
+        self._config_parser = config_parser
         self.runtime: RuntimeInfo | None = None
         self.pods: dict[str, Pod] = {}
         self.containers: dict[str, Container] = {}  # as first presented, originals restored
@@ -110,7 +121,21 @@ class QosPolicy(PolicyBase):
         )
 
     def configure(self, runtime: RuntimeInfo, config: str) -> None:
+        """A pre-installed plugin gets its config (/etc/nri/conf.d/NN-name.conf) here.
+        A bad one is logged and ignored: the previous config stays in force."""
         self.runtime = runtime
+        if not config.strip() or self._config_parser is None:
+            return
+        try:
+            new = self._config_parser(config)
+            new.planner.check(self.topology)
+        except ValueError as exc:
+            log.error("runtime-provided config ignored, keeping the current one: %s", exc)
+            self.decisions.add("config", "node", f"runtime-provided config ignored: {exc}")
+            return
+        if new != self.config:
+            self.config = new
+            self.decisions.add("config", "node", "applied the runtime-provided config")
 
     def synchronize(self, pods: Sequence[Pod], containers: Sequence[Container]) -> Sequence[Update]:
         self.pods = {p.id: p for p in pods}
