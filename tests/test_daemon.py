@@ -4,7 +4,6 @@ usage-driven rebalance loop."""
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import time
 from pathlib import Path
