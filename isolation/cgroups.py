@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path, PurePosixPath
 
+from isolation.errors import HostError
 from nri_plugin.cpuset import CpuListError, format_cpu_list, parse_cpu_list
 
 DEFAULT_CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -83,18 +84,8 @@ _V1_UNLIMITED_THRESHOLD = (1 << 63) - (1 << 20)
 # --------------------------------------------------------------------------- errors
 
 
-class CgroupError(Exception):
+class CgroupError(HostError):
     """A cgroup operation failed. ``errno`` is the kernel's (or the one it would give)."""
-
-    def __init__(self, path: str | os.PathLike[str], errno: int, message: str) -> None:
-        self.path = str(path)
-        self.errno = errno
-        self.message = message
-        super().__init__(message)
-
-    def __str__(self) -> str:
-        name = errno_codes.errorcode.get(self.errno, str(self.errno))
-        return f"{self.message} [{name}: {self.path}]"
 
 
 class CgroupNotFound(CgroupError):

@@ -26,6 +26,7 @@ from enum import Enum
 from pathlib import Path, PurePosixPath
 
 from isolation.cgroups import CgroupFs, normalize_group
+from isolation.errors import HostError
 from nri_plugin.cpuset import parse_cpu_list
 
 DEFAULT_PROCFS_ROOT = Path("/proc")
@@ -38,18 +39,8 @@ _GONE_ERRNOS = frozenset({errno_codes.ENOENT, errno_codes.ESRCH})
 _DENIED_ERRNOS = frozenset({errno_codes.EACCES, errno_codes.EPERM})
 
 
-class ProcfsError(Exception):
+class ProcfsError(HostError):
     """Reading or writing a procfs file failed unexpectedly. Carries the errno."""
-
-    def __init__(self, path: str | os.PathLike[str], errno: int, message: str) -> None:
-        self.path = str(path)
-        self.errno = errno
-        self.message = message
-        super().__init__(message)
-
-    def __str__(self) -> str:
-        name = errno_codes.errorcode.get(self.errno, str(self.errno))
-        return f"{self.message} [{name}: {self.path}]"
 
 
 class ProcessGone(ProcfsError):
