@@ -5,7 +5,8 @@ role): our calls on mux conn 1 wait for their replies under a deadline, the plug
 calls on conn 2 are handed to a callback in their own task (so a handler that waits for
 the runtime's lock never stops replies from being read), and any protocol violation,
 EOF or write failure closes the connection and fails every pending call. Nothing here
-decides anything about NRI; `runtime.py` does.
+decides anything about NRI; the runtime's modules (`bringup`, `relay`, `runtime_service`)
+do.
 """
 
 from __future__ import annotations
