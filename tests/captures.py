@@ -13,6 +13,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from google.protobuf.message import Message
+
 from tests.conftest import CAPTURES
 
 TO_PLUGIN = "runtime->plugin"
@@ -119,3 +121,16 @@ def all_sessions() -> list[Session]:
 
 
 SESSIONS = all_sessions() if CAPTURES.is_dir() else []
+
+
+def has_map(message: Message) -> bool:
+    """True when a message holds a map entry anywhere: Go writes map entries in random
+    order, so such messages can only be compared decoded, not byte for byte."""
+    for fd, value in message.ListFields():  # lists only non-empty fields
+        if fd.message_type is None:
+            continue
+        if fd.message_type.GetOptions().map_entry:
+            return True
+        if any(has_map(v) for v in (value if fd.is_repeated else [value])):
+            return True
+    return False

@@ -41,7 +41,7 @@ from nri_plugin.embedded import FLAVORS, EmbeddedRuntime, Outcome, PluginState
 from nri_plugin.embedded.records import TO_PLUGIN as LOG_TO_PLUGIN
 from nri_plugin.protocol import nri_pb2 as pb
 from nri_plugin.protocol import services, ttrpc_pb2
-from tests.captures import SESSIONS, TO_PLUGIN, TO_RUNTIME, CapturedMessage, Session
+from tests.captures import SESSIONS, TO_PLUGIN, TO_RUNTIME, CapturedMessage, Session, has_map
 
 pytestmark = pytest.mark.skipif(not SESSIONS, reason="shared/nri-captures is missing")
 
@@ -248,17 +248,6 @@ class ReplayPlugin:
 # --- comparison --------------------------------------------------------------------------
 
 
-def _has_map(msg: Message) -> bool:
-    for fd, value in msg.ListFields():
-        if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
-            return True
-        if fd.message_type is not None:
-            items = value if fd.is_repeated else [value]
-            if any(_has_map(v) for v in items):
-                return True
-    return False
-
-
 def _normalise(value: Any) -> Any:
     """Replace the documented-different values by markers (presence is kept)."""
     if isinstance(value, dict):
@@ -304,7 +293,7 @@ def assert_same_request(ours: Received, real: CapturedMessage, index: int, runti
     spec = services.lookup(env.service, env.method)
     assert spec is not None
     mine, theirs = spec.request.FromString(env.payload), spec.request.FromString(real_env.payload)
-    if not _has_map(theirs):
+    if not has_map(theirs):
         assert env.payload == real_env.payload, where
     else:
         method = env.method

@@ -7,7 +7,7 @@ from google.protobuf.json_format import MessageToDict
 
 from nri_plugin.protocol import mux, services, ttrpc, ttrpc_pb2
 from nri_plugin.protocol.connection import NriConnection, RequestReceived, ResponseReceived, Role
-from tests.captures import SESSIONS, TO_PLUGIN, TO_RUNTIME, CapturedMessage, Session
+from tests.captures import SESSIONS, TO_PLUGIN, TO_RUNTIME, CapturedMessage, Session, has_map
 
 pytestmark = pytest.mark.skipif(not SESSIONS, reason="shared/nri-captures is missing")
 
@@ -142,23 +142,11 @@ def test_payloads_without_maps_reencode_byte_for_byte(session: Session) -> None:
                 continue
             payload, cls = env.payload, spec.response
         decoded = cls.FromString(payload)
-        if _has_nonempty_map(decoded):
+        if has_map(decoded):
             continue
         assert decoded.SerializeToString() == payload, f"message {i} ({method})"
         checked += 1
     assert checked >= 10
-
-
-def _has_nonempty_map(message: object) -> bool:
-    for fd, value in message.ListFields():  # type: ignore[attr-defined]
-        if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
-            if len(value):
-                return True
-        elif fd.message_type is not None:
-            items = value if fd.is_repeated else [value]
-            if any(_has_nonempty_map(v) for v in items):
-                return True
-    return False
 
 
 @pytest.mark.parametrize("session", SESSIONS, ids=_ids(SESSIONS))
