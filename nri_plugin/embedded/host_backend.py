@@ -60,6 +60,7 @@ from isolation.cgroups import (
     HostLayout,
     resolve_cgroups_path,
 )
+from isolation.errors import HostError
 from isolation.oom import (
     OOM_SCORE_ADJ_MAX,
     OOM_SCORE_ADJ_MIN,
@@ -90,19 +91,14 @@ KILL_TIMEOUT = 5.0  # how long a SIGKILLed process may take to disappear
 _POLL_INTERVAL = 0.01
 
 
-class HostBackendError(BackendError):
-    """A host operation for a container failed. ``errno`` says why, ``path`` where."""
+class HostBackendError(BackendError, HostError):
+    """A host operation for a container failed. ``errno`` says why, ``path`` where.
+
+    A `BackendError` so the runtime passes it through, and a `HostError` so it reads and
+    branches like every other host error."""
 
     def __init__(self, errno: int, message: str, path: str | os.PathLike[str] = "") -> None:
-        self.errno = errno
-        self.path = str(path)
-        self.message = message
-        super().__init__(message)
-
-    def __str__(self) -> str:
-        name = errno_codes.errorcode.get(self.errno, str(self.errno))
-        where = f": {self.path}" if self.path else ""
-        return f"{self.message} [{name}{where}]"
+        HostError.__init__(self, path, errno, message)
 
 
 # --------------------------------------------------------------------------- processes
