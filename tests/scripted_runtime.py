@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from google.protobuf.message import Message
 
+from nri_plugin.metrics import Metrics
 from nri_plugin.protocol import mux, ttrpc
 from nri_plugin.protocol import nri_pb2 as pb
 from nri_plugin.protocol.connection import (
@@ -144,3 +145,19 @@ def frame_shape(data: bytes) -> tuple[int, int, int]:
     """(stream id, type, flags) of one whole ttrpc message."""
     _, sid, mtype, flags = ttrpc.HEADER.unpack_from(data)
     return sid, mtype, flags
+
+
+def metric(metrics: Metrics, name: str, **labels: str) -> float:
+    """A counter's value, read the way a scraper would: through the registry."""
+    value = metrics.registry.get_sample_value(f"{name}_total", labels)
+    return 0.0 if value is None else value
+
+
+def metric_total(metrics: Metrics, name: str) -> float:
+    """The sum of a counter over all its label sets."""
+    return sum(
+        sample.value
+        for family in metrics.registry.collect()
+        for sample in family.samples
+        if sample.name == f"{name}_total"
+    )

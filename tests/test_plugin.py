@@ -25,7 +25,7 @@ from nri_plugin.protocol import convert, mux
 from nri_plugin.protocol import nri_pb2 as pb
 from nri_plugin.protocol.connection import RequestReceived, ResponseReceived
 from nri_plugin.protocol.versions import Event, infer_runtime
-from tests.scripted_runtime import ScriptedRuntime
+from tests.scripted_runtime import ScriptedRuntime, metric
 
 
 def _pod(pid: str = "pod0") -> pb.PodSandbox:
@@ -184,7 +184,10 @@ async def test_late_policy_fails_open_inside_the_deadline() -> None:
     assert reply.code == 0
     assert pb.CreateContainerResponse.FromString(reply.payload) == pb.CreateContainerResponse()
     assert elapsed < 0.35, elapsed  # budget = half of the 0.4 s the runtime gave us
-    assert plugin.metrics.fail_open.labels("CreateContainer", "deadline")._value.get() == 1
+    assert (
+        metric(plugin.metrics, "nri_qos_fail_open", method="CreateContainer", reason="deadline")
+        == 1
+    )
     await _finish(plugin, runtime, task)
 
 
@@ -196,7 +199,9 @@ async def test_raising_policy_fails_open_logs_and_counts(caplog: pytest.LogCaptu
             "CreateContainer", pb.CreateContainerRequest(pod=_pod(), container=_ctr())
         )
     assert reply.code == 0 and reply.payload == b""
-    assert plugin.metrics.fail_open.labels("CreateContainer", "error")._value.get() == 1
+    assert (
+        metric(plugin.metrics, "nri_qos_fail_open", method="CreateContainer", reason="error") == 1
+    )
     assert "policy raised KeyError" in caplog.text
     await _finish(plugin, runtime, task)
 
@@ -210,7 +215,9 @@ async def test_undecodable_payload_fails_open() -> None:
     runtime.send_raw(data)
     reply = await runtime.response(sid)
     assert reply.code == 0
-    assert plugin.metrics.fail_open.labels("CreateContainer", "decode")._value.get() == 1
+    assert (
+        metric(plugin.metrics, "nri_qos_fail_open", method="CreateContainer", reason="decode") == 1
+    )
     await _finish(plugin, runtime, task)
 
 
@@ -315,7 +322,7 @@ async def test_adjustment_updates_and_deferred_update_containers_after_reply() -
     assert [(u.container_id, u.linux.resources.cpu.cpus) for u in req.update] == [("old", "1")]
     runtime.reply(second, pb.UpdateContainersResponse())
     await asyncio.sleep(0.05)
-    assert plugin.metrics.update_containers.labels("ok")._value.get() == 1
+    assert metric(plugin.metrics, "nri_qos_update_containers", result="ok") == 1
     await _finish(plugin, runtime, task)
 
 
@@ -450,7 +457,7 @@ async def test_reconnects_with_backoff_and_resynchronizes(tmp_path: Path) -> Non
     syncs = [o for o in policy.observations if o.event == "Synchronize"]
     assert [s.detail["pods"] for s in syncs] == [1, 1]
     assert Counting.disconnects == 1
-    assert plugin.metrics.connections.labels("unavailable")._value.get() >= 1
+    assert metric(plugin.metrics, "nri_qos_runtime_connections", outcome="unavailable") >= 1
     plugin.stop()
     await asyncio.wait_for(runner, 5)
     plugin.close()

@@ -21,6 +21,7 @@ from nri_plugin.protocol import mux, services, ttrpc, ttrpc_pb2
 from nri_plugin.protocol import nri_pb2 as pb
 from nri_plugin.protocol.versions import VALID_EVENTS_LEGACY, VALID_EVENTS_V0_10
 from tests.captures import SESSIONS, TO_PLUGIN, Session
+from tests.scripted_runtime import metric_total
 
 pytestmark = pytest.mark.skipif(not SESSIONS, reason="shared/nri-captures is missing")
 
@@ -98,7 +99,8 @@ async def test_plugin_answers_recorded_runtime_traffic(session: Session) -> None
     assert answered == sum(
         1 for m in session.messages if m.direction == TO_PLUGIN and m.ttrpc_type == 1
     )
-    assert plugin.metrics.fail_open._metrics == {}  # nothing failed open
+    assert metric_total(plugin.metrics, "nri_qos_fail_open") == 0  # nothing failed open
+    assert metric_total(plugin.metrics, "nri_qos_requests") == answered
     r_writer.close()
     end = await asyncio.wait_for(serving, 5)
     assert end.configured
