@@ -175,6 +175,8 @@ class NriPlugin:
         self._session: _Session | None = None
         self._stopping = asyncio.Event()
         self.configured = asyncio.Event()  # set while a runtime connection is configured
+        # A thread hop per reply costs ~0.1 ms under the GIL: only for policies that use it.
+        self.has_after_reply = type(policy).after_reply is not PolicyBase.after_reply
 
     @property
     def runtime(self) -> RuntimeInfo | None:
@@ -438,7 +440,8 @@ class _Session:
             task = asyncio.create_task(self._send_deferred(outcome.deferred))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
-        loop.run_in_executor(plugin._executor, self._after_reply, name)
+        if plugin.has_after_reply:
+            loop.run_in_executor(plugin._executor, self._after_reply, name)
         if name == "Shutdown":
             self.close("runtime sent Shutdown")
 

@@ -464,3 +464,24 @@ async def test_reconnects_with_backoff_and_resynchronizes(tmp_path: Path) -> Non
     for rt in sessions:
         await rt.close()
     server.close()
+
+
+async def test_after_reply_hook_runs_only_for_policies_that_have_one() -> None:
+    calls: list[str] = []
+
+    class HostWriter(RecordingPolicy):
+        def after_reply(self) -> None:
+            calls.append(threading.current_thread().name)
+
+    assert not NriPlugin(RecordingPolicy(), PluginSettings()).has_after_reply
+    plugin, runtime, task = await _start(HostWriter())
+    assert plugin.has_after_reply
+    await runtime.handshake()
+    await runtime.call("RunPodSandbox", pb.RunPodSandboxRequest(pod=_pod()))
+    for _ in range(50):
+        if len(calls) >= 3:
+            break
+        await asyncio.sleep(0.01)
+    # Configure, Synchronize, RunPodSandbox: each reply followed by the hook, in the policy thread
+    assert len(calls) == 3 and all(name.startswith("nri-policy") for name in calls)
+    await _finish(plugin, runtime, task)

@@ -87,5 +87,13 @@ class ContainerPlan:
         return Update(self.container_id, Resources(cpu=self.cpu_resources()))
 
     def same_resources(self, other: ContainerPlan) -> bool:
-        """True when applying `other` instead would change nothing in the runtime."""
-        return self.cpu_resources() == other.cpu_resources()
+        """True when applying `other` instead would change nothing in the runtime.
+
+        Runs for every container on every event, so it compares the planned values, not
+        their NRI rendering (which formats CPU lists)."""
+        return (
+            self.cpus.value == other.cpus.value
+            and self.mems.value == other.mems.value
+            and self.cpu_shares.value == other.cpu_shares.value
+            and self.cpu_quota.value == other.cpu_quota.value
+        )

@@ -225,3 +225,19 @@ def test_numa_reclaim_report_follows_the_pools() -> None:
     p.create_container(pod("batch", "reclaimed_cores"), ctr("batch", 500, oom=1000))
     report = p.reclaimable()
     assert report[0].millicores == 1000 * len(p.plan.pools.reclaimed)  # type: ignore[union-attr]
+
+
+def test_plan_diff_agrees_with_the_nri_rendering() -> None:
+    """same_resources compares values; it must say "same" exactly when the resources sent
+    to the runtime would be identical."""
+    p, _ = policy()
+    p.create_container(pod("web", "shared_cores"), ctr("web"))
+    p.create_container(pod("b", "reclaimed_cores"), ctr("b", 500, oom=1000))
+    assert p.plan is not None
+    plans = list(p.plan.containers.values())
+    for a in plans:
+        for b in plans:
+            assert a.same_resources(b) == (a.cpu_resources() == b.cpu_resources())
+    web = p.plan.containers["ctr-web"]
+    moved = replace(web, cpus=replace(web.cpus, value=frozenset({0})))
+    assert not web.same_resources(moved)
