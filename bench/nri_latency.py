@@ -26,9 +26,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from nri_plugin.embedded import CONTAINERD_2_3, EmbeddedRuntime, InMemoryBackend
-from nri_plugin.embedded.records import Outcome, PluginState
-from nri_plugin.model import (
+from embedded_runtime import CONTAINERD_2_3, EmbeddedRuntime, InMemoryBackend
+from embedded_runtime.records import Outcome, PluginState
+from qos_model.containers import (
     Container,
     ContainerState,
     CpuResources,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from isolation.cgroups import CgroupError, CgroupFs
 from isolation.oom import OomAdjOutcome, ProcessControls, ProcfsError
-from nri_plugin.model import Container
+from qos_model.containers import Container
 
 log = logging.getLogger("nri_qos.host")
 

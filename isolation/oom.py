@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 
 from isolation.cgroups import CgroupFs, normalize_group
 from isolation.errors import HostError
-from nri_plugin.cpuset import parse_cpu_list
+from qos_model.cpulist import parse_cpu_list
 
 DEFAULT_PROCFS_ROOT = Path("/proc")
 

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from nri_plugin.cpuset import CpuListError, parse_cpu_list
 from nri_plugin.plugin import DEFAULT_SOCKET, PluginSettings, PluginSetupError
 from nri_plugin.policy.oom import OomBands
 from nri_plugin.policy.planner import PlannerConfig
 from nri_plugin.policy.qos import QosConfig
 from nri_plugin.policy.qos_policy import QosPolicyConfig
+from qos_model.cpulist import CpuListError, parse_cpu_list
 
 
 class ConfigError(ValueError):

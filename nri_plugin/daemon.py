@@ -19,16 +19,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from isolation.host import LinuxHost
+from isolation.sysfs import discover_topology
 from nri_plugin.config import Config, parse_config
-from nri_plugin.model import Update
 from nri_plugin.plugin import NotConnected, NriPlugin, PluginSetupError
 from nri_plugin.policy.api import PolicyBase, RecordingPolicy
 from nri_plugin.policy.planner import PlannerConfigError, UsageSample
 from nri_plugin.policy.qos_policy import QosPolicy, QosPolicyConfig
-from nri_plugin.policy.topology import TopologyError, discover_topology
 from nri_plugin.protocol.errors import RpcError
 from nri_plugin.status import StatusServer
 from nri_plugin.usage import UsageMeter
+from qos_model.containers import Update
+from qos_model.topology import TopologyError
 
 log = logging.getLogger("nri_qos.daemon")
 

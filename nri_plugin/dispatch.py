@@ -11,12 +11,13 @@ from dataclasses import dataclass, field
 
 from google.protobuf.message import Message
 
-from nri_plugin.model import Update
 from nri_plugin.policy.api import PolicyBase
 from nri_plugin.protocol import convert
 from nri_plugin.protocol import nri_pb2 as pb
 from nri_plugin.protocol.services import Method
-from nri_plugin.protocol.versions import Event, RuntimeInfo, event_mask, infer_runtime
+from nri_plugin.protocol.versions import Event, event_mask, infer_runtime, valid_event_mask
+from qos_model.containers import Update
+from qos_model.runtime import RuntimeInfo
 
 
 @dataclass(slots=True)
@@ -52,7 +53,7 @@ def subscription_mask(wanted: frozenset[Event], runtime: RuntimeInfo) -> int:
     """The events to subscribe to: what the policy wants, limited to what the runtime
     knows. Never 0 (that means "everything", which makes us a validator on v0.10+)."""
     wanted = wanted - {Event.VALIDATE_CONTAINER_ADJUSTMENT}
-    mask = event_mask(wanted) & runtime.valid_events
+    mask = event_mask(wanted) & valid_event_mask(runtime.nri_version)
     return mask or Event.CREATE_CONTAINER.bit
 
 

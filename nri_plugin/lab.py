@@ -30,9 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from isolation.cgroups import CgroupError
-from nri_plugin.cpuset import format_cpu_list
-from nri_plugin.embedded import (
+from embedded_runtime import (
     CONTAINERD_1_7,
     CONTAINERD_2_3,
     CRIO_1_36,
@@ -42,13 +40,15 @@ from nri_plugin.embedded import (
     InMemoryBackend,
     RuntimeFlavor,
 )
-from nri_plugin.embedded.host_backend import lab_backend
-from nri_plugin.model import Container, ContainerState, CpuResources, MemoryResources, Pod
-from nri_plugin.model import Resources as Res
-from nri_plugin.policy.topology import discover_topology
+from embedded_runtime.host_backend import lab_backend
+from isolation.cgroups import CgroupError
+from isolation.sysfs import discover_topology
 from nri_plugin.protocol import convert
 from nri_plugin.protocol import nri_pb2 as pb
 from nri_plugin.status import query
+from qos_model.containers import Container, ContainerState, CpuResources, MemoryResources, Pod
+from qos_model.containers import Resources as Res
+from qos_model.cpulist import format_cpu_list
 
 FLAVOR_NAMES: dict[str, RuntimeFlavor] = {
     "containerd-1.7": CONTAINERD_1_7,

@@ -33,7 +33,6 @@ from google.protobuf.message import Message
 
 from nri_plugin import dispatch
 from nri_plugin.metrics import Metrics
-from nri_plugin.model import Update
 from nri_plugin.policy.api import PolicyBase
 from nri_plugin.protocol import convert, services
 from nri_plugin.protocol import nri_pb2 as pb
@@ -45,7 +44,8 @@ from nri_plugin.protocol.connection import (
     Role,
 )
 from nri_plugin.protocol.errors import Code, ProtocolError, RemoteProtocolError, RpcError
-from nri_plugin.protocol.versions import RuntimeInfo
+from qos_model.containers import Update
+from qos_model.runtime import RuntimeInfo
 
 log = logging.getLogger("nri_qos.plugin")
 _R = TypeVar("_R")

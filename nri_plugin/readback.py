@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 
 from isolation.cgroups import CgroupError, CgroupFs, resolve_cgroups_path
 from isolation.oom import ProcessControls, ProcfsError
-from nri_plugin.cpuset import format_cpu_list
-from nri_plugin.model import Container
+from qos_model.containers import Container
+from qos_model.cpulist import format_cpu_list
 
 UNLIMITED = -1  # cpu_quota / memory_limit without a limit, as OCI and NRI write it
 

@@ -1,4 +1,4 @@
-"""Loader for the real NRI wire captures in shared/nri-captures.
+"""Loader for the real NRI wire captures in tests/data/nri-captures.
 
 Each session is the raw byte traffic between a Go plugin and a real runtime, recorded
 read by read. This module splits it into mux frames and ttrpc messages with an
@@ -120,7 +120,9 @@ def all_sessions() -> list[Session]:
     return sessions
 
 
-SESSIONS = all_sessions() if CAPTURES.is_dir() else []
+SESSIONS = all_sessions()
+# Six recorded sessions: 2 x containerd 1.7.13, 3 x containerd 2.3.4, 1 x CRI-O 1.36.3.
+assert len(SESSIONS) == 6, f"expected 6 capture sessions under {CAPTURES}, found {len(SESSIONS)}"
 
 
 def has_map(message: Message) -> bool:

@@ -8,9 +8,12 @@ import sys
 import time
 from pathlib import Path
 
+from embedded_runtime import CONTAINERD_2_3, EmbeddedRuntime, InMemoryBackend
 from nri_plugin.daemon import rebalance_loop
-from nri_plugin.embedded import CONTAINERD_2_3, EmbeddedRuntime, InMemoryBackend
-from nri_plugin.model import (
+from nri_plugin.plugin import NriPlugin, PluginSettings
+from nri_plugin.policy.qos_policy import QosPolicy
+from nri_plugin.status import query
+from qos_model.containers import (
     Container,
     ContainerState,
     CpuResources,
@@ -18,9 +21,6 @@ from nri_plugin.model import (
     Pod,
     Resources,
 )
-from nri_plugin.plugin import NriPlugin, PluginSettings
-from nri_plugin.policy.qos_policy import QosPolicy
-from nri_plugin.status import query
 from tests.conftest import REPO
 from tests.policy.sysfs_builder import MachineShape
 

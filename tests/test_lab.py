@@ -96,7 +96,7 @@ def test_what_the_host_enforces_is_what_was_planned(lab_json: dict[str, Any]) ->
             assert c["notes"], "a refused oom_score_adj must be explained"
     dedicated = [c for c in containers if c["class"] == "dedicated_cores"]
     assert len(dedicated) == 1
-    from nri_plugin.cpuset import parse_cpu_list
+    from qos_model.cpulist import parse_cpu_list
 
     mine = parse_cpu_list(dedicated[0]["cpus"])
     others = set().union(*(parse_cpu_list(c["cpus"]) for c in containers if c is not dedicated[0]))

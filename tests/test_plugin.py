@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from nri_plugin import dispatch
-from nri_plugin.model import Adjustment, Container, CpuResources, Pod, Resources, Update
 from nri_plugin.plugin import (
     Backoff,
     NriPlugin,
@@ -24,7 +23,8 @@ from nri_plugin.policy.api import CreateResult, PolicyBase, RecordingPolicy
 from nri_plugin.protocol import convert, mux
 from nri_plugin.protocol import nri_pb2 as pb
 from nri_plugin.protocol.connection import RequestReceived, ResponseReceived
-from nri_plugin.protocol.versions import Event, infer_runtime
+from nri_plugin.protocol.versions import Event, infer_runtime, valid_event_mask
+from qos_model.containers import Adjustment, Container, CpuResources, Pod, Resources, Update
 from tests.scripted_runtime import ScriptedRuntime, metric
 
 
@@ -81,7 +81,7 @@ def test_subscription_fits_the_runtime(
     name: str, version: str, nri: str, timeouts: bool, valid: int
 ) -> None:
     runtime = infer_runtime(name, version, nri, timeouts)
-    assert runtime.valid_events == valid, runtime
+    assert valid_event_mask(runtime.nri_version) == valid, runtime
     mask = dispatch.subscription_mask(PolicyBase().events(), runtime)
     assert mask and mask & ~valid == 0
     assert not mask & Event.VALIDATE_CONTAINER_ADJUSTMENT.bit

@@ -14,16 +14,14 @@ import socket
 
 import pytest
 
-from nri_plugin.model import ContainerState
 from nri_plugin.plugin import NriPlugin, PluginSettings
 from nri_plugin.policy.api import RecordingPolicy
 from nri_plugin.protocol import mux, services, ttrpc, ttrpc_pb2
 from nri_plugin.protocol import nri_pb2 as pb
 from nri_plugin.protocol.versions import VALID_EVENTS_LEGACY, VALID_EVENTS_V0_10
+from qos_model.containers import ContainerState
 from tests.captures import SESSIONS, TO_PLUGIN, Session
 from tests.scripted_runtime import metric_total
-
-pytestmark = pytest.mark.skipif(not SESSIONS, reason="shared/nri-captures is missing")
 
 VALID = {
     "containerd-1.7.13": VALID_EVENTS_LEGACY,

@@ -25,8 +25,8 @@ from isolation.cgroups import (
     weight_to_shares,
 )
 from isolation.oom import ProcessControls
-from nri_plugin.model import Container
 from nri_plugin.readback import UNLIMITED, HostView, read_back
+from qos_model.containers import Container
 from tests.isolation.test_cgroups_v2_fake import FakeCgroup2, cg, echo
 
 MIB = 1 << 20

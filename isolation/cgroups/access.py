@@ -39,7 +39,7 @@ from isolation.cgroups.values import (
     CPU_WEIGHT_MAX,
     CPU_WEIGHT_MIN,
 )
-from nri_plugin.cpuset import CpuListError, format_cpu_list, parse_cpu_list
+from qos_model.cpulist import CpuListError, format_cpu_list, parse_cpu_list
 
 
 class WriteAction(Enum):

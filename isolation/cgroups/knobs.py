@@ -25,7 +25,7 @@ from isolation.cgroups.values import (
     shares_to_weight,
     weight_to_shares,
 )
-from nri_plugin.cpuset import format_cpu_list, parse_cpu_list
+from qos_model.cpulist import format_cpu_list, parse_cpu_list
 
 # The sets the kernel actually grants: v1 file name -> v2 file name.
 _EFFECTIVE_V1_TO_V2 = {

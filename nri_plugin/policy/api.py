@@ -16,8 +16,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from nri_plugin.model import NO_ADJUSTMENT, Adjustment, Container, Pod, Resources, Update
-from nri_plugin.protocol.versions import Event, RuntimeInfo
+from nri_plugin.protocol.versions import Event
+from qos_model.containers import NO_ADJUSTMENT, Adjustment, Container, Pod, Resources, Update
+from qos_model.runtime import RuntimeInfo
 
 
 @dataclass(frozen=True, slots=True)

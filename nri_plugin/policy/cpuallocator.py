@@ -46,8 +46,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-from nri_plugin.cpuset import format_cpu_list
-from nri_plugin.policy.topology import Topology
+from qos_model.cpulist import format_cpu_list
+from qos_model.topology import Topology
 
 _MAX_NODE_COMBINATIONS = 20_000
 """Beyond this many node sets to compare, pick nodes greedily instead (hosts with dozens of

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
-from nri_plugin.model import Container, CpuResources
+from qos_model.containers import Container, CpuResources
 
 # kubelet numbers (pkg/kubelet/qos/policy.go, pkg/kubelet/cm/helpers_linux.go)
 _KUBELET_GUARANTEED_OOM_ADJ: Final = frozenset({-997, -998})

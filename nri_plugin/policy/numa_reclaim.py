@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from nri_plugin.policy.planner import NodePlan, Workload
 from nri_plugin.policy.qos import QosClass
-from nri_plugin.policy.topology import Topology
+from qos_model.topology import Topology
 
 MILLICORES_PER_CPU = 1000
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from nri_plugin.cpuset import format_cpu_list
-from nri_plugin.model import Adjustment, CpuResources, Resources, Update
 from nri_plugin.policy.qos import QosClass
+from qos_model.containers import Adjustment, CpuResources, Resources, Update
+from qos_model.cpulist import format_cpu_list
 
 T = TypeVar("T")
 

@@ -38,13 +38,13 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from nri_plugin.cpuset import format_cpu_list
 from nri_plugin.policy.cpuallocator import AllocationError, CpuAllocation, CpuRequest, allocate_cpus
 from nri_plugin.policy.kube_qos import MILLI_PER_CPU
 from nri_plugin.policy.oom import DEFAULT_OOM_BANDS, OomBands, decide_oom_score_adj
 from nri_plugin.policy.plan import ContainerPlan, Decision
 from nri_plugin.policy.qos import Classification, QosClass
-from nri_plugin.policy.topology import Topology
+from qos_model.cpulist import format_cpu_list
+from qos_model.topology import Topology
 
 SHARED = "shared"
 RECLAIMED = "reclaimed"

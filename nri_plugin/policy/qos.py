@@ -58,14 +58,14 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Final, NoReturn, TypeVar
 
-from nri_plugin.cpuset import CpuListError, format_cpu_list, parse_cpu_list
-from nri_plugin.model import Container, Pod
 from nri_plugin.policy.kube_qos import (
     MILLI_PER_CPU,
     KubeQos,
     KubeQosEstimate,
     estimate_kube_qos,
 )
+from qos_model.containers import Container, Pod
+from qos_model.cpulist import CpuListError, format_cpu_list, parse_cpu_list
 
 # --- annotation keys and the keys inside the JSON enhancement maps --------------------------
 ANNOTATION_QOS_LEVEL: Final = "katalyst.kubewharf.io/qos_level"

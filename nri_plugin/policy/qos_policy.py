@@ -29,9 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from nri_plugin.cpuset import format_cpu_list, parse_cpu_list
 from nri_plugin.events import EventLog
-from nri_plugin.model import Container, ContainerState, CpuResources, Pod, Resources, Update
 from nri_plugin.policy.api import CreateResult, PolicyBase
 from nri_plugin.policy.numa_reclaim import NumaReclaimable, reclaimable_by_numa
 from nri_plugin.policy.plan import ContainerPlan
@@ -43,8 +41,11 @@ from nri_plugin.policy.planner import (
     plan_node,
 )
 from nri_plugin.policy.qos import Classification, QosConfig, classify
-from nri_plugin.policy.topology import Topology
-from nri_plugin.protocol.versions import V0_7, Event, RuntimeInfo
+from nri_plugin.protocol.versions import Event
+from qos_model.containers import Container, ContainerState, CpuResources, Pod, Resources, Update
+from qos_model.cpulist import format_cpu_list, parse_cpu_list
+from qos_model.runtime import RuntimeInfo
+from qos_model.topology import Topology
 
 log = logging.getLogger("nri_qos.policy")
 
@@ -312,7 +313,7 @@ class QosPolicy(PolicyBase):
     # --- internals --------------------------------------------------------------------------
 
     def _runtime_sets_oom(self) -> bool:
-        return self.runtime is not None and self.runtime.nri_version >= V0_7
+        return self.runtime is not None and self.runtime.capabilities.applies_oom_score_adj
 
     def _restore(self, container: Container) -> Container:
         """The container with the kubelet's original values our adjustments replaced."""

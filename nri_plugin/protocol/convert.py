@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from nri_plugin import model
 from nri_plugin.protocol import nri_pb2 as pb
+from qos_model import containers as model
 
 # --- small helpers for NRI's presence wrappers -------------------------------------------
 

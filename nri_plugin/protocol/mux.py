@@ -4,7 +4,7 @@ One socket carries several logical byte streams. Each frame is `u32 BE conn id`,
 `u32 BE length`, then `length` bytes of that stream. There is no open/close signalling;
 frames for an unknown conn id are dropped.
 
-The sending side has a trap (shared/docs/nri-protocol.md §2.4): Go reads a logical
+The sending side has a trap (docs/nri-protocol.md §2.4): Go reads a logical
 connection through a 4096-byte buffer and fails with ENOMEM on a larger queued frame,
 and it kills the whole mux when more than 256 frames queue up. Go's own writer sends each
 ttrpc message as the first min(4096, N) bytes, then the rest in one frame; we do exactly

@@ -5,14 +5,23 @@ know makes Configure fail ("invalid plugin events"), and a mask of 0 subscribes 
 everything, which on NRI >= v0.10 turns the plugin into a validator that fails every
 container creation unless it implements ValidateContainerAdjustment.
 
-The runtime -> NRI table is shared/docs/nri-protocol.md §0 (from each runtime's go.mod).
+The runtime -> NRI table is docs/protocol.md §0 (from each runtime's go.mod). What each NRI
+version can do is `qos_model.runtime.NriCapabilities`, shared with the engine.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from enum import IntEnum
+
+from qos_model.runtime import (
+    V0_4,
+    V0_7,
+    V0_12,
+    NriCapabilities,
+    NriVersion,
+    RuntimeInfo,
+    parse_version,
+)
 
 
 class Event(IntEnum):
@@ -42,37 +51,6 @@ def event_mask(events: set[Event] | frozenset[Event]) -> int:
         mask |= event.bit
     return mask
 
-
-def events_in_mask(mask: int) -> frozenset[Event]:
-    return frozenset(e for e in Event if mask & e.bit)
-
-
-@dataclass(frozen=True, order=True, slots=True)
-class NriVersion:
-    major: int
-    minor: int
-    patch: int = 0
-
-    def __str__(self) -> str:
-        return f"v{self.major}.{self.minor}.{self.patch}"
-
-
-_VERSION_RE = re.compile(r"^v?(\d+)\.(\d+)(?:\.(\d+))?")
-
-
-def parse_version(text: str) -> NriVersion | None:
-    """Leading "vX.Y[.Z]" of a version string; None when there is none (e.g. "devel")."""
-    match = _VERSION_RE.match(text.strip())
-    if not match:
-        return None
-    major, minor, patch = match.groups()
-    return NriVersion(int(major), int(minor), int(patch or 0))
-
-
-V0_4 = NriVersion(0, 4, 0)
-V0_7 = NriVersion(0, 7, 0)
-V0_10 = NriVersion(0, 10, 0)
-V0_12 = NriVersion(0, 12, 0)
 
 # Events before v0.10 (UPDATE_POD_SANDBOX and later did not exist).
 VALID_EVENTS_LEGACY = 0x7FF
@@ -105,20 +83,11 @@ _CRIO: tuple[tuple[NriVersion, NriVersion], ...] = (
 _RUNTIME_TABLES = {"containerd": _CONTAINERD, "cri-o": _CRIO, "crio": _CRIO}
 
 
-@dataclass(frozen=True, slots=True)
-class RuntimeInfo:
-    """What a ConfigureRequest tells about the runtime on the other end."""
-
-    name: str
-    version: str
-    nri_version: NriVersion  # best estimate, never above what the runtime speaks
-    reason: str  # how it was decided, for logs and the debug API
-
-    @property
-    def valid_events(self) -> int:
-        if self.nri_version >= V0_10:
-            return VALID_EVENTS_V0_10
-        return VALID_EVENTS_LEGACY
+def valid_event_mask(nri_version: NriVersion) -> int:
+    """Every event bit a runtime of this NRI version accepts in a subscription."""
+    if NriCapabilities(nri_version).has_pod_update_events:
+        return VALID_EVENTS_V0_10
+    return VALID_EVENTS_LEGACY
 
 
 def infer_runtime(

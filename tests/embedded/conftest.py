@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from nri_plugin import model
-from nri_plugin.embedded import CONTAINERD_2_3, EmbeddedRuntime, InMemoryBackend, RuntimeFlavor
+from embedded_runtime import CONTAINERD_2_3, EmbeddedRuntime, InMemoryBackend, RuntimeFlavor
+from qos_model import containers as model
 from tests.embedded.fakeplugin import FakePlugin
 
 MakeRuntime = Callable[..., Awaitable[EmbeddedRuntime]]

@@ -1,6 +1,6 @@
 """The embedded runtime against real runtimes: replay each captured session.
 
-For every session in shared/nri-captures the workload is rebuilt from the recorded
+For every session in tests/data/nri-captures the workload is rebuilt from the recorded
 requests (pods, containers, the CRI update), the embedded runtime runs with the
 matching flavor through the same CRI calls, and a fake plugin on a raw socket answers
 with the recorded plugin -> runtime bytes (RegisterPlugin first, then the recorded reply
@@ -36,14 +36,12 @@ import pytest
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
-from nri_plugin import model
-from nri_plugin.embedded import FLAVORS, EmbeddedRuntime, Outcome, PluginState
-from nri_plugin.embedded.records import TO_PLUGIN as LOG_TO_PLUGIN
+from embedded_runtime import FLAVORS, EmbeddedRuntime, Outcome, PluginState
+from embedded_runtime.records import TO_PLUGIN as LOG_TO_PLUGIN
 from nri_plugin.protocol import nri_pb2 as pb
 from nri_plugin.protocol import services, ttrpc_pb2
+from qos_model import containers as model
 from tests.captures import SESSIONS, TO_PLUGIN, TO_RUNTIME, CapturedMessage, Session, has_map
-
-pytestmark = pytest.mark.skipif(not SESSIONS, reason="shared/nri-captures is missing")
 
 REQUEST, RESPONSE = 1, 2
 REQUEST_TIMEOUT = 2.0  # what the captured runtimes were configured with

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from nri_plugin.embedded import CONTAINERD_1_7, CONTAINERD_2_3, CRIO_1_36, FLAVORS, RuntimeFlavor
-from nri_plugin.embedded.flavor import (
+from embedded_runtime import CONTAINERD_1_7, CONTAINERD_2_3, CRIO_1_36, FLAVORS, RuntimeFlavor
+from embedded_runtime.flavor import (
     InvalidEventMaskError,
     falls_back_to_state_change,
     method_for_event,

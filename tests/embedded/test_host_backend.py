@@ -30,11 +30,8 @@ import pytest
 from google.protobuf.message import Message
 from pyfakefs.fake_filesystem import FakeFilesystem
 
-from isolation.cgroups import CgroupFs, CgroupVersion, CpuQuota, HostLayout, shares_to_weight
-from isolation.oom import OomAdjOutcome, OomAdjResult, ProcessControls, parse_status
-from nri_plugin import model
-from nri_plugin.embedded import CONTAINERD_2_3
-from nri_plugin.embedded.host_backend import (
+from embedded_runtime import CONTAINERD_2_3
+from embedded_runtime.host_backend import (
     DEFAULT_COMMAND,
     DEFAULT_PATH,
     HostBackend,
@@ -47,8 +44,11 @@ from nri_plugin.embedded.host_backend import (
     merge_quota,
     sweep_stale_groups,
 )
-from nri_plugin.embedded.state import cgroups_path_for
+from embedded_runtime.state import cgroups_path_for
+from isolation.cgroups import CgroupFs, CgroupVersion, CpuQuota, HostLayout, shares_to_weight
+from isolation.oom import OomAdjOutcome, OomAdjResult, ProcessControls, parse_status
 from nri_plugin.protocol import nri_pb2 as pb
+from qos_model import containers as model
 from tests.embedded.conftest import MakeRuntime
 from tests.embedded.fakeplugin import FakePlugin, Result
 from tests.isolation.test_cgroups_v2_fake import FakeCgroup2, cg, echo

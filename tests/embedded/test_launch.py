@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nri_plugin.embedded import (
+from embedded_runtime import (
     CONTAINERD_1_7,
     CONTAINERD_2_3,
     InvalidOperationError,

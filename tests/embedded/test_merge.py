@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from nri_plugin.embedded import CONTAINERD_1_7, CONTAINERD_2_3, CRIO_1_36, RuntimeFlavor
-from nri_plugin.embedded.errors import AdjustmentError, OwnershipConflictError
-from nri_plugin.embedded.flavor import UpdateScope
-from nri_plugin.embedded.merge import (
+from embedded_runtime import CONTAINERD_1_7, CONTAINERD_2_3, CRIO_1_36, RuntimeFlavor
+from embedded_runtime.errors import AdjustmentError, OwnershipConflictError
+from embedded_runtime.flavor import UpdateScope
+from embedded_runtime.merge import (
     CreateMerge,
     Owners,
     UpdateCollector,

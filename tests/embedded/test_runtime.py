@@ -1,7 +1,7 @@
 """The embedded runtime over real unix sockets: registration, events, failures, updates.
 
 Each test drives `EmbeddedRuntime` with `FakePlugin`s (or raw bytes) and checks the
-behaviour shared/docs/nri-protocol.md documents for real runtimes, and that the runtime
+behaviour docs/nri-protocol.md documents for real runtimes, and that the runtime
 stays usable for other plugins whatever one plugin does.
 """
 
@@ -14,8 +14,7 @@ import time
 import pytest
 from google.protobuf.message import Message
 
-from nri_plugin import model
-from nri_plugin.embedded import (
+from embedded_runtime import (
     CONTAINERD_1_7,
     CONTAINERD_2_3,
     CRIO_1_36,
@@ -28,11 +27,12 @@ from nri_plugin.embedded import (
     PluginState,
     ValidationRejectedError,
 )
-from nri_plugin.embedded.errors import AdjustmentError
+from embedded_runtime.errors import AdjustmentError
 from nri_plugin.protocol import mux
 from nri_plugin.protocol import nri_pb2 as pb
 from nri_plugin.protocol.errors import Code
 from nri_plugin.protocol.versions import VALID_EVENTS_V0_10, Event, event_mask
+from qos_model import containers as model
 from tests.embedded.conftest import MakeRuntime, container, pod
 from tests.embedded.fakeplugin import (
     CORE_EVENTS,

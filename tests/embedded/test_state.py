@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from nri_plugin.embedded import CONTAINERD_1_7, CONTAINERD_2_3, CRIO_1_36, RuntimeFlavor
-from nri_plugin.embedded.state import (
+from embedded_runtime import CONTAINERD_1_7, CONTAINERD_2_3, CRIO_1_36, RuntimeFlavor
+from embedded_runtime.state import (
     ContainerRecord,
     Moment,
     PodRecord,
@@ -15,8 +15,8 @@ from nri_plugin.embedded.state import (
     create_request_view,
     pod_view,
 )
-from nri_plugin.model import ContainerState
 from nri_plugin.protocol import nri_pb2 as pb
+from qos_model.containers import ContainerState
 
 
 def record(state: ContainerState = ContainerState.RUNNING) -> ContainerRecord:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nri_plugin.embedded.sync import Chunk, SyncError, SyncSplitter
+from embedded_runtime.sync import Chunk, SyncError, SyncSplitter
 
 MAX = 4 << 20
 

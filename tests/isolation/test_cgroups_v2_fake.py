@@ -38,7 +38,7 @@ from isolation.cgroups import (
     resolve_cgroups_path,
     shares_to_weight,
 )
-from nri_plugin.cpuset import CpuListError, format_cpu_list, parse_cpu_list
+from qos_model.cpulist import CpuListError, format_cpu_list, parse_cpu_list
 
 ROOT_TEXT = "/sys/fs/cgroup"
 

@@ -25,7 +25,7 @@ from isolation.oom import (
     ProcessGone,
     parse_status,
 )
-from nri_plugin.cpuset import parse_cpu_list
+from qos_model.cpulist import parse_cpu_list
 
 
 def _cap_sys_resource_from_status() -> bool:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from nri_plugin.policy.topology import Topology, discover_topology
+from isolation.sysfs import discover_topology
+from qos_model.topology import Topology
 from tests.conftest import SYSFS_TOPOLOGIES
 
 # snapshot name -> (archive, directory inside it that holds sys/)
@@ -76,6 +77,4 @@ class SnapshotLibrary:
 
 @pytest.fixture(scope="session")
 def snapshots(tmp_path_factory: pytest.TempPathFactory) -> SnapshotLibrary:
-    if not SYSFS_TOPOLOGIES.is_dir():
-        pytest.fail(f"{SYSFS_TOPOLOGIES} is missing: the shared test data must sit beside the repo")
     return SnapshotLibrary(tmp_path_factory.mktemp("sysfs-snapshots"))

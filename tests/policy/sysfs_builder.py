@@ -17,8 +17,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from nri_plugin.cpuset import format_cpu_list
-from nri_plugin.policy.topology import CacheDomain, CoreId, Cpu, NumaNode, Topology
+from qos_model.cpulist import format_cpu_list
+from qos_model.topology import CacheDomain, CoreId, Cpu, NumaNode, Topology
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nri_plugin.cpuset import parse_cpu_list
 from nri_plugin.policy.cpuallocator import (
     AllocationError,
     CpuAllocation,
@@ -18,7 +17,8 @@ from nri_plugin.policy.cpuallocator import (
     free_cpus,
     release,
 )
-from nri_plugin.policy.topology import Core, Topology
+from qos_model.cpulist import parse_cpu_list
+from qos_model.topology import Core, Topology
 from tests.policy.conftest import SnapshotLibrary
 from tests.policy.sysfs_builder import MachineShape
 

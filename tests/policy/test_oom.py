@@ -8,7 +8,6 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from nri_plugin.model import Container, CpuResources, MemoryResources, Pod, Resources
 from nri_plugin.policy.kube_qos import KubeQos
 from nri_plugin.policy.oom import (
     DEFAULT_OOM_BANDS,
@@ -25,6 +24,7 @@ from nri_plugin.policy.qos import (
     classify,
     oom_priority_range,
 )
+from qos_model.containers import Container, CpuResources, MemoryResources, Pod, Resources
 
 SYSTEM, DEDICATED = QosClass.SYSTEM_CORES, QosClass.DEDICATED_CORES
 SHARED, RECLAIMED = QosClass.SHARED_CORES, QosClass.RECLAIMED_CORES

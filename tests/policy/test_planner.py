@@ -11,8 +11,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nri_plugin.cpuset import parse_cpu_list
-from nri_plugin.model import Container, CpuResources, MemoryResources, Pod, Resources
 from nri_plugin.policy.numa_reclaim import reclaimable_by_numa
 from nri_plugin.policy.planner import (
     RECLAIMED_SHARES,
@@ -24,7 +22,9 @@ from nri_plugin.policy.planner import (
     plan_node,
 )
 from nri_plugin.policy.qos import QosClass, QosConfig, classify
-from nri_plugin.policy.topology import Topology
+from qos_model.containers import Container, CpuResources, MemoryResources, Pod, Resources
+from qos_model.cpulist import parse_cpu_list
+from qos_model.topology import Topology
 from tests.policy.sysfs_builder import MachineShape
 from tests.policy.test_cpuallocator import machines
 

@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nri_plugin.model import Container, CpuResources, MemoryResources, Pod, Resources
 from nri_plugin.policy.kube_qos import KubeQos, estimate_kube_qos
 from nri_plugin.policy.qos import (
     ANNOTATION_CONFIG_SOURCE,
@@ -33,6 +32,7 @@ from nri_plugin.policy.qos import (
     classify,
     oom_priority_range,
 )
+from qos_model.containers import Container, CpuResources, MemoryResources, Pod, Resources
 
 MiB = 1 << 20
 DEDICATED = QosClass.DEDICATED_CORES

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-from nri_plugin.cpuset import format_cpu_list, parse_cpu_list
-from nri_plugin.model import (
+from nri_plugin.policy.planner import PlannerConfig, UsageSample
+from nri_plugin.policy.qos_policy import ORIGINAL_ANNOTATION, QosPolicy, QosPolicyConfig
+from nri_plugin.protocol.versions import infer_runtime
+from qos_model.containers import (
     Container,
     ContainerState,
     CpuResources,
@@ -14,9 +16,7 @@ from nri_plugin.model import (
     Pod,
     Resources,
 )
-from nri_plugin.policy.planner import PlannerConfig, UsageSample
-from nri_plugin.policy.qos_policy import ORIGINAL_ANNOTATION, QosPolicy, QosPolicyConfig
-from nri_plugin.protocol.versions import infer_runtime
+from qos_model.cpulist import format_cpu_list, parse_cpu_list
 from tests.policy.sysfs_builder import MachineShape
 
 QOS = "katalyst.kubewharf.io/qos_level"

@@ -11,15 +11,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nri_plugin.cpuset import parse_cpu_list
-from nri_plugin.policy.topology import (
+from isolation.sysfs import discover_topology
+from qos_model.cpulist import parse_cpu_list
+from qos_model.topology import (
     CacheDomain,
     CoreId,
     Cpu,
     NumaNode,
     Topology,
     TopologyError,
-    discover_topology,
 )
 from tests.policy.conftest import SnapshotLibrary
 from tests.policy.sysfs_builder import MachineShape, write_sysfs

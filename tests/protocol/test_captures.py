@@ -9,8 +9,6 @@ from nri_plugin.protocol import mux, services, ttrpc, ttrpc_pb2
 from nri_plugin.protocol.connection import NriConnection, RequestReceived, ResponseReceived, Role
 from tests.captures import SESSIONS, TO_PLUGIN, TO_RUNTIME, CapturedMessage, Session, has_map
 
-pytestmark = pytest.mark.skipif(not SESSIONS, reason="shared/nri-captures is missing")
-
 
 def _ids(sessions: list[Session]) -> list[str]:
     return [s.id for s in sessions]

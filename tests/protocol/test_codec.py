@@ -25,7 +25,7 @@ def h(text: str) -> bytes:
     return bytes.fromhex(text.replace(" ", ""))
 
 
-# --- Go-verified vectors (shared/docs/nri-protocol.md §8) ----------------------------------
+# --- Go-verified vectors (docs/nri-protocol.md §8) ----------------------------------
 
 TV1 = h(
     "00000002 00000046 0000003c 00000001 01 00"

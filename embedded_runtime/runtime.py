@@ -1,8 +1,8 @@
 """An NRI runtime in Python: the containerd/CRI-O side of the protocol, for tests, the
 benchmarks and `nri-qos lab`.
 
-It behaves like the runtime its `RuntimeFlavor` names (shared/docs/nri-protocol.md and
-the captures in shared/nri-captures): one-at-a-time accept loop with a registration
+It behaves like the runtime its `RuntimeFlavor` names (docs/nri-protocol.md and
+the captures in tests/data/nri-captures): one-at-a-time accept loop with a registration
 timeout; Configure, event-mask validation and (split) Synchronize; every lifecycle event
 relayed to the subscribed plugins in idx order, sequentially, under one lock; request
 timeouts that drop a plugin while the operation carries on; error statuses that block
@@ -28,24 +28,23 @@ import time
 from collections.abc import Coroutine, Mapping, Sequence
 from pathlib import Path
 
-from nri_plugin import model
-from nri_plugin.embedded.backend import ContainerBackend, InMemoryBackend
-from nri_plugin.embedded.bringup import PluginBringUp
-from nri_plugin.embedded.errors import (
+from embedded_runtime.backend import ContainerBackend, InMemoryBackend
+from embedded_runtime.bringup import PluginBringUp
+from embedded_runtime.errors import (
     AdjustmentError,
     BackendError,
     InvalidOperationError,
     PluginFailedOperationError,
 )
-from nri_plugin.embedded.flavor import CONTAINERD_2_3, RuntimeFlavor, registration_error
-from nri_plugin.embedded.launch import plugin_environment, spawn_plugin
-from nri_plugin.embedded.merge import apply_adjustment
-from nri_plugin.embedded.merge import apply_update as apply_resource_update
-from nri_plugin.embedded.records import ExchangeRecord, PluginInfo, PluginState
-from nri_plugin.embedded.relay import EventRelay
-from nri_plugin.embedded.runtime_service import RuntimeService
-from nri_plugin.embedded.runtime_state import RuntimeState
-from nri_plugin.embedded.state import (
+from embedded_runtime.flavor import CONTAINERD_2_3, RuntimeFlavor, registration_error
+from embedded_runtime.launch import plugin_environment, spawn_plugin
+from embedded_runtime.merge import apply_adjustment
+from embedded_runtime.merge import apply_update as apply_resource_update
+from embedded_runtime.records import ExchangeRecord, PluginInfo, PluginState
+from embedded_runtime.relay import EventRelay
+from embedded_runtime.runtime_service import RuntimeService
+from embedded_runtime.runtime_state import RuntimeState
+from embedded_runtime.state import (
     ContainerRecord,
     Moment,
     PodRecord,
@@ -55,10 +54,11 @@ from nri_plugin.embedded.state import (
     container_view,
     pod_view,
 )
-from nri_plugin.model import ContainerState
 from nri_plugin.protocol import convert
 from nri_plugin.protocol import nri_pb2 as pb
 from nri_plugin.protocol.versions import Event
+from qos_model import containers as model
+from qos_model.containers import ContainerState
 
 
 class EmbeddedRuntime:

@@ -3,7 +3,7 @@ containerd and CRI-O do. Pure: protobuf messages in, protobuf messages out.
 
 Two different steps, because real runtimes have two:
 
-1. *Collecting* (NRI, shared/docs/nri-protocol.md §7.1-§7.3): every plugin's
+1. *Collecting* (NRI, docs/nri-protocol.md §7.1-§7.3): every plugin's
    CreateContainer reply is merged into one adjustment, in idx order, while the
    CreateContainer request is mutated so the next plugin sees the earlier plugins'
    changes. Every field is owned by the first plugin that sets it within the event; a
@@ -28,8 +28,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from nri_plugin.embedded.errors import AdjustmentError, OwnershipConflictError
-from nri_plugin.embedded.flavor import RuntimeFlavor, UpdateScope
+from embedded_runtime.errors import AdjustmentError, OwnershipConflictError
+from embedded_runtime.flavor import RuntimeFlavor, UpdateScope
 from nri_plugin.protocol import nri_pb2 as pb
 
 F = pb.Field

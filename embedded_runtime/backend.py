@@ -16,7 +16,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Protocol
 
-from nri_plugin.model import Container
+from qos_model.containers import Container
 
 
 class ContainerBackend(Protocol):

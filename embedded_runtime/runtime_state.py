@@ -14,19 +14,19 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from nri_plugin.embedded.backend import ContainerBackend
-from nri_plugin.embedded.connection import PluginConnection
-from nri_plugin.embedded.errors import BackendError, EmbeddedRuntimeError, UnknownObjectError
-from nri_plugin.embedded.flavor import RuntimeFlavor, is_subscribed
-from nri_plugin.embedded.merge import apply_update as apply_resource_update
-from nri_plugin.embedded.plugins import ConnectedPlugin
-from nri_plugin.embedded.records import ExchangeRecord, PluginState
-from nri_plugin.embedded.state import ContainerRecord, PodRecord, container_model
+from embedded_runtime.backend import ContainerBackend
+from embedded_runtime.connection import PluginConnection
+from embedded_runtime.errors import BackendError, EmbeddedRuntimeError, UnknownObjectError
+from embedded_runtime.flavor import RuntimeFlavor, is_subscribed
+from embedded_runtime.merge import apply_update as apply_resource_update
+from embedded_runtime.plugins import ConnectedPlugin
+from embedded_runtime.records import ExchangeRecord, PluginState
+from embedded_runtime.state import ContainerRecord, PodRecord, container_model
 from nri_plugin.protocol import nri_pb2 as pb
 from nri_plugin.protocol.versions import Event
 
 # Every module of the runtime logs under the name it had as a single module.
-log = logging.getLogger("nri_plugin.embedded.runtime")
+log = logging.getLogger("embedded_runtime.runtime")
 
 
 @dataclass(slots=True, eq=False)

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 
-from nri_plugin.embedded.connection import PluginConnection
-from nri_plugin.embedded.errors import EmbeddedRuntimeError
-from nri_plugin.embedded.flavor import registration_error
-from nri_plugin.embedded.plugins import ConnectedPlugin
-from nri_plugin.embedded.records import TO_RUNTIME, ExchangeRecord, Outcome, parse
-from nri_plugin.embedded.runtime_state import RuntimeState, log
+from embedded_runtime.connection import PluginConnection
+from embedded_runtime.errors import EmbeddedRuntimeError
+from embedded_runtime.flavor import registration_error
+from embedded_runtime.plugins import ConnectedPlugin
+from embedded_runtime.records import TO_RUNTIME, ExchangeRecord, Outcome, parse
+from embedded_runtime.runtime_state import RuntimeState, log
 from nri_plugin.protocol import nri_pb2 as pb
 from nri_plugin.protocol.connection import RequestReceived
 from nri_plugin.protocol.errors import Code

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 from google.protobuf.message import Message
 
-from nri_plugin.embedded.connection import CallResult, CallStatus, PluginConnection
-from nri_plugin.embedded.flavor import RuntimeFlavor
-from nri_plugin.embedded.launch import LaunchedProcess
-from nri_plugin.embedded.records import (
+from embedded_runtime.connection import CallResult, CallStatus, PluginConnection
+from embedded_runtime.flavor import RuntimeFlavor
+from embedded_runtime.launch import LaunchedProcess
+from embedded_runtime.records import (
     TO_PLUGIN,
     CounterSet,
     ExchangeRecord,

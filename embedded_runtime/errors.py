@@ -27,7 +27,7 @@ class InvalidOperationError(EmbeddedRuntimeError):
 
 class PluginFailedOperationError(EmbeddedRuntimeError):
     """A plugin answered an event with an error status, which blocks the operation
-    (shared/docs/nri-protocol.md §3.5: CreateContainer, RunPodSandbox, StartContainer,
+    (docs/nri-protocol.md §3.5: CreateContainer, RunPodSandbox, StartContainer,
     UpdateContainer, UpdatePodSandbox)."""
 
     def __init__(self, plugin: str, method: str, code: int, message: str) -> None:

@@ -5,8 +5,8 @@ without containerd. `RuntimeFlavor` picks which real runtime to emulate; the thr
 captured ones are provided as constants.
 """
 
-from nri_plugin.embedded.backend import BackendCall, ContainerBackend, InMemoryBackend
-from nri_plugin.embedded.errors import (
+from embedded_runtime.backend import BackendCall, ContainerBackend, InMemoryBackend
+from embedded_runtime.errors import (
     AdjustmentError,
     BackendError,
     EmbeddedRuntimeError,
@@ -16,7 +16,7 @@ from nri_plugin.embedded.errors import (
     UnknownObjectError,
     ValidationRejectedError,
 )
-from nri_plugin.embedded.flavor import (
+from embedded_runtime.flavor import (
     CONTAINERD_1_7,
     CONTAINERD_2_3,
     CRIO_1_36,
@@ -24,14 +24,14 @@ from nri_plugin.embedded.flavor import (
     RuntimeFlavor,
     UpdateScope,
 )
-from nri_plugin.embedded.records import (
+from embedded_runtime.records import (
     ExchangeRecord,
     Outcome,
     PluginCounters,
     PluginInfo,
     PluginState,
 )
-from nri_plugin.embedded.runtime import EmbeddedRuntime
+from embedded_runtime.runtime import EmbeddedRuntime
 
 __all__ = [
     "CONTAINERD_1_7",

@@ -1,4 +1,4 @@
-"""Split Synchronize (NRI v0.7+) as a pure state machine (shared/docs/nri-protocol.md §7.6).
+"""Split Synchronize (NRI v0.7+) as a pure state machine (docs/nri-protocol.md §7.6).
 
 The runtime first tries to send the whole state. When its ttrpc client refuses a message
 over 4 MiB (the stream id is consumed anyway), it shrinks the number of pods and

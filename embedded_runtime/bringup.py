@@ -13,10 +13,10 @@ import asyncio
 import socket
 from collections.abc import Sequence
 
-from nri_plugin.embedded.connection import CallStatus, PluginConnection, RequestHandler
-from nri_plugin.embedded.errors import EmbeddedRuntimeError
-from nri_plugin.embedded.flavor import InvalidEventMaskError, subscribed_events
-from nri_plugin.embedded.plugins import (
+from embedded_runtime.connection import CallStatus, PluginConnection, RequestHandler
+from embedded_runtime.errors import EmbeddedRuntimeError
+from embedded_runtime.flavor import InvalidEventMaskError, subscribed_events
+from embedded_runtime.plugins import (
     ConnectedPlugin,
     Reply,
     call,
@@ -25,10 +25,10 @@ from nri_plugin.embedded.plugins import (
     drop_unconditionally,
     record_call,
 )
-from nri_plugin.embedded.records import PluginState, parse
-from nri_plugin.embedded.runtime_state import RuntimeState, log
-from nri_plugin.embedded.state import container_view, pod_view
-from nri_plugin.embedded.sync import SyncError, SyncSplitter
+from embedded_runtime.records import PluginState, parse
+from embedded_runtime.runtime_state import RuntimeState, log
+from embedded_runtime.state import container_view, pod_view
+from embedded_runtime.sync import SyncError, SyncSplitter
 from nri_plugin.protocol import nri_pb2 as pb
 from nri_plugin.protocol.errors import Code
 from nri_plugin.protocol.services import PLUGIN_SERVICE

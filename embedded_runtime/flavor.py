@@ -4,7 +4,7 @@ A plugin that works against the embedded runtime must work against containerd an
 so everything the three captured runtimes do differently on the wire is a field or a
 derived property here: the NRI version (events, Configure fields, split sync, dedicated
 notification RPCs), the ttrpc metadata containerd attaches, and the state in which each
-runtime reports a container at each event (shared/nri-captures/*/README.md).
+runtime reports a container at each event (tests/data/nri-captures/*/README.md).
 
 The functions at the bottom (registration checks, event-mask validation, which method
 carries an event, which metadata a request gets) are the runtime's decisions as pure
@@ -20,17 +20,8 @@ from enum import Enum
 
 from nri_plugin.protocol.errors import Code
 from nri_plugin.protocol.services import NOTIFICATION_FOR_EVENT
-from nri_plugin.protocol.versions import (
-    V0_7,
-    V0_10,
-    V0_12,
-    VALID_EVENTS_LEGACY,
-    VALID_EVENTS_V0_10,
-    Event,
-    NriVersion,
-)
-
-V0_11 = NriVersion(0, 11, 0)
+from nri_plugin.protocol.versions import Event, valid_event_mask
+from qos_model.runtime import V0_7, V0_12, NriCapabilities, NriVersion
 
 NAMESPACE_METADATA_KEY = "containerd-namespace-ttrpc"
 
@@ -89,25 +80,29 @@ class RuntimeFlavor:
     # kills only on failed registration/Configure.
     kill_dropped_plugins: bool = True
 
-    # --- what the NRI version implies (shared/docs/nri-protocol.md §3-§7) ---------------
+    # --- what the NRI version implies (docs/nri-protocol.md §3-§7) ---------------
+
+    @property
+    def capabilities(self) -> NriCapabilities:
+        return NriCapabilities(self.nri_version)
 
     @property
     def valid_events(self) -> int:
-        return VALID_EVENTS_V0_10 if self.nri_version >= V0_10 else VALID_EVENTS_LEGACY
+        return valid_event_mask(self.nri_version)
 
     @property
     def dedicated_notifications(self) -> bool:
         """v0.12+: per-event RPCs, StateChange only as fallback (§4.3)."""
-        return self.nri_version >= V0_12
+        return self.capabilities.has_dedicated_notifications
 
     @property
     def has_pod_update_and_validation(self) -> bool:
         """UpdatePodSandbox / PostUpdatePodSandbox / ValidateContainerAdjustment (v0.10+)."""
-        return self.nri_version >= V0_10
+        return self.capabilities.has_pod_update_events
 
     @property
     def configure_sends_timeouts(self) -> bool:
-        return self.nri_version >= V0_7
+        return self.capabilities.has_timeouts
 
     @property
     def configure_sends_nri_version(self) -> bool:
@@ -115,7 +110,7 @@ class RuntimeFlavor:
 
     @property
     def split_sync(self) -> bool:
-        return self.nri_version >= V0_7
+        return self.capabilities.has_timeouts
 
     @property
     def syncs_launched_plugins(self) -> bool:
@@ -135,28 +130,28 @@ class RuntimeFlavor:
     @property
     def container_timestamps(self) -> bool:
         """created_at/started_at/finished_at exist since v0.10.0."""
-        return self.nri_version >= V0_10
+        return self.capabilities.has_container_timestamps
 
     @property
     def field_names_in_conflicts(self) -> bool:
         """v0.10+ names conflicting fields by the `Field` enum; v0.4 uses prose."""
-        return self.nri_version >= V0_10
+        return self.capabilities.has_pod_update_events
 
     @property
     def applies_oom_score_adj(self) -> bool:
-        return self.nri_version >= V0_7
+        return self.capabilities.applies_oom_score_adj
 
     @property
     def applies_pids(self) -> bool:
-        return self.nri_version >= V0_7
+        return self.capabilities.applies_pids
 
     @property
     def applies_device_rules(self) -> bool:
-        return self.nri_version >= V0_10
+        return self.capabilities.applies_device_rules
 
     @property
     def applies_rdt(self) -> bool:
-        return self.nri_version >= V0_11
+        return self.capabilities.applies_rdt
 
     def metadata_for(self, method: str) -> tuple[tuple[str, str], ...]:
         if method in self.metadata_exempt:

@@ -14,17 +14,17 @@ import asyncio
 
 from google.protobuf.message import Message
 
-from nri_plugin.embedded.errors import (
+from embedded_runtime.errors import (
     AdjustmentError,
     PluginFailedOperationError,
     ValidationRejectedError,
 )
-from nri_plugin.embedded.flavor import falls_back_to_state_change, is_subscribed, method_for_event
-from nri_plugin.embedded.merge import CreateMerge, CreateResult, Owners, UpdateCollector
-from nri_plugin.embedded.plugins import ConnectedPlugin, Reply, call, code_name
-from nri_plugin.embedded.records import parse
-from nri_plugin.embedded.runtime_state import RuntimeState, log
-from nri_plugin.embedded.state import ContainerRecord, container_view, create_request_view
+from embedded_runtime.flavor import falls_back_to_state_change, is_subscribed, method_for_event
+from embedded_runtime.merge import CreateMerge, CreateResult, Owners, UpdateCollector
+from embedded_runtime.plugins import ConnectedPlugin, Reply, call, code_name
+from embedded_runtime.records import parse
+from embedded_runtime.runtime_state import RuntimeState, log
+from embedded_runtime.state import ContainerRecord, container_view, create_request_view
 from nri_plugin.protocol import nri_pb2 as pb
 from nri_plugin.protocol import services
 from nri_plugin.protocol.errors import Code, RemoteProtocolError

@@ -50,6 +50,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
+from embedded_runtime.errors import BackendError
 from isolation.cgroups import (
     CgroupBusy,
     CgroupError,
@@ -68,10 +69,9 @@ from isolation.oom import (
     OomAdjResult,
     ProcessControls,
 )
-from nri_plugin.cpuset import parse_cpu_list
-from nri_plugin.embedded.errors import BackendError
-from nri_plugin.model import Container, Resources
 from nri_plugin.readback import read_back
+from qos_model.containers import Container, Resources
+from qos_model.cpulist import parse_cpu_list
 
 log = logging.getLogger("nri_qos.host_backend")
 

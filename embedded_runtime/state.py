@@ -12,12 +12,12 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import PurePosixPath
 
-from nri_plugin import model
-from nri_plugin.embedded.flavor import RuntimeFlavor
-from nri_plugin.embedded.merge import prepare_create_request
-from nri_plugin.model import ContainerState
+from embedded_runtime.flavor import RuntimeFlavor
+from embedded_runtime.merge import prepare_create_request
 from nri_plugin.protocol import convert
 from nri_plugin.protocol import nri_pb2 as pb
+from qos_model import containers as model
+from qos_model.containers import ContainerState
 
 
 class Moment(Enum):
