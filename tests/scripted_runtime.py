@@ -1,8 +1,10 @@
 """A scripted runtime peer for plugin tests: the test decides every byte it sends.
 
-Unlike the embedded runtime (a full emulation), this is a thin wrapper over the sans-IO
-`NriConnection(Role.RUNTIME)` that lets a test send requests, await exact replies and see
-the plugin's own calls, so protocol corner cases can be staged precisely.
+Unlike the embedded runtime (a full emulation), this is a thin wrapper over an
+`NriChannel` in the runtime role that lets a test send requests, await exact replies and
+see the plugin's own calls, so protocol corner cases can be staged precisely. Every event
+(the plugin's requests, the replies to our calls, requests the channel refused) lands in
+one inbox in the order it arrived; every mux frame read is recorded raw.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ from dataclasses import dataclass
 
 from google.protobuf.message import Message
 
+from nri_plugin.channel import NriChannel
 from nri_plugin.metrics import Metrics
 from nri_plugin.protocol import mux, ttrpc
 from nri_plugin.protocol import nri_pb2 as pb
 from nri_plugin.protocol.connection import (
     BadRequest,
-    NriConnection,
     RequestReceived,
     ResponseReceived,
     Role,
@@ -39,12 +41,19 @@ class RawReply:
 
 class ScriptedRuntime:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-        self.conn = NriConnection(Role.RUNTIME)
         self.inbox: asyncio.Queue[RequestReceived | ResponseReceived | BadRequest] = asyncio.Queue()
         self.raw_frames: list[tuple[int, bytes]] = []  # every mux frame received (conn, payload)
         self._buf = bytearray()
-        self._task = asyncio.create_task(self._pump())
+        self.channel = NriChannel(
+            Role.RUNTIME,
+            reader,
+            writer,
+            self._queue,
+            on_bad_request=self._queue_soon,
+            tap=self._record_frames,
+        )
+        self.conn = self.channel.conn  # for its stats; send through this class
+        self.channel.start()
 
     @classmethod
     async def pair(cls) -> tuple[ScriptedRuntime, asyncio.StreamReader, asyncio.StreamWriter]:
@@ -53,11 +62,19 @@ class ScriptedRuntime:
         r2, w2 = await asyncio.open_unix_connection(sock=b)
         return cls(r1, w1), r2, w2
 
-    async def _pump(self) -> None:
-        while data := await self.reader.read(1 << 16):
-            self._record_frames(data)
-            for event in self.conn.receive_data(data):
-                await self.inbox.put(event)
+    # Arrival order: the channel starts a request's task, settles a reply's future and
+    # reports a refusal in the order they were read; each lands in the inbox from the
+    # loop's FIFO ready queue (task step, done callback, call_soon), so it keeps that order.
+
+    async def _queue(self, event: RequestReceived) -> None:
+        self.inbox.put_nowait(event)
+
+    def _queue_soon(self, event: BadRequest) -> None:
+        asyncio.get_running_loop().call_soon(self.inbox.put_nowait, event)
+
+    def _queue_reply(self, reply: asyncio.Future[ResponseReceived]) -> None:
+        if not reply.cancelled() and reply.exception() is None:
+            self.inbox.put_nowait(reply.result())
 
     def _record_frames(self, data: bytes) -> None:
         self._buf += data
@@ -81,10 +98,10 @@ class ScriptedRuntime:
 
     def reply(self, call: RequestReceived, message: Message | None = None) -> None:
         payload = message.SerializeToString() if message is not None else b""
-        self.writer.write(self.conn.send_response(call.stream_id, payload))
+        self.channel.respond(call.stream_id, payload)
 
     def reply_error(self, call: RequestReceived, code: int, text: str) -> None:
-        self.writer.write(self.conn.send_error(call.stream_id, code, text))
+        self.channel.respond_error(call.stream_id, code, text)
 
     async def call(
         self, method: str, message: Message, timeout: float = 2.0, wait: float = 5.0
@@ -93,10 +110,12 @@ class ScriptedRuntime:
         return await self.response(sid, wait)
 
     def send(self, method: str, message: Message, timeout: float = 2.0) -> int:
-        sid, data = self.conn.send_request(
-            PLUGIN_SERVICE, method, message.SerializeToString(), int(timeout * 1e9)
-        )
-        self.writer.write(data)
+        return self.send_payload(PLUGIN_SERVICE, method, message.SerializeToString(), timeout)
+
+    def send_payload(self, service: str, method: str, payload: bytes, timeout: float = 2.0) -> int:
+        """A request with any service and payload bytes; its reply goes to the inbox."""
+        sid, reply = self.channel.start_call(service, method, payload, int(timeout * 1e9))
+        reply.add_done_callback(self._queue_reply)
         return sid
 
     async def response(self, sid: int, wait: float = 5.0) -> ResponseReceived:
@@ -106,7 +125,7 @@ class ScriptedRuntime:
         return event
 
     def send_raw(self, data: bytes) -> None:
-        self.writer.write(data)
+        self.channel.write(data)
 
     async def handshake(
         self,
@@ -136,9 +155,8 @@ class ScriptedRuntime:
         )
 
     async def close(self) -> None:
-        self.writer.close()
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+        self.channel.close("scripted runtime closed the connection")
+        await self.channel.wait_closed()
 
 
 def frame_shape(data: bytes) -> tuple[int, int, int]:

@@ -194,10 +194,6 @@ class NriConnection:
         """Forget a call we stopped waiting for; its late reply will be ignored."""
         self._calls.pending.discard(stream_id)
 
-    @property
-    def pending_calls(self) -> frozenset[int]:
-        return frozenset(self._calls.pending)
-
     def send_response(self, stream_id: int, payload: bytes = b"") -> bytes:
         self._check_served(stream_id)
         return mux.encode_message(self.role.serve_conn, ttrpc.encode_response(stream_id, payload))

@@ -1,6 +1,6 @@
 """A scriptable NRI plugin for the embedded-runtime tests.
 
-It speaks through the project's sans-IO `NriConnection` (plugin role) over a real unix
+It speaks through the project's `NriChannel` (plugin role) over a real unix
 socket, answers every Plugin-service request with a per-method handler (default: the
 obvious empty reply, Configure with its event mask, Synchronize echoing `more`), and
 records what it received. Handlers run in their own tasks, so one may call the runtime
@@ -10,22 +10,16 @@ records what it received. Handlers run in their own tasks, so one may call the r
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from google.protobuf.message import Message
 
+from nri_plugin.channel import Ending, NriChannel
 from nri_plugin.protocol import nri_pb2 as pb
 from nri_plugin.protocol import services
-from nri_plugin.protocol.connection import (
-    BadRequest,
-    NriConnection,
-    RequestReceived,
-    ResponseReceived,
-    Role,
-)
+from nri_plugin.protocol.connection import RequestReceived, ResponseReceived, Role
 from nri_plugin.protocol.versions import Event, event_mask
 
 
@@ -73,21 +67,17 @@ class FakePlugin:
         self.idx = idx
         self.events = events
         self.handlers = dict(handlers or {})
-        self.conn = NriConnection(Role.PLUGIN)
         self.received: list[tuple[str, Message]] = []
         self.register_reply: ResponseReceived | None = None
-        self.eof = asyncio.Event()
-        self._pending: dict[int, asyncio.Future[ResponseReceived]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task[None] | None = None
+        self.eof = asyncio.Event()  # the connection ended, whoever ended it
+        self._channel: NriChannel | None = None
 
     # --- connection ----------------------------------------------------------------------
 
     async def connect(self, path: Path, *, register: bool = True) -> FakePlugin:
         reader, writer = await asyncio.open_unix_connection(str(path))
-        self._writer = writer
-        self._reader_task = asyncio.create_task(self._read_loop(reader))
+        self._channel = NriChannel(Role.PLUGIN, reader, writer, self._serve, on_close=self._closed)
+        self._channel.start()
         if register:
             self.register_reply = await self.register()
         return self
@@ -100,29 +90,22 @@ class FakePlugin:
         )
         return await self.call("RegisterPlugin", msg)
 
+    @property
+    def channel(self) -> NriChannel:
+        assert self._channel is not None, "connect() first"
+        return self._channel
+
     async def call(self, method: str, msg: Message, timeout: float = 5.0) -> ResponseReceived:
-        sid, data = self.conn.send_request(
-            services.RUNTIME_SERVICE, method, msg.SerializeToString(), int(timeout * 1e9)
-        )
-        future: asyncio.Future[ResponseReceived] = asyncio.get_running_loop().create_future()
-        self._pending[sid] = future
-        self.write(data)
-        return await asyncio.wait_for(future, timeout)
+        payload = msg.SerializeToString()
+        return await self.channel.call(services.RUNTIME_SERVICE, method, payload, timeout)
 
     def write(self, data: bytes) -> None:
-        assert self._writer is not None
-        self._writer.write(data)
+        self.channel.write(data)
 
     async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            with contextlib.suppress(Exception):
-                await self._writer.wait_closed()
-        for task in [self._reader_task, *self._tasks]:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        if self._channel is not None:
+            self._channel.close("fake plugin closed the connection")
+            await self._channel.wait_closed()
 
     async def wait_eof(self, timeout: float = 5.0) -> None:
         await asyncio.wait_for(self.eof.wait(), timeout)
@@ -137,27 +120,8 @@ class FakePlugin:
 
     # --- plumbing ------------------------------------------------------------------------
 
-    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
-        try:
-            while data := await reader.read(1 << 16):
-                for event in self.conn.receive_data(data):
-                    if isinstance(event, ResponseReceived):
-                        future = self._pending.pop(event.stream_id, None)
-                        if future is not None and not future.done():
-                            future.set_result(event)
-                    elif isinstance(event, RequestReceived):
-                        task = asyncio.create_task(self._serve(event))
-                        self._tasks.add(task)
-                        task.add_done_callback(self._tasks.discard)
-                    elif isinstance(event, BadRequest):
-                        self.write(self.conn.send_error(event.stream_id, event.code, event.message))
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            self.eof.set()
-            for future in self._pending.values():
-                if not future.done():
-                    future.set_exception(ConnectionError("runtime closed the connection"))
+    def _closed(self, ending: Ending, reason: str) -> None:
+        self.eof.set()
 
     async def _serve(self, req: RequestReceived) -> None:
         spec = services.PLUGIN_METHODS[req.method]
@@ -168,9 +132,9 @@ class FakePlugin:
         if isinstance(result, NoReply) or self.eof.is_set():
             return
         if isinstance(result, Error):
-            self.write(self.conn.send_error(req.stream_id, result.code, result.message))
+            self.channel.respond_error(req.stream_id, result.code, result.message)
         else:
-            self.write(self.conn.send_response(req.stream_id, result.SerializeToString()))
+            self.channel.respond(req.stream_id, result.SerializeToString())
 
     def _default(self, method: str, msg: Message) -> Message:
         if method == "Configure":
