@@ -31,47 +31,22 @@ from dataclasses import dataclass, field
 from embedded_runtime.errors import AdjustmentError, OwnershipConflictError
 from embedded_runtime.flavor import RuntimeFlavor, UpdateScope
 from nri_plugin.protocol import nri_pb2 as pb
+from nri_plugin.protocol.fields import CPU_FIELDS, MEMORY_FIELDS, RESOURCE_FIELDS
 
 F = pb.Field
 
-MEMORY_FIELDS: tuple[tuple[str, int], ...] = (
-    ("limit", F.MemLimit),
-    ("reservation", F.MemReservation),
-    ("swap", F.MemSwapLimit),
-    ("kernel", F.MemKernelLimit),
-    ("kernel_tcp", F.MemTCPLimit),
-    ("swappiness", F.MemSwappiness),
-    ("disable_oom_killer", F.MemDisableOomKiller),
-    ("use_hierarchy", F.MemUseHierarchy),
-)
-CPU_WRAPPED_FIELDS: tuple[tuple[str, int], ...] = (
-    ("shares", F.CPUShares),
-    ("quota", F.CPUQuota),
-    ("period", F.CPUPeriod),
-    ("realtime_runtime", F.CPURealtimeRuntime),
-    ("realtime_period", F.CPURealtimePeriod),
-)
-CPU_STRING_FIELDS: tuple[tuple[str, int], ...] = (("cpus", F.CPUSetCPUs), ("mems", F.CPUSetMems))
+# The LinuxCPU / LinuxMemory fields, from NRI's field table, grouped the way the merge
+# and apply rules below treat them.
+_MEMORY_WRAPPED = tuple(f for f in MEMORY_FIELDS if f.wrapped)  # all of them today
+_CPU_WRAPPED = tuple(f for f in CPU_FIELDS if f.wrapped)
+_CPU_STRINGS = tuple(f for f in CPU_FIELDS if not f.wrapped)
+_CPU_CRI_WRAPPED = tuple(f for f in _CPU_WRAPPED if f.cri)  # containerd: shares/quota/period
 
 # How NRI v0.4.0 words a conflict (it predates the Field enum).
 _LEGACY_SUBJECTS: dict[int, str] = {
     F.Annotations: "annotation",
     F.Env: "env",
-    F.MemLimit: "memory limit",
-    F.MemReservation: "memory reservation",
-    F.MemSwapLimit: "memory swap limit",
-    F.MemKernelLimit: "memory kernel limit",
-    F.MemTCPLimit: "memory TCP limit",
-    F.MemSwappiness: "memory swappiness",
-    F.MemDisableOomKiller: "memory disable OOM killer",
-    F.MemUseHierarchy: "memory 'UseHierarchy'",
-    F.CPUShares: "CPU shares",
-    F.CPUQuota: "CPU quota",
-    F.CPUPeriod: "CPU period",
-    F.CPURealtimeRuntime: "CPU realtime runtime",
-    F.CPURealtimePeriod: "CPU realtime period",
-    F.CPUSetCPUs: "CPU pinning",
-    F.CPUSetMems: "memory pinning",
+    **{f.field_id: f.legacy_subject for f in RESOURCE_FIELDS},
     F.HugepageLimits: "hugepage limit of size",
     F.BlockioClass: "block I/O class",
     F.RdtClass: "RDT class",
@@ -154,6 +129,14 @@ def _copy_wrapped(src: object, dst: object, name: str) -> None:
     getattr(dst, name).CopyFrom(getattr(src, name))
 
 
+def _copy_strings(src: pb.LinuxCPU, dst: pb.LinuxCPU) -> None:
+    """cpus and mems: empty means unchanged (NRI cannot express an empty cpuset)."""
+    for f in _CPU_STRINGS:
+        value = getattr(src, f.name)
+        if value:
+            setattr(dst, f.name, value)
+
+
 def _merge_resources(
     src: pb.LinuxResources,
     targets: Sequence[pb.LinuxResources],
@@ -166,23 +149,23 @@ def _merge_resources(
 ) -> None:
     """Claim and copy every resource field `src` sets into each of `targets`."""
     if src.HasField("memory"):
-        for name, field_id in MEMORY_FIELDS:
-            if src.memory.HasField(name):
-                owners.claim(ctr_id, field_id, plugin)
+        for f in _MEMORY_WRAPPED:
+            if src.memory.HasField(f.name):
+                owners.claim(ctr_id, f.field_id, plugin)
                 for t in targets:
-                    _copy_wrapped(src.memory, t.memory, name)
+                    _copy_wrapped(src.memory, t.memory, f.name)
     if src.HasField("cpu"):
-        for name, field_id in CPU_WRAPPED_FIELDS:
-            if src.cpu.HasField(name):
-                owners.claim(ctr_id, field_id, plugin)
+        for f in _CPU_WRAPPED:
+            if src.cpu.HasField(f.name):
+                owners.claim(ctr_id, f.field_id, plugin)
                 for t in targets:
-                    _copy_wrapped(src.cpu, t.cpu, name)
-        for name, field_id in CPU_STRING_FIELDS:
-            value = getattr(src.cpu, name)
+                    _copy_wrapped(src.cpu, t.cpu, f.name)
+        for f in _CPU_STRINGS:
+            value = getattr(src.cpu, f.name)
             if value:
-                owners.claim(ctr_id, field_id, plugin)
+                owners.claim(ctr_id, f.field_id, plugin)
                 for t in targets:
-                    setattr(t.cpu, name, value)
+                    setattr(t.cpu, f.name, value)
     for limit in src.hugepage_limits:
         owners.claim(ctr_id, F.HugepageLimits, plugin, limit.page_size)
         for t in targets:
@@ -586,12 +569,10 @@ def _apply_spec_resources(
     target: pb.LinuxResources, res: pb.LinuxResources, flavor: RuntimeFlavor
 ) -> None:
     if res.HasField("cpu"):
-        for name, _ in CPU_WRAPPED_FIELDS:
-            if res.cpu.HasField(name):
-                _copy_wrapped(res.cpu, target.cpu, name)
-        for name, _ in CPU_STRING_FIELDS:
-            if getattr(res.cpu, name):
-                setattr(target.cpu, name, getattr(res.cpu, name))
+        for f in _CPU_WRAPPED:
+            if res.cpu.HasField(f.name):
+                _copy_wrapped(res.cpu, target.cpu, f.name)
+        _copy_strings(res.cpu, target.cpu)
     if res.HasField("memory") and res.memory.limit.value != 0:
         target.memory.limit.value = res.memory.limit.value
         target.memory.swap.value = res.memory.limit.value
@@ -612,26 +593,24 @@ def apply_update(target: pb.LinuxResources, update: pb.LinuxResources, scope: Up
         if update.memory.limit.value != 0:
             target.memory.limit.value = update.memory.limit.value
             target.memory.swap.value = update.memory.limit.value
-        for name in ("shares", "quota", "period"):
-            value = getattr(update.cpu, name).value
+        for f in _CPU_CRI_WRAPPED:
+            value = getattr(update.cpu, f.name).value
             if value != 0:
-                getattr(target.cpu, name).value = value
+                getattr(target.cpu, f.name).value = value
     else:
         if update.HasField("memory"):
-            for name, _ in MEMORY_FIELDS:
-                if update.memory.HasField(name):
-                    _copy_wrapped(update.memory, target.memory, name)
+            for f in _MEMORY_WRAPPED:
+                if update.memory.HasField(f.name):
+                    _copy_wrapped(update.memory, target.memory, f.name)
             if update.memory.HasField("limit") and not update.memory.HasField("swap"):
                 target.memory.swap.value = update.memory.limit.value
         if update.HasField("cpu"):
-            for name, _ in CPU_WRAPPED_FIELDS:
-                if update.cpu.HasField(name):
-                    _copy_wrapped(update.cpu, target.cpu, name)
+            for f in _CPU_WRAPPED:
+                if update.cpu.HasField(f.name):
+                    _copy_wrapped(update.cpu, target.cpu, f.name)
         if update.HasField("pids"):
             target.pids.limit = update.pids.limit
-    for name, _ in CPU_STRING_FIELDS:
-        if getattr(update.cpu, name):
-            setattr(target.cpu, name, getattr(update.cpu, name))
+    _copy_strings(update.cpu, target.cpu)
     for limit in update.hugepage_limits:
         _set_hugepage(target, limit)
     for key, value in update.unified.items():

@@ -13,8 +13,9 @@ fields hold plain dicts: treat them as read-only.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from enum import IntEnum
+from typing import Any
 
 
 class ContainerState(IntEnum):
@@ -145,3 +146,38 @@ class Update:
 
 
 NO_ADJUSTMENT = Adjustment()
+
+
+# CPU fields a CRI update (UpdateContainerResources) cannot carry: always the current ones.
+_CPU_KEPT_ON_UPDATE = frozenset({"realtime_runtime", "realtime_period"})
+_CPU_UPDATABLE = tuple(f.name for f in fields(CpuResources) if f.name not in _CPU_KEPT_ON_UPDATE)
+
+
+def merge_requested(current: Resources | None, requested: Resources) -> Resources:
+    """A container's resources after a CRI update: requested values win where set.
+
+    - No `current`: `requested`, unchanged (every field, even those kept below).
+    - cpu: when `requested.cpu` is set, each of its fields that is set (int not None,
+      cpus/mems not "") replaces the current one, except the realtime fields, which a CRI
+      update cannot carry and stay as they are; a current without cpu counts as
+      `CpuResources()`. When `requested.cpu` is None the current cpu stays.
+    - memory: `requested.memory`, as a whole, when set; else the current memory.
+    - hugepage_limits, blockio_class, rdt_class, unified, pids_limit: the current ones;
+      the requested ones are ignored.
+
+    Pure; the policy's view of the update. The embedded runtime applies updates the way
+    each runtime really does instead (`embedded_runtime.merge.apply_update`).
+    """
+    if current is None:
+        return requested
+    cpu = current.cpu
+    if requested.cpu is not None:
+        wanted = requested.cpu
+        changes: dict[str, Any] = {}  # int | None or str, per field
+        for name in _CPU_UPDATABLE:
+            value = getattr(wanted, name)
+            if value is not None and value != "":
+                changes[name] = value
+        cpu = replace(cpu or CpuResources(), **changes)
+    memory = requested.memory if requested.memory is not None else current.memory
+    return replace(current, cpu=cpu, memory=memory)

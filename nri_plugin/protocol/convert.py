@@ -1,16 +1,20 @@
-"""Conversions between NRI protobuf messages and `nri_plugin.model` values.
+"""Conversions between NRI protobuf messages and `qos_model.containers` values.
 
 Pure functions, both directions: the plugin reads pods/containers and writes
 adjustments/updates; the embedded runtime does the opposite. Fields nri-qos has no use
 for (mounts, hooks, seccomp, ...) are dropped on the way in and never produced on the
-way out.
+way out. The cpu and memory fields come from one table, `nri_plugin.protocol.fields`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
+
+from google.protobuf.message import Message
 
 from nri_plugin.protocol import nri_pb2 as pb
+from nri_plugin.protocol.fields import CPU_FIELDS, MEMORY_FIELDS, ResourceField
 from qos_model import containers as model
 
 # --- small helpers for NRI's presence wrappers -------------------------------------------
@@ -20,12 +24,6 @@ def _opt(msg: object, name: str) -> int | None:
     """Value of an Optional* wrapper field, or None when the wrapper is absent."""
     if msg.HasField(name):  # type: ignore[attr-defined]
         return int(getattr(msg, name).value)
-    return None
-
-
-def _opt_bool(msg: object, name: str) -> bool | None:
-    if msg.HasField(name):  # type: ignore[attr-defined]
-        return bool(getattr(msg, name).value)
     return None
 
 
@@ -47,32 +45,50 @@ def _namespaces(items: Iterable[pb.LinuxNamespace]) -> dict[str, str]:
 # --- resources ---------------------------------------------------------------------------
 
 
+# (model attribute, protobuf name, plain string?) for each row of the field table: these
+# loops run on every NRI request, so they unpack plain tuples instead of reading rows.
+_Plan = tuple[tuple[str, str, bool], ...]
+
+
+def _plan(fields: tuple[ResourceField, ...]) -> _Plan:
+    return tuple((f.attr, f.name, not f.wrapped) for f in fields)
+
+
+_CPU_PLAN = _plan(CPU_FIELDS)
+_MEMORY_PLAN = _plan(MEMORY_FIELDS)
+
+
+def _group_from_pb(msg: Message, plan: _Plan) -> dict[str, Any]:
+    """Model keyword arguments for a LinuxCPU / LinuxMemory message. A wrapper's `value`
+    is already the model's int or bool; an absent wrapper is None."""
+    values: dict[str, Any] = {}
+    for attr, name, plain in plan:
+        if plain:
+            values[attr] = getattr(msg, name)
+        elif msg.HasField(name):
+            values[attr] = getattr(msg, name).value
+        else:
+            values[attr] = None
+    return values
+
+
+def _group_to_pb(values: object, msg: Message, plan: _Plan) -> None:
+    """Write a CpuResources / MemoryResources into its LinuxCPU / LinuxMemory message."""
+    for attr, name, plain in plan:
+        value = getattr(values, attr)
+        if plain:
+            setattr(msg, name, value)
+        elif value is not None:
+            getattr(msg, name).value = value
+
+
 def resources_from_pb(msg: pb.LinuxResources) -> model.Resources:
     cpu = None
     if msg.HasField("cpu"):
-        c = msg.cpu
-        cpu = model.CpuResources(
-            shares=_opt(c, "shares"),
-            quota=_opt(c, "quota"),
-            period=_opt(c, "period"),
-            realtime_runtime=_opt(c, "realtime_runtime"),
-            realtime_period=_opt(c, "realtime_period"),
-            cpus=c.cpus,
-            mems=c.mems,
-        )
+        cpu = model.CpuResources(**_group_from_pb(msg.cpu, _CPU_PLAN))
     memory = None
     if msg.HasField("memory"):
-        m = msg.memory
-        memory = model.MemoryResources(
-            limit=_opt(m, "limit"),
-            reservation=_opt(m, "reservation"),
-            swap=_opt(m, "swap"),
-            kernel=_opt(m, "kernel"),
-            kernel_tcp=_opt(m, "kernel_tcp"),
-            swappiness=_opt(m, "swappiness"),
-            disable_oom_killer=_opt_bool(m, "disable_oom_killer"),
-            use_hierarchy=_opt_bool(m, "use_hierarchy"),
-        )
+        memory = model.MemoryResources(**_group_from_pb(msg.memory, _MEMORY_PLAN))
     return model.Resources(
         cpu=cpu,
         memory=memory,
@@ -93,24 +109,11 @@ def resources_to_pb(
     if res.cpu is not None:
         c = msg.cpu
         c.SetInParent()
-        _set_opt(c, "shares", res.cpu.shares)
-        _set_opt(c, "quota", res.cpu.quota)
-        _set_opt(c, "period", res.cpu.period)
-        _set_opt(c, "realtime_runtime", res.cpu.realtime_runtime)
-        _set_opt(c, "realtime_period", res.cpu.realtime_period)
-        c.cpus = res.cpu.cpus
-        c.mems = res.cpu.mems
+        _group_to_pb(res.cpu, c, _CPU_PLAN)
     if res.memory is not None:
         m = msg.memory
         m.SetInParent()
-        _set_opt(m, "limit", res.memory.limit)
-        _set_opt(m, "reservation", res.memory.reservation)
-        _set_opt(m, "swap", res.memory.swap)
-        _set_opt(m, "kernel", res.memory.kernel)
-        _set_opt(m, "kernel_tcp", res.memory.kernel_tcp)
-        _set_opt(m, "swappiness", res.memory.swappiness)
-        _set_opt(m, "disable_oom_killer", res.memory.disable_oom_killer)
-        _set_opt(m, "use_hierarchy", res.memory.use_hierarchy)
+        _group_to_pb(res.memory, m, _MEMORY_PLAN)
     for h in res.hugepage_limits:
         msg.hugepage_limits.add(page_size=h.page_size, limit=h.limit)
     _set_opt(msg, "blockio_class", res.blockio_class)
@@ -276,14 +279,6 @@ def update_to_pb(upd: model.Update, out: pb.ContainerUpdate | None = None) -> pb
     msg.linux.resources.SetInParent()
     msg.ignore_failure = upd.ignore_failure
     return msg
-
-
-def update_from_pb(msg: pb.ContainerUpdate) -> model.Update:
-    return model.Update(
-        container_id=msg.container_id,
-        resources=resources_from_pb(msg.linux.resources),
-        ignore_failure=msg.ignore_failure,
-    )
 
 
 def updates_to_pb(updates: Iterable[model.Update], field: object) -> None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from embedded_runtime import CONTAINERD_1_7, CONTAINERD_2_3, CRIO_1_36, RuntimeFlavor
 from embedded_runtime.errors import AdjustmentError, OwnershipConflictError
@@ -16,9 +20,29 @@ from embedded_runtime.merge import (
     apply_update,
     prepare_create_request,
 )
+from nri_plugin.protocol import convert
 from nri_plugin.protocol import nri_pb2 as pb
+from nri_plugin.protocol.fields import RESOURCE_FIELDS, Kind, ResourceField
+from qos_model import containers as model
 
 F = pb.Field
+
+
+def set_field(res: pb.LinuxResources, row: ResourceField, value: int = 1) -> None:
+    """Set one table field of `res` to a non-default value."""
+    group = getattr(res, row.group)
+    if row.kind is Kind.STRING:
+        setattr(group, row.name, str(value))
+    else:
+        getattr(group, row.name).value = bool(value) if row.kind is Kind.BOOL else value
+
+
+def has_field(res: pb.LinuxResources, row: ResourceField) -> bool:
+    group = getattr(res, row.group)
+    return group.HasField(row.name) if row.wrapped else bool(getattr(group, row.name))
+
+
+ROW_IDS = [f"{f.group}.{f.name}" for f in RESOURCE_FIELDS]
 
 
 def request_container(**annotations: str) -> pb.Container:
@@ -149,6 +173,24 @@ def test_second_claim_fails_the_merge(
     with pytest.raises(OwnershipConflictError) as exc:
         merge.apply("20-b", second)
     assert str(exc.value) == f'plugins "20-b" and "10-a" both tried to set {subject}'
+
+
+@pytest.mark.parametrize("row", RESOURCE_FIELDS, ids=ROW_IDS)
+@pytest.mark.parametrize("legacy", [False, True])
+def test_every_cpu_and_memory_field_is_merged_and_owned(row: ResourceField, legacy: bool) -> None:
+    flavor = CONTAINERD_1_7 if legacy else CONTAINERD_2_3
+    request = pb.Container(id="c0")
+    prepare_create_request(request)
+    merge = CreateMerge(request, flavor)
+    first = pb.CreateContainerResponse()
+    set_field(first.adjust.linux.resources, row)
+    merge.apply("10-a", first)
+    assert has_field(request.linux.resources, row)
+    assert has_field(merge.result().adjust.linux.resources, row)
+    assert merge.owners.owner("c0", row.field_id) == "10-a"
+    with pytest.raises(OwnershipConflictError) as exc:
+        merge.apply("20-b", first)
+    assert exc.value.field == (row.legacy_subject if legacy else pb.Field.Name(row.field_id))  # type: ignore[arg-type]
 
 
 def test_compound_resources_conflict_per_key() -> None:
@@ -396,3 +438,59 @@ def test_update_path_per_runtime(
     assert (target.pids.limit if target.HasField("pids") else None) == pids
     assert target.cpu.shares.value == shares
     assert target.cpu.mems == "0" and dict(target.unified) == {"cpu.weight": "10"}
+
+
+@pytest.mark.parametrize("row", RESOURCE_FIELDS, ids=ROW_IDS)
+@pytest.mark.parametrize("scope", list(UpdateScope))
+def test_update_path_takes_each_field_per_runtime(row: ResourceField, scope: UpdateScope) -> None:
+    """CRI-O (OCI) takes every field an update sets; containerd only the CRI ones."""
+    target = pb.LinuxResources()
+    update = pb.LinuxResources()
+    set_field(update, row, 3)
+    apply_update(target, update, scope)
+    assert has_field(target, row) is (scope is UpdateScope.OCI or row.cri)
+
+
+# The CPU fields a CRI update carries: where the policy's model of an update
+# (qos_model.containers.merge_requested) and the runtimes' update path must agree.
+_cpu_updates = st.builds(
+    model.CpuResources,
+    shares=st.none() | st.integers(2, 1 << 18),
+    quota=st.none() | st.integers(1000, 1 << 30),
+    period=st.none() | st.integers(1000, 1 << 20),
+    cpus=st.sampled_from(["", "0", "1-3"]),
+    mems=st.sampled_from(["", "0", "1"]),
+)
+_cpu_current = st.none() | st.builds(
+    model.CpuResources,
+    shares=st.none() | st.integers(2, 1 << 18),
+    quota=st.none() | st.integers(-1, 1 << 30),
+    period=st.none() | st.integers(1000, 1 << 20),
+    realtime_runtime=st.none() | st.integers(0, 1000),
+    realtime_period=st.none() | st.integers(1, 1000),
+    cpus=st.sampled_from(["", "0-7"]),
+    mems=st.sampled_from(["", "0-1"]),
+)
+
+
+@given(
+    _cpu_current, st.none() | st.integers(1, 1 << 40), _cpu_updates, st.sampled_from(UpdateScope)
+)
+def test_model_update_agrees_with_the_runtimes_for_cpu(
+    cpu: model.CpuResources | None,
+    limit: int | None,
+    requested_cpu: model.CpuResources,
+    scope: UpdateScope,
+) -> None:
+    """For a CRI update of non-zero CPU values, both runtimes end where
+    merge_requested says; memory, untouched by the update, stays."""
+    memory = None if limit is None else model.MemoryResources(limit=limit, swap=limit)
+    current = model.Resources(cpu=cpu, memory=memory)
+    requested = model.Resources(cpu=requested_cpu)
+    target = convert.resources_to_pb(current)
+    apply_update(target, convert.resources_to_pb(requested), scope)
+    applied = convert.resources_from_pb(target)
+    expected = model.merge_requested(current, requested)
+    if applied.cpu is None:  # nothing set: the runtime leaves cpu absent
+        applied = replace(applied, cpu=model.CpuResources())
+    assert applied == expected
