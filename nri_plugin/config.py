@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from nri_plugin.plugin import DEFAULT_SOCKET, PluginSettings, PluginSetupError
+from nri_plugin.policy.engine import EngineConfig
 from nri_plugin.policy.oom import OomBands
 from nri_plugin.policy.planner import PlannerConfig
 from nri_plugin.policy.qos import QosConfig
-from nri_plugin.policy.qos_policy import QosPolicyConfig
 from qos_model.cpulist import CpuListError, parse_cpu_list
 
 
@@ -37,7 +37,7 @@ class LogConfig:
 class QosSettings:
     """The [policy] section of the qos policy."""
 
-    policy: QosPolicyConfig = field(default_factory=QosPolicyConfig)
+    policy: EngineConfig = field(default_factory=EngineConfig)
     rebalance_interval: float = 5.0  # seconds between usage samples; 0 disables
 
 
@@ -201,7 +201,7 @@ def _qos_settings(table: dict[str, Any], source: str) -> QosSettings:
         raise ConfigError(f"{source}: [policy] rebalance_interval_ms must be >= 0")
     memory = get("system_reserved_memory", int, 0)
     return QosSettings(
-        QosPolicyConfig(qos=qos, planner=planner, system_reserved_memory=memory), interval
+        EngineConfig(qos=qos, planner=planner, system_reserved_memory=memory), interval
     )
 
 

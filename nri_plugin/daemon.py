@@ -8,6 +8,7 @@ its socket on an inherited fd (NRI_PLUGIN_SOCKET) and no stdout/stderr.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import logging.handlers
 import os
@@ -15,20 +16,26 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from isolation.host import LinuxHost
 from isolation.sysfs import discover_topology
 from nri_plugin.config import Config, parse_config
+from nri_plugin.control.base import Controllers, ControllerStartError
+from nri_plugin.control.executor import HostExecutor
+from nri_plugin.control.oom import OomController
+from nri_plugin.events import EventLog
 from nri_plugin.plugin import NotConnected, NriPlugin, PluginSetupError
 from nri_plugin.policy.api import PolicyBase, RecordingPolicy
+from nri_plugin.policy.engine import Engine, EngineConfig
+from nri_plugin.policy.intents import ContainerRef
 from nri_plugin.policy.planner import PlannerConfigError, UsageSample
-from nri_plugin.policy.qos_policy import QosPolicy, QosPolicyConfig
+from nri_plugin.policy.qos_policy import QosPolicy
 from nri_plugin.protocol.errors import RpcError
 from nri_plugin.status import StatusServer
 from nri_plugin.usage import UsageMeter
-from qos_model.containers import Update
+from nri_plugin.views import policy_view
 from qos_model.topology import TopologyError
 
 log = logging.getLogger("nri_qos.daemon")
@@ -36,10 +43,21 @@ log = logging.getLogger("nri_qos.daemon")
 LAUNCHED_LOG_FILE = Path("/var/log/nri-qos.log")
 
 
-def build_policy(config: Config) -> PolicyBase:
-    """The configured policy, with the host's topology and host adapter for "qos"."""
+@dataclass(slots=True)
+class Services:
+    """What `run_daemon` composes: the policy, and for "qos" the host adapter and the
+    executor that runs the controllers."""
+
+    policy: PolicyBase
+    executor: HostExecutor
+    host: LinuxHost | None = None
+
+
+def build_services(config: Config) -> Services:
+    """The configured policy with its controllers ("recording" has none)."""
+    events = EventLog()
     if config.policy_name == "recording":
-        return RecordingPolicy()
+        return Services(RecordingPolicy(), HostExecutor(Controllers([]), events))
     try:
         topology = discover_topology(config.host_root)
     except (OSError, TopologyError) as exc:
@@ -47,45 +65,52 @@ def build_policy(config: Config) -> PolicyBase:
             f"cannot read the CPU topology under {config.host_root}/sys/devices/system: {exc}"
         ) from None
 
-    def runtime_config(text: str) -> QosPolicyConfig:
+    def runtime_config(text: str) -> EngineConfig:
         return parse_config(text, "runtime-provided config").qos.policy
 
     try:
-        return QosPolicy(
-            topology,
-            config.qos.policy,
-            LinuxHost.at(config.host_root),
-            config_parser=runtime_config,
-        )
+        engine = Engine(topology, config.qos.policy)
     except PlannerConfigError as exc:
         raise PluginSetupError(f"[policy] does not fit this host: {exc}") from None
+    host = LinuxHost.at(config.host_root)
+    executor = HostExecutor(Controllers([OomController(host)]), events)
+    return Services(QosPolicy(engine, runtime_config), executor, host)
 
 
-async def rebalance_loop(plugin: NriPlugin, policy: QosPolicy, interval: float) -> None:
+async def rebalance_loop(
+    plugin: NriPlugin,
+    policy: QosPolicy,
+    host: LinuxHost,
+    executor: HostExecutor,
+    interval: float,
+) -> None:
     """Sample online CPU usage every `interval` and resize the reclaimed pool.
 
-    Readings and re-planning run in the policy thread, serialized with the runtime's
-    events; the resulting updates go out with UpdateContainers from here, outside any
-    event, as the protocol requires."""
-    host = policy.host
-    if host is None:
-        return
+    Which containers count comes from the engine (policy thread), their counters from the
+    host thread, and the re-plan again from the policy thread, serialized with the
+    runtime's events; the resulting updates go out with UpdateContainers from here,
+    outside any event, as the protocol requires."""
     meter = UsageMeter()
-
-    def step() -> Sequence[Update]:
-        counters = {c.id: host.cpu_usage_ns(c) for c in policy.online_containers()}
-        cores = meter.sample(time.monotonic(), counters)
-        return policy.rebalance(UsageSample(online_cores=cores))
-
     while True:
         await asyncio.sleep(interval)
         if not plugin.configured.is_set():
             continue
         try:
-            updates = await plugin.in_policy_thread(step)
-            if updates:
-                log.info("online usage moved the pools: updating %d container(s)", len(updates))
-                await plugin.update_containers(updates)
+            refs = await plugin.in_policy_thread(policy.engine.online_containers)
+
+            def read(refs: list[ContainerRef] = refs) -> dict[str, int | None]:
+                return {r.id: host.cpu_usage_ns(r.cgroups_path) for r in refs}
+
+            counters = await executor.run(read)
+            usage = UsageSample(online_cores=meter.sample(time.monotonic(), counters))
+            intents = await plugin.in_policy_thread(functools.partial(policy.rebalance, usage))
+            executor.submit(intents)
+            if intents.updates:
+                log.info(
+                    "online usage moved the pools: updating %d container(s)",
+                    len(intents.updates),
+                )
+                await plugin.update_containers(intents.updates)
         except (NotConnected, RpcError, TimeoutError, ConnectionError) as exc:
             log.warning("rebalance: %s", exc or type(exc).__name__)
         except Exception:
@@ -138,12 +163,16 @@ async def run_daemon(
     config: Config, wait_for_runtime: bool = True, status_socket: Path | None = None
 ) -> int:
     """Serve until SIGTERM/SIGINT (external) or until the inherited socket closes."""
-    policy = build_policy(config)
-    plugin = NriPlugin(policy, config.plugin)
+    services = build_services(config)
+    policy, executor = services.policy, services.executor
+    try:
+        executor.start()
+    except ControllerStartError as exc:
+        raise PluginSetupError(str(exc)) from None
+    plugin = NriPlugin(policy, config.plugin, on_intents=executor.submit)
     status = None
     if status_socket is not None:
-        decisions = policy.decisions if isinstance(policy, QosPolicy) else None
-        status = StatusServer(status_socket, plugin, decisions)
+        status = StatusServer(status_socket, plugin, lambda: policy_view(policy), executor.events)
         await status.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -163,10 +192,10 @@ async def run_daemon(
 
     ready = asyncio.create_task(report_status())
     background = [ready]
-    if isinstance(policy, QosPolicy) and config.qos.rebalance_interval > 0:
-        background.append(
-            asyncio.create_task(rebalance_loop(plugin, policy, config.qos.rebalance_interval))
-        )
+    interval = config.qos.rebalance_interval
+    if isinstance(policy, QosPolicy) and services.host is not None and interval > 0:
+        sampler = rebalance_loop(plugin, policy, services.host, executor, interval)
+        background.append(asyncio.create_task(sampler))
     try:
         if launched_by_runtime():
             fd = int(os.environ["NRI_PLUGIN_SOCKET"])
@@ -186,3 +215,4 @@ async def run_daemon(
         if status is not None:
             await status.stop()
         plugin.close()
+        executor.close()

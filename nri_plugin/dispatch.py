@@ -1,7 +1,7 @@
 """From a decoded NRI request to a policy call and back to a protobuf reply.
 
 Pure and synchronous: the plugin runtime runs `handle` in its policy thread under a
-deadline, and uses `fail_open_reply` when the deadline passes or anything raises.
+deadline, and uses `fail_open` when the deadline passes or anything raises.
 Keeping this free of asyncio makes every method's mapping testable in one line.
 """
 
@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from google.protobuf.message import Message
 
 from nri_plugin.policy.api import PolicyBase
+from nri_plugin.policy.intents import NO_INTENTS, Intents
 from nri_plugin.protocol import convert
 from nri_plugin.protocol import nri_pb2 as pb
 from nri_plugin.protocol.services import Method
 from nri_plugin.protocol.versions import Event, event_mask, infer_runtime, valid_event_mask
-from qos_model.containers import Update
 from qos_model.runtime import RuntimeInfo
 
 
@@ -44,9 +44,37 @@ class SyncCollector:
 @dataclass(frozen=True, slots=True)
 class Outcome:
     reply: Message
-    deferred: tuple[Update, ...] = ()  # for UpdateContainers after the reply is sent
+    intents: Intents = NO_INTENTS  # what is carried out after the reply is written
     runtime: RuntimeInfo | None = None  # set by Configure
     events: int = 0  # the mask Configure subscribed to
+
+
+# Which hook of PolicyBase handles which event: the subscription is derived from the hooks
+# a policy overrides (containerd's stub does the same), so it cannot drift from the code.
+HOOK_EVENTS: dict[str, Event] = {
+    "run_pod": Event.RUN_POD_SANDBOX,
+    "stop_pod": Event.STOP_POD_SANDBOX,
+    "remove_pod": Event.REMOVE_POD_SANDBOX,
+    "update_pod": Event.UPDATE_POD_SANDBOX,
+    "create_container": Event.CREATE_CONTAINER,
+    "post_create_container": Event.POST_CREATE_CONTAINER,
+    "start_container": Event.START_CONTAINER,
+    "post_start_container": Event.POST_START_CONTAINER,
+    "update_container": Event.UPDATE_CONTAINER,
+    "post_update_container": Event.POST_UPDATE_CONTAINER,
+    "stop_container": Event.STOP_CONTAINER,
+    "remove_container": Event.REMOVE_CONTAINER,
+}
+
+
+def wanted_events(policy: PolicyBase) -> frozenset[Event]:
+    """The events whose hooks `policy` overrides."""
+    cls = type(policy)
+    return frozenset(
+        event
+        for hook, event in HOOK_EVENTS.items()
+        if getattr(cls, hook) is not getattr(PolicyBase, hook)
+    )
 
 
 def subscription_mask(wanted: frozenset[Event], runtime: RuntimeInfo) -> int:
@@ -57,17 +85,17 @@ def subscription_mask(wanted: frozenset[Event], runtime: RuntimeInfo) -> int:
     return mask or Event.CREATE_CONTAINER.bit
 
 
-def fail_open(method: Method, request: Message | None) -> Outcome:
+def fail_open(method: Method, request: Message | None, policy: PolicyBase) -> Outcome:
     """The reply that changes nothing, for when the handler was late or failed.
 
     Mostly an empty response of the right type, with two exceptions that keep the
     connection alive: a Synchronize chunk marked `more` must still be answered
     `more=true` (else the runtime drops us for not handling split sync), and Configure
-    must still subscribe to a valid, non-zero event mask.
+    must still subscribe to the policy's valid, non-zero event mask.
     """
     if isinstance(request, pb.ConfigureRequest):
         runtime = _runtime_of(request)
-        mask = subscription_mask(PolicyBase().events(), runtime)
+        mask = subscription_mask(wanted_events(policy), runtime)
         return Outcome(pb.ConfigureResponse(events=mask), runtime=runtime, events=mask)
     reply = method.response()
     if isinstance(reply, pb.SynchronizeResponse) and isinstance(request, pb.SynchronizeRequest):
@@ -88,51 +116,52 @@ def handle(policy: PolicyBase, method: Method, request: Message, sync: SyncColle
     """Call the policy for one request and build the reply."""
     if isinstance(request, pb.ConfigureRequest):
         runtime = _runtime_of(request)
-        policy.configure(runtime, request.config)
-        mask = subscription_mask(policy.events(), runtime)
-        return Outcome(pb.ConfigureResponse(events=mask), runtime=runtime, events=mask)
+        intents = policy.configure(runtime, request.config)
+        mask = subscription_mask(wanted_events(policy), runtime)
+        return Outcome(pb.ConfigureResponse(events=mask), intents, runtime=runtime, events=mask)
     if isinstance(request, pb.SynchronizeRequest):
         if not sync.add(request):
             return Outcome(pb.SynchronizeResponse(more=True))
         pods = [convert.pod_from_pb(p) for p in sync.pods]
         containers = [convert.container_from_pb(c) for c in sync.containers]
         sync.reset()
-        updates = policy.synchronize(pods, containers)
+        intents = policy.synchronize(pods, containers)
         reply = pb.SynchronizeResponse()
-        convert.updates_to_pb(updates, reply.update)
-        return _with_deferred(policy, reply)
+        convert.updates_to_pb(intents.reply_updates, reply.update)
+        return Outcome(reply, intents)
     if isinstance(request, pb.CreateContainerRequest):
-        result = policy.create_container(
+        intents = policy.create_container(
             convert.pod_from_pb(request.pod), convert.container_from_pb(request.container)
         )
         create_reply = pb.CreateContainerResponse()
-        if not result.adjustment.is_empty():
-            create_reply.adjust.CopyFrom(convert.adjustment_to_pb(result.adjustment))
-        convert.updates_to_pb(result.updates, create_reply.update)
-        return _with_deferred(policy, create_reply)
+        adjustment = intents.adjustment
+        if adjustment is not None and not adjustment.is_empty():
+            create_reply.adjust.CopyFrom(convert.adjustment_to_pb(adjustment))
+        convert.updates_to_pb(intents.reply_updates, create_reply.update)
+        return Outcome(create_reply, intents)
     if isinstance(request, pb.UpdateContainerRequest):
         requested = (
             convert.resources_from_pb(request.linux_resources)
             if request.HasField("linux_resources")
             else None
         )
-        updates = policy.update_container(
+        intents = policy.update_container(
             convert.pod_from_pb(request.pod),
             convert.container_from_pb(request.container),
             requested,
         )
         update_reply = pb.UpdateContainerResponse()
-        convert.updates_to_pb(updates, update_reply.update)
-        return _with_deferred(policy, update_reply)
+        convert.updates_to_pb(intents.reply_updates, update_reply.update)
+        return Outcome(update_reply, intents)
     if isinstance(request, pb.StopContainerRequest):
-        updates = policy.stop_container(
+        intents = policy.stop_container(
             convert.pod_from_pb(request.pod), convert.container_from_pb(request.container)
         )
         stop_reply = pb.StopContainerResponse()
-        convert.updates_to_pb(updates, stop_reply.update)
-        return _with_deferred(policy, stop_reply)
+        convert.updates_to_pb(intents.reply_updates, stop_reply.update)
+        return Outcome(stop_reply, intents)
     if isinstance(request, pb.UpdatePodSandboxRequest):
-        policy.update_pod(
+        intents = policy.update_pod(
             convert.pod_from_pb(request.pod),
             convert.resources_from_pb(request.overhead_linux_resources)
             if request.HasField("overhead_linux_resources")
@@ -141,33 +170,29 @@ def handle(policy: PolicyBase, method: Method, request: Message, sync: SyncColle
             if request.HasField("linux_resources")
             else None,
         )
-        return _with_deferred(policy, method.response())
+        return Outcome(method.response(), intents)
     if isinstance(request, pb.StateChangeEvent):
         container_pb = request.container if request.HasField("container") else None
-        notify(policy, Event(request.event), request.pod, container_pb)
-        return _with_deferred(policy, method.response())
+        intents = notify(policy, Event(request.event), request.pod, container_pb)
+        return Outcome(method.response(), intents)
     if method.notification and method.event is not None:
         has_container = "container" in request.DESCRIPTOR.fields_by_name and request.HasField(
             "container"
         )
-        notify(
+        intents = notify(
             policy,
             method.event,
             request.pod,  # type: ignore[attr-defined]
             request.container if has_container else None,  # type: ignore[attr-defined]
         )
-        return _with_deferred(policy, method.response())
+        return Outcome(method.response(), intents)
     # Shutdown, ValidateContainerAdjustment (we never subscribe, so we accept): no-ops.
     return Outcome(method.response())
 
 
-def _with_deferred(policy: PolicyBase, reply: Message) -> Outcome:
-    return Outcome(reply, deferred=tuple(policy.take_deferred_updates()))
-
-
 def notify(
     policy: PolicyBase, event: Event, pod_pb: pb.PodSandbox, container_pb: pb.Container | None
-) -> None:
+) -> Intents:
     """Deliver a pure notification, whether it came as StateChange or its own RPC."""
     pod = convert.pod_from_pb(pod_pb)
     if container_pb is None:
@@ -177,9 +202,7 @@ def notify(
             Event.REMOVE_POD_SANDBOX: policy.remove_pod,
         }
         hook = pod_hooks.get(event)  # POST_UPDATE_POD_SANDBOX adds nothing to UpdatePodSandbox
-        if hook is not None:
-            hook(pod)
-        return
+        return hook(pod) if hook is not None else NO_INTENTS
     container = convert.container_from_pb(container_pb)
     container_hooks = {
         Event.POST_CREATE_CONTAINER: policy.post_create_container,
@@ -189,5 +212,4 @@ def notify(
         Event.REMOVE_CONTAINER: policy.remove_container,
     }
     chook = container_hooks.get(event)
-    if chook is not None:
-        chook(pod, container)
+    return chook(pod, container) if chook is not None else NO_INTENTS

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import re
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,18 +33,14 @@ from typing import Any, TypeVar
 from google.protobuf.message import Message
 
 from nri_plugin import dispatch
+from nri_plugin.channel import Ending, NriChannel
 from nri_plugin.metrics import Metrics
 from nri_plugin.policy.api import PolicyBase
+from nri_plugin.policy.intents import Intents
 from nri_plugin.protocol import convert, services
 from nri_plugin.protocol import nri_pb2 as pb
-from nri_plugin.protocol.connection import (
-    BadRequest,
-    NriConnection,
-    RequestReceived,
-    ResponseReceived,
-    Role,
-)
-from nri_plugin.protocol.errors import Code, ProtocolError, RemoteProtocolError, RpcError
+from nri_plugin.protocol.connection import BadRequest, RequestReceived, ResponseReceived, Role
+from nri_plugin.protocol.errors import Code, ProtocolError, RpcError
 from qos_model.containers import Update
 from qos_model.runtime import RuntimeInfo
 
@@ -55,7 +52,6 @@ DEFAULT_SOCKET = Path("/var/run/nri/nri.sock")
 NRI_VERSION = "v0.12.2"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
 _IDX_RE = re.compile(r"^[0-9]{2}$")
-_READ_SIZE = 1 << 16
 
 ENABLE_NRI_HINT = """\
 Is NRI enabled in the container runtime?
@@ -163,20 +159,27 @@ async def connect_unix(path: Path) -> tuple[asyncio.StreamReader, asyncio.Stream
         ) from None
 
 
+IntentSink = Callable[[Intents], None]
+"""Carries out a request's intents after its reply (notes, host intents); must not block."""
+
+
 class NriPlugin:
     def __init__(
-        self, policy: PolicyBase, settings: PluginSettings, metrics: Metrics | None = None
+        self,
+        policy: PolicyBase,
+        settings: PluginSettings,
+        metrics: Metrics | None = None,
+        on_intents: IntentSink | None = None,
     ) -> None:
         settings.validate()
         self.policy = policy
         self.settings = settings
         self.metrics = metrics if metrics is not None else Metrics()
+        self.on_intents = on_intents
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nri-policy")
         self._session: _Session | None = None
         self._stopping = asyncio.Event()
         self.configured = asyncio.Event()  # set while a runtime connection is configured
-        # A thread hop per reply costs ~0.1 ms under the GIL: only for policies that use it.
-        self.has_after_reply = type(policy).after_reply is not PolicyBase.after_reply
 
     @property
     def runtime(self) -> RuntimeInfo | None:
@@ -271,14 +274,19 @@ class _Session:
         self, plugin: NriPlugin, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         self.plugin = plugin
-        self.reader = reader
-        self.writer = writer
-        self.conn = NriConnection(Role.PLUGIN)
-        self.pending: dict[int, asyncio.Future[ResponseReceived]] = {}
+        self.channel = NriChannel(
+            Role.PLUGIN,
+            reader,
+            writer,
+            self._received,
+            on_bad_request=self._refused,
+            on_close=self._closed,
+        )
+        self.conn = self.channel.conn
         self.sync = dispatch.SyncCollector()
         self.runtime: RuntimeInfo | None = None
         self.request_timeout = 0.0  # seconds, from Configure (v0.7+)
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks: set[asyncio.Task[None]] = set()  # deferred updates; the channel has handlers
         self.end_reason = "runtime closed the connection"
         self.configured = False
 
@@ -286,7 +294,7 @@ class _Session:
 
     async def run(self) -> SessionEnd:
         settings = self.plugin.settings
-        read_task = asyncio.create_task(self._read_loop())
+        read_task = self.channel.start()
         register = asyncio.create_task(self._register())
         configured = asyncio.create_task(self.plugin.configured.wait())
         # Configure may arrive before the RegisterPlugin reply: the read loop serves it
@@ -325,19 +333,14 @@ class _Session:
             self.end_reason = f"registration failed: {exc or type(exc).__name__}"
         finally:
             self.close(self.end_reason)
-            for task in (read_task, register, configured, both, *self.tasks):
+            for task in (register, configured, both, *self.tasks):
                 task.cancel()
-            await asyncio.gather(read_task, both, return_exceptions=True)
+            await asyncio.gather(both, return_exceptions=True)
+            await self.channel.wait_closed()
         return SessionEnd(self.configured, self.end_reason)
 
     def close(self, reason: str) -> None:
-        if not self.writer.is_closing():
-            self.end_reason = reason
-            self.writer.close()
-        for fut in self.pending.values():
-            if not fut.done():
-                fut.set_exception(ConnectionError(reason))
-        self.pending.clear()
+        self.channel.close(reason)
 
     async def _register(self) -> None:
         s = self.plugin.settings
@@ -350,41 +353,22 @@ class _Session:
 
     # --- reading ---------------------------------------------------------------------------
 
-    async def _read_loop(self) -> None:
-        metrics = self.plugin.metrics
-        while True:
-            try:
-                data = await self.reader.read(_READ_SIZE)
-            except ConnectionError as exc:
-                self.end_reason = f"read failed: {exc}"
-                break
-            if not data:
-                if self.conn.has_partial_message:
-                    self.end_reason = "runtime closed the connection in the middle of a message"
-                    metrics.protocol_errors.labels("truncated").inc()
-                break
-            try:
-                events = self.conn.receive_data(data)
-            except RemoteProtocolError as exc:
-                metrics.protocol_errors.labels("corrupt").inc()
-                log.error("runtime sent corrupt data, dropping the connection: %s", exc)
-                self.end_reason = f"protocol error: {exc}"
-                break
-            received = time.monotonic()
-            for event in events:
-                if isinstance(event, RequestReceived):
-                    task = asyncio.create_task(self._serve(event, received))
-                    self.tasks.add(task)
-                    task.add_done_callback(self.tasks.discard)
-                elif isinstance(event, ResponseReceived):
-                    fut = self.pending.pop(event.stream_id, None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(event)
-                elif isinstance(event, BadRequest):
-                    metrics.protocol_errors.labels("bad_request").inc()
-                    log.warning("refusing request on stream %d: %s", event.stream_id, event.message)
-                    self._write(self.conn.send_error(event.stream_id, event.code, event.message))
-        self.close(self.end_reason)
+    def _received(self, event: RequestReceived) -> Coroutine[Any, Any, None]:
+        return self._serve(event, time.monotonic())
+
+    def _refused(self, event: BadRequest) -> None:
+        """The channel answers it; we count and log it."""
+        self.plugin.metrics.protocol_errors.labels("bad_request").inc()
+        log.warning("refusing request on stream %d: %s", event.stream_id, event.message)
+
+    def _closed(self, ending: Ending, reason: str) -> None:
+        """The first reason the connection ended is the session's; a broken stream counts."""
+        self.end_reason = reason
+        if ending is Ending.TRUNCATED:
+            self.plugin.metrics.protocol_errors.labels("truncated").inc()
+        elif ending is Ending.CORRUPT:
+            self.plugin.metrics.protocol_errors.labels("corrupt").inc()
+            log.error("runtime sent corrupt data, dropping the connection (%s)", reason)
 
     # --- serving ---------------------------------------------------------------------------
 
@@ -415,8 +399,14 @@ class _Session:
         job = loop.run_in_executor(plugin._executor, self._handle, method, event.payload)
         request: Message | None = None
         try:
-            request, outcome = await asyncio.wait_for(job, budget)
+            done, _ = await asyncio.wait({job}, timeout=budget)
+            if not done:
+                raise TimeoutError
+            request, outcome = job.result()
         except TimeoutError:
+            # The call goes on in the policy thread and its state change stands: carry out
+            # what it asked of others when it ends (its own reply is gone).
+            job.add_done_callback(functools.partial(self._late, name))
             metrics.fail_open.labels(name, "deadline").inc()
             log.warning(
                 "%s: policy did not answer within %.0f ms; replying with no change "
@@ -426,22 +416,17 @@ class _Session:
                 event.timeout_nano / 1e6,
             )
             request = _decode_quietly(method, event.payload)
-            outcome = dispatch.fail_open(method, request)
+            outcome = dispatch.fail_open(method, request, plugin.policy)
         except _HandlerFailed as exc:
             request = exc.request
             reason = "decode" if request is None else "error"
             metrics.fail_open.labels(name, reason).inc()
             log.error("%s: %s; replying with no change", name, exc.message, exc_info=exc.__cause__)
-            outcome = dispatch.fail_open(method, request)
+            outcome = dispatch.fail_open(method, request, plugin.policy)
         self._after_configure(outcome, request)
         self._write(self.conn.send_response(event.stream_id, outcome.reply.SerializeToString()))
         metrics.request_seconds.labels(name).observe(time.monotonic() - received)
-        if outcome.deferred:
-            task = asyncio.create_task(self._send_deferred(outcome.deferred))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
-        if plugin.has_after_reply:
-            loop.run_in_executor(plugin._executor, self._after_reply, name)
+        self._carry_out(outcome.intents)
         if name == "Shutdown":
             self.close("runtime sent Shutdown")
 
@@ -456,13 +441,27 @@ class _Session:
         except Exception as exc:
             raise _HandlerFailed(request, f"policy raised {type(exc).__name__}: {exc}") from exc
 
-    def _after_reply(self, name: str) -> None:
-        """Policy housekeeping after a reply (host writes); never raises into the loop."""
-        try:
-            self.plugin.policy.after_reply()
-        except Exception:
-            self.plugin.metrics.fail_open.labels(name, "after_reply").inc()
-            log.exception("%s: policy after_reply failed", name)
+    def _carry_out(self, intents: Intents) -> None:
+        """After the reply: updates of live containers go out with UpdateContainers (never
+        from inside the event), the rest to the sink (notes, host intents)."""
+        if intents.updates:
+            task = asyncio.create_task(self._send_deferred(intents.updates))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        sink = self.plugin.on_intents
+        if sink is not None and (intents.host or intents.notes):
+            try:
+                sink(intents)
+            except Exception:
+                log.exception("carrying out intents failed")
+
+    def _late(self, name: str, job: asyncio.Future[tuple[Message, dispatch.Outcome]]) -> None:
+        """A policy call that missed its deadline ended: carry out its other intents."""
+        if job.cancelled() or job.exception() is not None or self.channel.closed:
+            return
+        _, outcome = job.result()
+        log.info("%s: the late policy call ended; carrying out its other intents", name)
+        self._carry_out(outcome.intents)
 
     def _after_configure(self, outcome: dispatch.Outcome, request: Message | None) -> None:
         if outcome.runtime is None:
@@ -474,27 +473,13 @@ class _Session:
         self.plugin.configured.set()
 
     def _write(self, data: bytes) -> None:
-        if not self.writer.is_closing():
-            self.writer.write(data)
+        self.channel.write(data)
 
     # --- calling the runtime ---------------------------------------------------------------
 
     async def call(self, method: str, message: Message, timeout: float) -> ResponseReceived:
-        sid, data = self.conn.send_request(
-            services.RUNTIME_SERVICE,
-            method,
-            message.SerializeToString(),
-            timeout_nano=int(timeout * 1e9),
-        )
-        fut: asyncio.Future[ResponseReceived] = asyncio.get_running_loop().create_future()
-        self.pending[sid] = fut
-        self._write(data)
-        try:
-            return await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            self.conn.abandon(sid)
-            self.pending.pop(sid, None)
-            raise
+        payload = message.SerializeToString()
+        return await self.channel.call(services.RUNTIME_SERVICE, method, payload, timeout)
 
     async def update_containers(self, updates: Sequence[Update]) -> None:
         request = pb.UpdateContainersRequest()

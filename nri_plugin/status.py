@@ -6,7 +6,7 @@ for every field. The protocol is one command line in, one JSON document out, the
 — trivial to use from `socat` too. The socket is created mode 0600 (root only): the plan
 names every pod on the node.
 
-Commands: `plan` (policy snapshot), `events` (recent decisions), `health`.
+Commands: `plan` (`nri_plugin.views`), `events` (recent decisions), `health`.
 """
 
 from __future__ import annotations
@@ -15,19 +15,25 @@ import asyncio
 import contextlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 from nri_plugin.events import EventLog
 from nri_plugin.plugin import NriPlugin
 
+View = Callable[[], dict[str, object]]
+
 MAX_REQUEST = 256
 
 
 class StatusServer:
-    def __init__(self, path: Path, plugin: NriPlugin, events: EventLog | None = None) -> None:
+    def __init__(
+        self, path: Path, plugin: NriPlugin, plan_view: View, events: EventLog | None = None
+    ) -> None:
         self.path = path
         self.plugin = plugin
+        self.plan_view = plan_view  # built in the policy thread, from the engine's state
         self.events = events
         self._server: asyncio.AbstractServer | None = None
 
@@ -61,7 +67,7 @@ class StatusServer:
 
     async def _answer(self, command: str) -> dict[str, object]:
         if command == "plan":
-            return await self.plugin.in_policy_thread(self.plugin.policy.snapshot)
+            return await self.plugin.in_policy_thread(self.plan_view)
         if command == "events":
             log = self.events
             return {"events": [asdict(e) for e in log.snapshot()] if log else []}

@@ -9,8 +9,12 @@ import time
 from pathlib import Path
 
 from embedded_runtime import CONTAINERD_2_3, EmbeddedRuntime, InMemoryBackend
+from nri_plugin.control.base import Controllers
+from nri_plugin.control.executor import HostExecutor
+from nri_plugin.control.oom import OomController
 from nri_plugin.daemon import rebalance_loop
 from nri_plugin.plugin import NriPlugin, PluginSettings
+from nri_plugin.policy.engine import Engine
 from nri_plugin.policy.qos_policy import QosPolicy
 from nri_plugin.status import query
 from qos_model.containers import (
@@ -21,6 +25,7 @@ from qos_model.containers import (
     Pod,
     Resources,
 )
+from tests.builders import FakeHost
 from tests.conftest import REPO
 from tests.policy.sysfs_builder import MachineShape
 
@@ -106,10 +111,11 @@ async def test_real_plugin_launched_by_the_runtime_takes_its_config_from_configu
     assert "registered as 50-nri-qos" in (tmp_path / "plugin.log").read_text()
 
 
-class MeteredHost:
+class MeteredHost(FakeHost):
     """Reports CPU time that grows at a rate the test sets."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.rate_cores = 0.0
         self._ns: dict[str, float] = {}
         self._last = time.monotonic()
@@ -119,12 +125,9 @@ class MeteredHost:
             self._ns[key] += self.rate_cores * (now - self._last) * 1e9
         self._last = now
 
-    def set_oom_score_adj(self, container: Container, value: int) -> str:
-        return "ok"
-
-    def cpu_usage_ns(self, container: Container) -> int | None:
+    def cpu_usage_ns(self, cgroups_path: str) -> int | None:
         self.tick(time.monotonic())
-        return int(self._ns.setdefault(container.id, 0.0))
+        return int(self._ns.setdefault(cgroups_path, 0.0))
 
 
 async def test_rising_online_usage_shrinks_the_reclaimed_pool_via_update_containers(
@@ -132,14 +135,18 @@ async def test_rising_online_usage_shrinks_the_reclaimed_pool_via_update_contain
 ) -> None:
     topology = MachineShape(cores_per_l3=8).expected_topology()
     host = MeteredHost()
-    policy = QosPolicy(topology, host=host)
-    plugin = NriPlugin(policy, PluginSettings(socket_path=tmp_path / "nri.sock"))
+    policy = QosPolicy(Engine(topology))
+    executor = HostExecutor(Controllers([OomController(host)]))  # type: ignore[arg-type]
+    executor.start()
+    plugin = NriPlugin(
+        policy, PluginSettings(socket_path=tmp_path / "nri.sock"), on_intents=executor.submit
+    )
     runtime = EmbeddedRuntime(
         tmp_path / "nri.sock", flavor=CONTAINERD_2_3, backend=InMemoryBackend()
     )
     await runtime.start()
     runner = asyncio.create_task(plugin.run())
-    loop = asyncio.create_task(rebalance_loop(plugin, policy, 0.05))
+    loop = asyncio.create_task(rebalance_loop(plugin, policy, host, executor, 0.05))  # type: ignore[arg-type]
     try:
         await runtime.wait_for_plugins(1, timeout=10)
         await runtime.run_pod_sandbox(_pod("web", "shared_cores"))
@@ -178,4 +185,5 @@ async def test_rising_online_usage_shrinks_the_reclaimed_pool_via_update_contain
         plugin.stop()
         await asyncio.gather(loop, runner, return_exceptions=True)
         plugin.close()
+        executor.close()
         await runtime.stop()

@@ -19,7 +19,8 @@ from nri_plugin.plugin import (
     PluginSetupError,
     RuntimeUnavailable,
 )
-from nri_plugin.policy.api import CreateResult, PolicyBase, RecordingPolicy
+from nri_plugin.policy.api import PolicyBase, RecordingPolicy
+from nri_plugin.policy.intents import ContainerRef, Intents, Note, Phase, SetOomScoreAdj
 from nri_plugin.protocol import convert, mux
 from nri_plugin.protocol import nri_pb2 as pb
 from nri_plugin.protocol.connection import RequestReceived, ResponseReceived
@@ -82,7 +83,7 @@ def test_subscription_fits_the_runtime(
 ) -> None:
     runtime = infer_runtime(name, version, nri, timeouts)
     assert valid_event_mask(runtime.nri_version) == valid, runtime
-    mask = dispatch.subscription_mask(PolicyBase().events(), runtime)
+    mask = dispatch.subscription_mask(dispatch.wanted_events(RecordingPolicy()), runtime)
     assert mask and mask & ~valid == 0
     assert not mask & Event.VALIDATE_CONTAINER_ADJUSTMENT.bit
     assert bool(mask & Event.UPDATE_POD_SANDBOX.bit) == (valid == 0x3FFF)
@@ -163,13 +164,17 @@ class SlowPolicy(RecordingPolicy):
         super().__init__()
         self.delay = delay
 
-    def create_container(self, pod: Pod, container: Container) -> CreateResult:
+    def create_container(self, pod: Pod, container: Container) -> Intents:
         time.sleep(self.delay)
-        return CreateResult(Adjustment(annotations={"late": "1"}))
+        return Intents(
+            adjustment=Adjustment(annotations={"late": "1"}),
+            updates=(Update("other", Resources(cpu=CpuResources(cpus="1"))),),
+            notes=(Note("plan", "late", "decided late"),),
+        )
 
 
 class BrokenPolicy(RecordingPolicy):
-    def create_container(self, pod: Pod, container: Container) -> CreateResult:
+    def create_container(self, pod: Pod, container: Container) -> Intents:
         raise KeyError("boom")
 
 
@@ -209,10 +214,7 @@ async def test_raising_policy_fails_open_logs_and_counts(caplog: pytest.LogCaptu
 async def test_undecodable_payload_fails_open() -> None:
     plugin, runtime, task = await _start(RecordingPolicy())
     await runtime.handshake()
-    sid, data = runtime.conn.send_request(
-        "nri.pkg.api.v1alpha1.Plugin", "CreateContainer", b"\x0a\xff\xff", 2_000_000_000
-    )
-    runtime.send_raw(data)
+    sid = runtime.send_payload("nri.pkg.api.v1alpha1.Plugin", "CreateContainer", b"\x0a\xff\xff")
     reply = await runtime.response(sid)
     assert reply.code == 0
     assert (
@@ -238,8 +240,7 @@ async def test_unknown_methods_and_services_get_unimplemented() -> None:
     await runtime.handshake()
     reply = await runtime.call("NoSuchMethod", pb.Empty())
     assert (reply.code, reply.message) == (12, "method NoSuchMethod")
-    sid, data = runtime.conn.send_request("some.Other", "Configure", b"")
-    runtime.send_raw(data)
+    sid = runtime.send_payload("some.Other", "Configure", b"", timeout=0)
     other = await runtime.response(sid)
     assert (other.code, other.message) == (12, "service some.Other")
     await _finish(plugin, runtime, task)
@@ -281,23 +282,15 @@ async def test_notifications_arrive_the_same_via_statechange_and_dedicated_rpcs(
 class AdjustingPolicy(RecordingPolicy):
     """Pins new containers and asks for a deferred change of an existing one."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.deferred: list[Update] = []
-
-    def create_container(self, pod: Pod, container: Container) -> CreateResult:
+    def create_container(self, pod: Pod, container: Container) -> Intents:
         super().create_container(pod, container)
-        self.deferred.append(Update("old", Resources(cpu=CpuResources(cpus="1"))))
-        return CreateResult(
-            Adjustment(
+        return Intents(
+            adjustment=Adjustment(
                 resources=Resources(cpu=CpuResources(cpus="0", mems="0")), oom_score_adj=900
             ),
-            updates=(Update("other", Resources(cpu=CpuResources(shares=2))),),
+            reply_updates=(Update("other", Resources(cpu=CpuResources(shares=2))),),
+            updates=(Update("old", Resources(cpu=CpuResources(cpus="1"))),),
         )
-
-    def take_deferred_updates(self) -> Sequence[Update]:
-        out, self.deferred = self.deferred, []
-        return out
 
 
 async def test_adjustment_updates_and_deferred_update_containers_after_reply() -> None:
@@ -327,9 +320,10 @@ async def test_adjustment_updates_and_deferred_update_containers_after_reply() -
 
 
 class SyncPolicy(RecordingPolicy):
-    def synchronize(self, pods: Sequence[Pod], containers: Sequence[Container]) -> Sequence[Update]:
+    def synchronize(self, pods: Sequence[Pod], containers: Sequence[Container]) -> Intents:
         super().synchronize(pods, containers)
-        return [Update(c.id, Resources(cpu=CpuResources(cpus="0"))) for c in containers]
+        updates = tuple(Update(c.id, Resources(cpu=CpuResources(cpus="0"))) for c in containers)
+        return Intents(reply_updates=updates)
 
 
 async def test_split_synchronize_is_collected_and_answered_once() -> None:
@@ -466,22 +460,59 @@ async def test_reconnects_with_backoff_and_resynchronizes(tmp_path: Path) -> Non
     server.close()
 
 
-async def test_after_reply_hook_runs_only_for_policies_that_have_one() -> None:
-    calls: list[str] = []
+class HostWriter(RecordingPolicy):
+    """Asks for a host write and notes something on every pod start."""
 
-    class HostWriter(RecordingPolicy):
-        def after_reply(self) -> None:
-            calls.append(threading.current_thread().name)
+    def run_pod(self, pod: Pod) -> Intents:
+        super().run_pod(pod)
+        ref = ContainerRef("ctr", "default/p/ctr", pod.id, "/kubepods/ctr", 7)
+        intent = SetOomScoreAdj(phase=Phase.POST_UPDATE, container=ref, reason="band", value=9)
+        return Intents(host=(intent,), notes=(Note("plan", pod.id, "pod seen"),))
 
-    assert not NriPlugin(RecordingPolicy(), PluginSettings()).has_after_reply
+
+async def test_host_intents_and_notes_go_to_the_sink_after_the_reply() -> None:
+    seen: list[Intents] = []
     plugin, runtime, task = await _start(HostWriter())
-    assert plugin.has_after_reply
+    plugin.on_intents = seen.append
     await runtime.handshake()
     await runtime.call("RunPodSandbox", pb.RunPodSandboxRequest(pod=_pod()))
-    for _ in range(50):
-        if len(calls) >= 3:
-            break
-        await asyncio.sleep(0.01)
-    # Configure, Synchronize, RunPodSandbox: each reply followed by the hook, in the policy thread
-    assert len(calls) == 3 and all(name.startswith("nri-policy") for name in calls)
+    (intents,) = seen  # Configure and Synchronize asked for nothing: not delivered
+    assert [h.domain for h in intents.host] == ["oom"]
+    assert [n.message for n in intents.notes] == ["pod seen"]
+    await _finish(plugin, runtime, task)
+
+
+def test_the_subscription_is_derived_from_the_hooks_a_policy_overrides() -> None:
+    class OnlyCreates(PolicyBase):
+        def create_container(self, pod: Pod, container: Container) -> Intents:
+            return Intents()
+
+    assert dispatch.wanted_events(OnlyCreates()) == {Event.CREATE_CONTAINER}
+    assert dispatch.wanted_events(PolicyBase()) == frozenset()
+    assert dispatch.wanted_events(RecordingPolicy()) == frozenset(dispatch.HOOK_EVENTS.values())
+    assert dispatch.wanted_events(HostWriter()) == dispatch.wanted_events(RecordingPolicy())
+    # every hook of PolicyBase is in the table, so a new hook cannot be forgotten
+    hooks = {
+        name
+        for name in vars(PolicyBase)
+        if not name.startswith("_")
+        and name not in ("configure", "synchronize", "disconnected", "name")
+    }
+    assert hooks == set(dispatch.HOOK_EVENTS)
+
+
+async def test_a_late_policy_call_still_sends_what_it_asked_of_other_containers() -> None:
+    notes: list[Intents] = []
+    plugin, runtime, task = await _start(SlowPolicy(0.5))
+    plugin.on_intents = notes.append
+    await runtime.handshake()
+    reply = await runtime.call(
+        "CreateContainer", pb.CreateContainerRequest(pod=_pod(), container=_ctr()), timeout=0.4
+    )
+    assert pb.CreateContainerResponse.FromString(reply.payload) == pb.CreateContainerResponse()
+    update = await runtime.expect_call("UpdateContainers", timeout=3)
+    request = pb.UpdateContainersRequest.FromString(update.payload)
+    assert [u.container_id for u in request.update] == ["other"]
+    runtime.reply(update, pb.UpdateContainersResponse())
+    assert [n.message for i in notes for n in i.notes] == ["decided late"]
     await _finish(plugin, runtime, task)

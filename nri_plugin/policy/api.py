@@ -1,14 +1,16 @@
 """The interface between the plugin runtime and a policy.
 
 The plugin runtime (nri_plugin.plugin) owns the protocol: deadlines, fail-open, split
-Synchronize, StateChange vs per-event RPCs, UpdateContainers outside event handlers. A
-policy sees only typed pods and containers and answers with typed adjustments and
-updates. It is called from one worker thread, one call at a time, so it needs no locks;
-it must not block on I/O for long, because every call runs under the runtime's request
-deadline and a late answer is dropped (fail-open).
+Synchronize, StateChange vs per-event RPCs, the event subscription. A policy sees only
+typed pods and containers and answers every hook with `Intents` (intents.py): the new
+container's adjustment, updates in the reply, updates of live containers to send after the
+reply, host intents for the controllers, and notes. It is called from one worker thread,
+one call at a time, so it needs no locks; it does no I/O, because every call runs under the
+runtime's request deadline and a late answer is dropped (fail-open).
 
-`PolicyBase` gives every hook a no-op default, so a policy implements only what it needs
-and `events()` says which events to subscribe to.
+`PolicyBase` gives every hook a no-op default; the plugin subscribes to exactly the events
+whose hooks a policy overrides (`nri_plugin.dispatch.wanted_events`), as containerd's
+stub does.
 """
 
 from __future__ import annotations
@@ -16,15 +18,70 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from nri_plugin.protocol.versions import Event
-from qos_model.containers import NO_ADJUSTMENT, Adjustment, Container, Pod, Resources, Update
+from nri_plugin.policy.intents import NO_INTENTS, Intents
+from qos_model.containers import Container, Pod, Resources
 from qos_model.runtime import RuntimeInfo
 
 
-@dataclass(frozen=True, slots=True)
-class CreateResult:
-    adjustment: Adjustment = NO_ADJUSTMENT
-    updates: tuple[Update, ...] = ()  # for *other* containers only
+class PolicyBase:
+    """No-op policy hooks. Subclasses override what they need."""
+
+    name = "noop"
+
+    def configure(self, runtime: RuntimeInfo, config: str) -> Intents:
+        """Called once per connection before Synchronize; `config` is the runtime-provided
+        plugin config (pre-installed plugins) or ""."""
+        return NO_INTENTS
+
+    def synchronize(self, pods: Sequence[Pod], containers: Sequence[Container]) -> Intents:
+        """The runtime's full state (after a connect or reconnect). Rebuild from it; the
+        updates for containers that must change go in `reply_updates`."""
+        return NO_INTENTS
+
+    def run_pod(self, pod: Pod) -> Intents:
+        return NO_INTENTS
+
+    def stop_pod(self, pod: Pod) -> Intents:
+        return NO_INTENTS
+
+    def remove_pod(self, pod: Pod) -> Intents:
+        return NO_INTENTS
+
+    def update_pod(
+        self, pod: Pod, overhead: Resources | None, resources: Resources | None
+    ) -> Intents:
+        return NO_INTENTS
+
+    def create_container(self, pod: Pod, container: Container) -> Intents:
+        """The new container's changes go in `adjustment`; other containers never go in
+        the reply (`updates` are sent after it)."""
+        return NO_INTENTS
+
+    def post_create_container(self, pod: Pod, container: Container) -> Intents:
+        return NO_INTENTS
+
+    def start_container(self, pod: Pod, container: Container) -> Intents:
+        return NO_INTENTS
+
+    def post_start_container(self, pod: Pod, container: Container) -> Intents:
+        return NO_INTENTS
+
+    def update_container(
+        self, pod: Pod, container: Container, requested: Resources | None
+    ) -> Intents:
+        return NO_INTENTS
+
+    def post_update_container(self, pod: Pod, container: Container) -> Intents:
+        return NO_INTENTS
+
+    def stop_container(self, pod: Pod, container: Container) -> Intents:
+        return NO_INTENTS
+
+    def remove_container(self, pod: Pod, container: Container) -> Intents:
+        return NO_INTENTS
+
+    def disconnected(self) -> None:
+        """The runtime connection ended; state will be rebuilt by the next Synchronize."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,92 +94,11 @@ class Observation:
     detail: dict[str, object] = field(default_factory=dict)
 
 
-class PolicyBase:
-    """No-op policy hooks. Subclasses override what they need."""
-
-    name = "noop"
-
-    def events(self) -> frozenset[Event]:
-        """Events to subscribe to; the runtime's version may remove some, never all."""
-        return frozenset(
-            {
-                Event.RUN_POD_SANDBOX,
-                Event.STOP_POD_SANDBOX,
-                Event.REMOVE_POD_SANDBOX,
-                Event.CREATE_CONTAINER,
-                Event.POST_CREATE_CONTAINER,
-                Event.START_CONTAINER,
-                Event.POST_START_CONTAINER,
-                Event.UPDATE_CONTAINER,
-                Event.POST_UPDATE_CONTAINER,
-                Event.STOP_CONTAINER,
-                Event.REMOVE_CONTAINER,
-                Event.UPDATE_POD_SANDBOX,
-            }
-        )
-
-    def configure(self, runtime: RuntimeInfo, config: str) -> None:
-        """Called once per connection before Synchronize; `config` is the runtime-provided
-        plugin config (launched plugins) or ""."""
-
-    def synchronize(self, pods: Sequence[Pod], containers: Sequence[Container]) -> Sequence[Update]:
-        """The runtime's full state (after a connect or reconnect). Rebuild from it."""
-        return ()
-
-    def run_pod(self, pod: Pod) -> None: ...
-    def stop_pod(self, pod: Pod) -> None: ...
-    def remove_pod(self, pod: Pod) -> None: ...
-
-    def update_pod(
-        self, pod: Pod, overhead: Resources | None, resources: Resources | None
-    ) -> None: ...
-
-    def create_container(self, pod: Pod, container: Container) -> CreateResult:
-        return CreateResult()
-
-    def post_create_container(self, pod: Pod, container: Container) -> None: ...
-    def start_container(self, pod: Pod, container: Container) -> None: ...
-    def post_start_container(self, pod: Pod, container: Container) -> None: ...
-
-    def update_container(
-        self, pod: Pod, container: Container, requested: Resources | None
-    ) -> Sequence[Update]:
-        return ()
-
-    def post_update_container(self, pod: Pod, container: Container) -> None: ...
-
-    def stop_container(self, pod: Pod, container: Container) -> Sequence[Update]:
-        return ()
-
-    def remove_container(self, pod: Pod, container: Container) -> None: ...
-
-    def take_deferred_updates(self) -> Sequence[Update]:
-        """Updates to send with UpdateContainers once the current reply is on the wire.
-
-        Never sent from inside an event handler: the runtime holds its NRI lock while
-        it relays an event, so a synchronous UpdateContainers would deadlock until the
-        request timeout and get the plugin disconnected.
-        """
-        return ()
-
-    def after_reply(self) -> None:
-        """Called in the policy thread after each reply is written, outside any deadline:
-        the place for host writes the runtime cannot do for us (e.g. oom_score_adj of
-        running processes on runtimes older than NRI v0.7)."""
-
-    def disconnected(self) -> None:
-        """The runtime connection ended; state will be rebuilt by the next Synchronize."""
-
-    def snapshot(self) -> dict[str, object]:
-        """The policy's state as JSON-ready data, for the status socket."""
-        return {"policy": self.name}
-
-
 class RecordingPolicy(PolicyBase):
     """Records everything it sees and asks for nothing.
 
-    The foundation's default policy: it proves the protocol path end to end (tests and
-    `nri-qos lab` read `observations`) without changing any container.
+    It proves the protocol path end to end (tests and `nri-qos lab` read `observations`)
+    without changing any container, and is the no-op baseline of the benchmarks.
     """
 
     name = "recording"
@@ -137,12 +113,13 @@ class RecordingPolicy(PolicyBase):
         pod: Pod | None = None,
         container: Container | None = None,
         **detail: object,
-    ) -> None:
+    ) -> Intents:
         self.observations.append(Observation(event, pod, container, dict(detail)))
+        return NO_INTENTS
 
-    def configure(self, runtime: RuntimeInfo, config: str) -> None:
+    def configure(self, runtime: RuntimeInfo, config: str) -> Intents:
         self.runtime = runtime
-        self._saw(
+        return self._saw(
             "Configure",
             runtime=runtime.name,
             version=runtime.version,
@@ -150,50 +127,45 @@ class RecordingPolicy(PolicyBase):
             config=config,
         )
 
-    def synchronize(self, pods: Sequence[Pod], containers: Sequence[Container]) -> Sequence[Update]:
-        self._saw("Synchronize", pods=len(pods), containers=len(containers))
-        return ()
+    def synchronize(self, pods: Sequence[Pod], containers: Sequence[Container]) -> Intents:
+        return self._saw("Synchronize", pods=len(pods), containers=len(containers))
 
-    def run_pod(self, pod: Pod) -> None:
-        self._saw("RunPodSandbox", pod)
+    def run_pod(self, pod: Pod) -> Intents:
+        return self._saw("RunPodSandbox", pod)
 
-    def stop_pod(self, pod: Pod) -> None:
-        self._saw("StopPodSandbox", pod)
+    def stop_pod(self, pod: Pod) -> Intents:
+        return self._saw("StopPodSandbox", pod)
 
-    def remove_pod(self, pod: Pod) -> None:
-        self._saw("RemovePodSandbox", pod)
+    def remove_pod(self, pod: Pod) -> Intents:
+        return self._saw("RemovePodSandbox", pod)
 
-    def update_pod(self, pod: Pod, overhead: Resources | None, resources: Resources | None) -> None:
-        self._saw("UpdatePodSandbox", pod, resources=resources)
+    def update_pod(
+        self, pod: Pod, overhead: Resources | None, resources: Resources | None
+    ) -> Intents:
+        return self._saw("UpdatePodSandbox", pod, resources=resources)
 
-    def create_container(self, pod: Pod, container: Container) -> CreateResult:
-        self._saw("CreateContainer", pod, container)
-        return CreateResult()
+    def create_container(self, pod: Pod, container: Container) -> Intents:
+        return self._saw("CreateContainer", pod, container)
 
-    def post_create_container(self, pod: Pod, container: Container) -> None:
-        self._saw("PostCreateContainer", pod, container)
+    def post_create_container(self, pod: Pod, container: Container) -> Intents:
+        return self._saw("PostCreateContainer", pod, container)
 
-    def start_container(self, pod: Pod, container: Container) -> None:
-        self._saw("StartContainer", pod, container)
+    def start_container(self, pod: Pod, container: Container) -> Intents:
+        return self._saw("StartContainer", pod, container)
 
-    def post_start_container(self, pod: Pod, container: Container) -> None:
-        self._saw("PostStartContainer", pod, container)
+    def post_start_container(self, pod: Pod, container: Container) -> Intents:
+        return self._saw("PostStartContainer", pod, container)
 
     def update_container(
         self, pod: Pod, container: Container, requested: Resources | None
-    ) -> Sequence[Update]:
-        self._saw("UpdateContainer", pod, container, requested=requested)
-        return ()
+    ) -> Intents:
+        return self._saw("UpdateContainer", pod, container, requested=requested)
 
-    def post_update_container(self, pod: Pod, container: Container) -> None:
-        self._saw("PostUpdateContainer", pod, container)
+    def post_update_container(self, pod: Pod, container: Container) -> Intents:
+        return self._saw("PostUpdateContainer", pod, container)
 
-    def stop_container(self, pod: Pod, container: Container) -> Sequence[Update]:
-        self._saw("StopContainer", pod, container)
-        return ()
+    def stop_container(self, pod: Pod, container: Container) -> Intents:
+        return self._saw("StopContainer", pod, container)
 
-    def remove_container(self, pod: Pod, container: Container) -> None:
-        self._saw("RemoveContainer", pod, container)
-
-    def snapshot(self) -> dict[str, object]:
-        return {"policy": self.name, "observations": [o.event for o in self.observations]}
+    def remove_container(self, pod: Pod, container: Container) -> Intents:
+        return self._saw("RemoveContainer", pod, container)

@@ -1,19 +1,27 @@
 """What one container gets, as one typed value with a reason for every field.
 
-The plan is the policy's whole answer for a container; everything else is derived from
-it: the CreateContainer adjustment, the updates sent when pools move, the host writes
-the runtime cannot do for us, and (later) what the debug API shows when someone asks
-"why is this container on CPUs 4-7?".
+The plan is the engine's whole answer for a container; everything else is derived from it:
+the CreateContainer adjustment, the updates sent when pools move, the host intents the
+controllers apply, and what the status views show when someone asks "why is this
+container on CPUs 4-7?".
 
-Fields that later issues fill (RDT class, io weight, net class) are here already, as
-decisions with value None and a reason saying they are not managed yet, so every
-consumer handles them from the start.
+Rules of this module:
+* Every planned value is a `Decision` field of `ContainerPlan`, and every such field names
+  its *domain* in its metadata: who applies it. "cpu" fields travel to the runtime in NRI
+  adjustments and updates; "oom" is a host intent for the oom controller; "rdt", "io" and
+  "net" are placeholders the isolation issue fills (value None, reason "not managed yet").
+* `diff_plans` walks the fields generically, so a new field is diffed the moment it is
+  declared; the engine refuses to start with a domain nobody routes
+  (`engine.check_routes`), so a new domain cannot be silently dropped either.
+* A container's reason for its CPUs names its pool; why the pool has the size it has is the
+  pool's reason (`Pools.reasons`), kept once per pool so that a pool resize does not
+  rewrite every member's plan. The views join the two.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Generic, TypeVar
+from dataclasses import dataclass, field, fields
+from typing import Any, Generic, TypeVar
 
 from nri_plugin.policy.qos import QosClass
 from qos_model.containers import Adjustment, CpuResources, Resources, Update
@@ -32,6 +40,17 @@ class Decision(Generic[T]):
 
 NOT_MANAGED = "not managed yet"
 
+# Domains: who applies a plan field.
+CPU = "cpu"  # the runtime, through NRI adjustments and container updates
+OOM = "oom"  # the oom controller, on the container's processes
+RDT = "rdt"
+IO = "io"
+NET = "net"
+
+
+def _domain(name: str) -> dict[str, str]:
+    return {"domain": name}
+
 
 @dataclass(frozen=True, slots=True)
 class ContainerPlan:
@@ -40,26 +59,27 @@ class ContainerPlan:
     name: str  # "<namespace>/<pod>/<container>", for people
     qos_class: QosClass
     pool: str  # "system", "shared", "shared:<name>", "reclaimed" or "dedicated"
-    cpus: Decision[frozenset[int]]
-    mems: Decision[frozenset[int] | None]  # None: not bound, all memory nodes
-    cpu_shares: Decision[int | None]
-    cpu_quota: Decision[int | None]
-    oom_score_adj: Decision[int]
-    rdt_class: Decision[str | None] = Decision(None, NOT_MANAGED)
-    io_weight: Decision[int | None] = Decision(None, NOT_MANAGED)
-    net_class: Decision[str | None] = Decision(None, NOT_MANAGED)
+    cpus: Decision[frozenset[int]] = field(metadata=_domain(CPU))
+    mems: Decision[frozenset[int] | None] = field(metadata=_domain(CPU))  # None: all nodes
+    cpu_shares: Decision[int | None] = field(metadata=_domain(CPU))
+    cpu_quota: Decision[int | None] = field(metadata=_domain(CPU))
+    oom_score_adj: Decision[int] = field(metadata=_domain(OOM))
+    rdt_class: Decision[str | None] = field(
+        default=Decision(None, NOT_MANAGED), metadata=_domain(RDT)
+    )
+    io_weight: Decision[int | None] = field(
+        default=Decision(None, NOT_MANAGED), metadata=_domain(IO)
+    )
+    net_class: Decision[str | None] = field(
+        default=Decision(None, NOT_MANAGED), metadata=_domain(NET)
+    )
+
+    def decisions(self) -> dict[str, Decision[Any]]:
+        """Every planned field by name, in declaration order."""
+        return {f.name: getattr(self, f.name) for f in plan_fields(type(self))}
 
     def reasons(self) -> dict[str, str]:
-        return {
-            "cpus": self.cpus.reason,
-            "mems": self.mems.reason,
-            "cpu_shares": self.cpu_shares.reason,
-            "cpu_quota": self.cpu_quota.reason,
-            "oom_score_adj": self.oom_score_adj.reason,
-            "rdt_class": self.rdt_class.reason,
-            "io_weight": self.io_weight.reason,
-            "net_class": self.net_class.reason,
-        }
+        return {name: d.reason for name, d in self.decisions().items()}
 
     def cpu_resources(self) -> CpuResources:
         """The CPU part of the plan in NRI terms ("" = leave the runtime's value)."""
@@ -67,15 +87,15 @@ class ContainerPlan:
         return CpuResources(
             shares=self.cpu_shares.value,
             quota=self.cpu_quota.value,
-            cpus=format_cpu_list(self.cpus.value),
-            mems=format_cpu_list(mems) if mems else "",
+            cpus=_cpu_list(self.cpus.value),
+            mems=_cpu_list(mems) if mems else "",
         )
 
     def adjustment(
         self, with_oom_score_adj: bool, annotations: dict[str, str] | None = None
     ) -> Adjustment:
         """The CreateContainer adjustment. `with_oom_score_adj` is False for runtimes
-        older than NRI v0.7, which drop that field; the host adapter writes it instead."""
+        older than NRI v0.7, which drop that field; the oom controller writes it instead."""
         return Adjustment(
             resources=Resources(cpu=self.cpu_resources()),
             oom_score_adj=self.oom_score_adj.value if with_oom_score_adj else None,
@@ -86,14 +106,53 @@ class ContainerPlan:
         """The resources to (re)apply to the running container."""
         return Update(self.container_id, Resources(cpu=self.cpu_resources()))
 
-    def same_resources(self, other: ContainerPlan) -> bool:
-        """True when applying `other` instead would change nothing in the runtime.
 
-        Runs for every container on every event, so it compares the planned values, not
-        their NRI rendering (which formats CPU lists)."""
-        return (
-            self.cpus.value == other.cpus.value
-            and self.mems.value == other.mems.value
-            and self.cpu_shares.value == other.cpu_shares.value
-            and self.cpu_quota.value == other.cpu_quota.value
-        )
+_CPU_LISTS: dict[frozenset[int], str] = {}
+
+
+def _cpu_list(cpus: frozenset[int]) -> str:
+    """format_cpu_list, remembered: a pool's list is rendered for each of its members."""
+    text = _CPU_LISTS.get(cpus)
+    if text is None:
+        if len(_CPU_LISTS) > 4096:
+            _CPU_LISTS.clear()
+        text = _CPU_LISTS[cpus] = format_cpu_list(cpus)
+    return text
+
+
+def plan_fields(cls: type[ContainerPlan]) -> tuple[Any, ...]:
+    """The Decision fields of a plan class (those that declare a domain)."""
+    cached = _FIELDS.get(cls)
+    if cached is None:
+        cached = _FIELDS[cls] = tuple(f for f in fields(cls) if "domain" in f.metadata)
+    return cached
+
+
+_FIELDS: dict[type, tuple[Any, ...]] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class FieldChange:
+    """One planned value that differs between two plans of the same container."""
+
+    field: str
+    domain: str
+    old: object
+    new: object
+
+
+def diff_plans(old: ContainerPlan, new: ContainerPlan) -> tuple[FieldChange, ...]:
+    """Every planned value that changed, over every Decision field of the plan class.
+
+    Compares values only: a new reason with the same value asks nothing of anyone."""
+    changes = []
+    for f in plan_fields(type(new)):
+        before = getattr(old, f.name).value
+        after = getattr(new, f.name).value
+        if before != after:
+            changes.append(FieldChange(f.name, f.metadata["domain"], before, after))
+    return tuple(changes)
+
+
+def domains_of(changes: tuple[FieldChange, ...]) -> frozenset[str]:
+    return frozenset(c.domain for c in changes)

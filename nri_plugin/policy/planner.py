@@ -29,17 +29,32 @@ How the CPUs are divided:
    least loaded; `numa_share: false` keeps other pods' bound workloads off a node.
 
 No container ever gets an empty cpuset: every pool that has members is non-empty.
+
+Placement is history-dependent (a container keeps what it holds), so "the plan" is a
+function of the workloads *and* the previous dedicated allocations. Two rules make that
+function a fixpoint, which is what lets `nri_plugin.policy.incremental.Planner` recompute
+only what an event can change and still equal `plan_node` after every step:
+* a held allocation is kept as long as its container still asks for the same size and its
+  CPUs are still free — later arrivals never re-judge it (they avoid it instead);
+* the dedicated pass is repeated with its own result as `previous` until it no longer
+  changes (at most a few rounds), so a refused container's reason is the one it would get
+  again on the next event.
+
+This module holds the reference `plan_node` and the building blocks both planners share:
+`place_dedicated`, `layout_pools`, `pool_of`, `pool_cpus_decision`, `bound_decisions`,
+`container_plan`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from nri_plugin.policy.cpuallocator import AllocationError, CpuAllocation, CpuRequest, allocate_cpus
-from nri_plugin.policy.kube_qos import MILLI_PER_CPU
+from nri_plugin.policy.kube_qos import MILLI_PER_CPU, KubeQos
 from nri_plugin.policy.oom import DEFAULT_OOM_BANDS, OomBands, decide_oom_score_adj
 from nri_plugin.policy.plan import ContainerPlan, Decision
 from nri_plugin.policy.qos import Classification, QosClass
@@ -83,7 +98,7 @@ class PlannerConfig:
             raise PlannerConfigError("reclaimed_min_cpus must be 0 or more")
         if self.shared_headroom < 0:
             raise PlannerConfigError("shared_headroom must be 0 or more")
-        usable = _allocatable(topology, self) - self.reserved_cpus
+        usable = allocatable_cpus(topology, self) - self.reserved_cpus
         if len(usable) < self.min_shared_cpus:
             raise PlannerConfigError(
                 f"only {len(usable)} CPUs are left after reserving "
@@ -150,7 +165,7 @@ class NodePlan:
 
 
 @dataclass(slots=True)
-class _Numa:
+class NumaState:
     """Book-keeping for NUMA binding and numa_share: false, in creation order."""
 
     bound_load: dict[int, int] = field(default_factory=dict)  # node -> millicores bound
@@ -170,8 +185,15 @@ class _Numa:
         if not numa_share:
             self.owners.setdefault(node, pod_id)
 
+    def copy(self) -> NumaState:
+        return NumaState(
+            dict(self.bound_load),
+            {node: set(pods) for node, pods in self.bound_pods.items()},
+            dict(self.owners),
+        )
 
-def _allocatable(topology: Topology, config: PlannerConfig) -> frozenset[int]:
+
+def allocatable_cpus(topology: Topology, config: PlannerConfig) -> frozenset[int]:
     if config.include_isolated_cpus:
         return topology.online_cpus
     return topology.online_cpus - topology.isolated_cpus
@@ -181,126 +203,104 @@ def _cpu_count(c: Classification) -> int:
     return max(1, math.ceil((c.cpu_millicores or MILLI_PER_CPU) / MILLI_PER_CPU))
 
 
-def _demand(c: Classification) -> int:
+def demand_of(c: Classification) -> int:
     """Millicores a container asks for: its request, else its limit, else nothing."""
     return c.cpu_request_millicores or c.cpu_limit_millicores or 0
 
 
-def plan_node(
+def is_dedicated(w: Workload) -> bool:
+    return w.classification.qos_class is QosClass.DEDICATED_CORES
+
+
+def binds_numa(w: Workload) -> bool:
+    """Bound to one NUMA node when it runs in a pool (shared, named, reclaimed, or a
+    refused dedicated container in the shared pool)."""
+    c = w.classification
+    return c.numa_binding and c.qos_class is not QosClass.SYSTEM_CORES
+
+
+def pool_of(w: Workload, allocated: bool, reserved: frozenset[int]) -> str:
+    """The pool a container runs in; `allocated`: it holds an exclusive set."""
+    c = w.classification
+    if allocated:
+        return DEDICATED
+    if c.qos_class is QosClass.RECLAIMED_CORES:
+        return RECLAIMED
+    if c.qos_class is QosClass.SYSTEM_CORES and reserved:
+        return SYSTEM
+    if c.cpuset_pool and c.qos_class is not QosClass.SYSTEM_CORES:
+        return f"{SHARED}:{c.cpuset_pool}"
+    return SHARED
+
+
+@dataclass(frozen=True, slots=True)
+class DedicatedPlacement:
+    """The outcome of the dedicated pass: who holds which exclusive set, who was refused
+    and why, and the NUMA book-keeping that pool containers then bind against."""
+
+    allocations: Mapping[str, CpuAllocation]
+    refused: Mapping[str, str]
+    numa: NumaState
+    warnings: tuple[PlanWarning, ...]
+
+    @property
+    def taken(self) -> frozenset[int]:
+        return frozenset().union(*(a.taken for a in self.allocations.values()))
+
+
+def place_dedicated(
     topology: Topology,
     config: PlannerConfig,
-    workloads: Sequence[Workload],
-    previous: Mapping[str, CpuAllocation] | None = None,
-    usage: UsageSample | None = None,
-) -> NodePlan:
-    """Plan every container. `previous` is the last plan's dedicated allocations (None
-    after a restart: then each dedicated container's current cpuset is adopted when it
-    is still a valid exclusive set)."""
-    ordered = sorted(workloads, key=lambda w: w.order)
-    allocatable = _allocatable(topology, config)
+    dedicated: Sequence[Workload],
+    previous: Mapping[str, CpuAllocation] | None,
+    claims: Counter[int] | None = None,
+) -> DedicatedPlacement:
+    """Exclusive sets for `dedicated` (creation order), settled to a fixpoint.
+
+    `previous` None adopts what the runtime reports (`claims` counts, over every
+    container, who reports each CPU: an exclusive set is reported by exactly one). The
+    pass is then repeated with its own result as `previous` until it no longer changes,
+    so repeating it on the next event changes nothing."""
+    allocatable = allocatable_cpus(topology, config)
     reserved = config.reserved_cpus & allocatable
-    numa = _Numa()
-    warnings: list[PlanWarning] = []
-
-    dedicated, refused = _place_dedicated(
-        topology, config, ordered, allocatable - reserved, reserved, previous, numa, warnings
-    )
-    taken = frozenset().union(*(a.taken for a in dedicated.values()))
-    rest = allocatable - reserved - taken
-
-    def pool_of(w: Workload) -> str:
-        c = w.classification
-        if w.container_id in dedicated:
-            return DEDICATED
-        if c.qos_class is QosClass.RECLAIMED_CORES:
-            return RECLAIMED
-        if c.qos_class is QosClass.SYSTEM_CORES and reserved:
-            return SYSTEM
-        if c.cpuset_pool and c.qos_class is not QosClass.SYSTEM_CORES:
-            return f"{SHARED}:{c.cpuset_pool}"
-        return SHARED
-
-    pools_of = {w.container_id: pool_of(w) for w in ordered}
-    online = [w for w in ordered if pools_of[w.container_id] not in (DEDICATED, RECLAIMED)]
-    requested = sum(_demand(w.classification) for w in online)
-    measured = round(usage.online_cores * MILLI_PER_CPU) if usage is not None else 0
-    demand = math.ceil(max(requested, measured) * (1 + config.shared_headroom))
-    reasons: dict[str, str] = {}
-    shared, reclaimed = _split_shared_reclaimed(topology, config, rest, demand, reasons)
-    if shared != rest and RECLAIMED not in pools_of.values():
-        # Nobody runs in the reclaimed pool yet: keep its CPUs in the shared pool too, so
-        # online containers are not confined for nothing. It is still reported as
-        # reclaimable, and separated the moment a reclaimed container arrives.
-        shared = rest
-        reasons[SHARED] = "every CPU outside system and dedicated (no reclaimed containers yet)"
-    named: dict[str, frozenset[int]] = {}
-    for pool_name in sorted({p.partition(":")[2] for p in pools_of.values() if ":" in p}):
-        members = [w for w in online if pools_of[w.container_id] == f"{SHARED}:{pool_name}"]
-        size = max(1, math.ceil(sum(_demand(w.classification) for w in members) / MILLI_PER_CPU))
-        if len(shared) - size >= config.min_shared_cpus:
-            carved = _bottom_cores(topology, shared, size)
-            named[pool_name] = carved
-            shared = shared - carved
-            reasons[f"{SHARED}:{pool_name}"] = (
-                f"{size} CPU(s) for the requests of {len(members)} container(s)"
-            )
-        else:
-            named[pool_name] = shared
-            reasons[f"{SHARED}:{pool_name}"] = (
-                f"needs {size} CPU(s) but the default shared pool must keep "
-                f"{config.min_shared_cpus}: shares the default pool"
-            )
-    if not reclaimed and any(p == RECLAIMED for p in pools_of.values()):
-        reclaimed = shared
-        reasons[RECLAIMED] = "no idle CPUs to reclaim: reclaimed containers share the shared pool"
-    pools = Pools(
-        system=reserved,
-        shared=shared,
-        named=named,
-        reclaimed=reclaimed,
-        dedicated=dedicated,
-        reasons=reasons,
-    )
-    plans = {
-        w.container_id: _container_plan(
-            topology, config, w, pools_of[w.container_id], pools, numa, refused
+    free = allocatable - reserved
+    placement = _place_once(topology, config, dedicated, free, reserved, previous, claims)
+    for _ in range(4):  # settles in one or two rounds; bounded all the same
+        again = _place_once(
+            topology, config, dedicated, free, reserved, placement.allocations, None
         )
-        for w in ordered
-    }
-    return NodePlan(pools, plans, tuple(warnings), demand)
+        if again.allocations == placement.allocations and again.refused == placement.refused:
+            return again
+        placement = again
+    return placement
 
 
-def _place_dedicated(
+def _place_once(
     topology: Topology,
     config: PlannerConfig,
-    ordered: Sequence[Workload],
+    dedicated: Sequence[Workload],
     free: frozenset[int],
     reserved: frozenset[int],
     previous: Mapping[str, CpuAllocation] | None,
-    numa: _Numa,
-    warnings: list[PlanWarning],
-) -> tuple[dict[str, CpuAllocation], dict[str, str]]:
+    claims: Counter[int] | None,
+) -> DedicatedPlacement:
     """Exclusive sets, in two passes: first every container keeps what it holds, then
     the rest are allocated in creation order, so a newcomer can never take CPUs from a
     running container, whatever the order of their ids or timestamps."""
+    numa = NumaState()
+    warnings: list[PlanWarning] = []
     allocations: dict[str, CpuAllocation] = {}
     refused: dict[str, str] = {}
-    dedicated = [w for w in ordered if w.classification.qos_class is QosClass.DEDICATED_CORES]
-    # An exclusive set is reported by exactly one container; CPUs several containers
-    # report belong to a pool, whatever their count (a refused dedicated container runs
-    # in the shared pool and must not be mistaken for an exclusive one after a restart).
-    claims = Counter(cpu for w in ordered for cpu in w.current_cpus)
     usable = free
     pending: list[Workload] = []
     for w in dedicated:
         request = _request(config, w, numa)
         kept = _keep(topology, w, request, free, previous)
-        adopted = kept is not None and previous is None
         if (
-            adopted
-            and kept is not None
+            kept is not None
+            and previous is None
             and (
-                any(claims[cpu] > 1 for cpu in kept.cpus)
+                (claims is not None and any(claims[cpu] > 1 for cpu in kept.cpus))
                 or not _shape_fits(topology, kept.cpus, request, usable)
             )
         ):
@@ -330,10 +330,116 @@ def _place_dedicated(
         free = left
         allocations[w.container_id] = allocation
         _record_numa(topology, numa, w, allocation)
-    return allocations, refused
+    return DedicatedPlacement(allocations, refused, numa, tuple(warnings))
 
 
-def _request(config: PlannerConfig, w: Workload, numa: _Numa) -> CpuRequest:
+def layout_pools(
+    topology: Topology,
+    config: PlannerConfig,
+    placement: DedicatedPlacement,
+    online_demand: int,
+    usage: UsageSample | None,
+    has_reclaimed: bool,
+    named_demands: Mapping[str, tuple[int, int]],
+) -> tuple[Pools, int]:
+    """Every pool but the dedicated sets, from aggregates only: the online containers'
+    summed demand (millicores), whether any container runs reclaimed, and each named
+    pool's summed demand. Returns the pools and the demand used to size them."""
+    allocatable = allocatable_cpus(topology, config)
+    reserved = config.reserved_cpus & allocatable
+    rest = allocatable - reserved - placement.taken
+    measured = round(usage.online_cores * MILLI_PER_CPU) if usage is not None else 0
+    demand = math.ceil(max(online_demand, measured) * (1 + config.shared_headroom))
+    reasons: dict[str, str] = {}
+    shared, reclaimed = _split_shared_reclaimed(topology, config, rest, demand, reasons)
+    if shared != rest and not has_reclaimed:
+        # Nobody runs in the reclaimed pool yet: keep its CPUs in the shared pool too, so
+        # online containers are not confined for nothing. It is still reported as
+        # reclaimable, and separated the moment a reclaimed container arrives.
+        shared = rest
+        reasons[SHARED] = "every CPU outside system and dedicated (no reclaimed containers yet)"
+    named: dict[str, frozenset[int]] = {}
+    for pool_name in sorted(named_demands):
+        named_demand, count = named_demands[pool_name]
+        size = max(1, math.ceil(named_demand / MILLI_PER_CPU))
+        members = f"{SHARED}:{pool_name}"
+        if len(shared) - size >= config.min_shared_cpus:
+            carved = _bottom_cores(topology, shared, size)
+            named[pool_name] = carved
+            shared = shared - carved
+            reasons[members] = f"{size} CPU(s) for the requests of {count} container(s)"
+        else:
+            named[pool_name] = shared
+            reasons[members] = (
+                f"needs {size} CPU(s) but the default shared pool must keep "
+                f"{config.min_shared_cpus}: shares the default pool"
+            )
+    if not reclaimed and has_reclaimed:
+        reclaimed = shared
+        reasons[RECLAIMED] = "no idle CPUs to reclaim: reclaimed containers share the shared pool"
+    pools = Pools(
+        system=reserved,
+        shared=shared,
+        named=named,
+        reclaimed=reclaimed,
+        dedicated=placement.allocations,
+        reasons=reasons,
+    )
+    return pools, demand
+
+
+def plan_node(
+    topology: Topology,
+    config: PlannerConfig,
+    workloads: Sequence[Workload],
+    previous: Mapping[str, CpuAllocation] | None = None,
+    usage: UsageSample | None = None,
+) -> NodePlan:
+    """Plan every container from scratch. `previous` is the last plan's dedicated
+    allocations (None after a restart: then each dedicated container's current cpuset is
+    adopted when it is still a valid exclusive set)."""
+    ordered = sorted(workloads, key=lambda w: w.order)
+    claims = Counter(cpu for w in ordered for cpu in w.current_cpus)
+    placement = place_dedicated(
+        topology, config, [w for w in ordered if is_dedicated(w)], previous, claims
+    )
+    reserved = config.reserved_cpus & allocatable_cpus(topology, config)
+    pools_of = {
+        w.container_id: pool_of(w, w.container_id in placement.allocations, reserved)
+        for w in ordered
+    }
+    online = [w for w in ordered if pools_of[w.container_id] not in (DEDICATED, RECLAIMED)]
+    named_demands: dict[str, tuple[int, int]] = {}
+    for w in online:
+        pool = pools_of[w.container_id]
+        if pool.startswith(SHARED + ":"):
+            name = pool.partition(":")[2]
+            total, count = named_demands.get(name, (0, 0))
+            named_demands[name] = (total + demand_of(w.classification), count + 1)
+    pools, demand = layout_pools(
+        topology,
+        config,
+        placement,
+        sum(demand_of(w.classification) for w in online),
+        usage,
+        RECLAIMED in pools_of.values(),
+        named_demands,
+    )
+    bound = [w for w in ordered if binds_numa(w) and pools_of[w.container_id] != DEDICATED]
+    picks = bound_decisions(topology, pools, placement.numa, bound, pools_of, placement.refused)
+    plans = {}
+    for w in ordered:
+        pool = pools_of[w.container_id]
+        cid = w.container_id
+        if cid in picks:
+            cpus, mems = picks[cid]
+        else:
+            cpus, mems = pool_cpus_decision(w, pool, pools, placement.refused.get(cid))
+        plans[cid] = container_plan(config, w, pool, cpus, mems)
+    return NodePlan(pools, plans, placement.warnings, demand)
+
+
+def _request(config: PlannerConfig, w: Workload, numa: NumaState) -> CpuRequest:
     c = w.classification
     return CpuRequest(
         count=_cpu_count(c),
@@ -344,7 +450,9 @@ def _request(config: PlannerConfig, w: Workload, numa: _Numa) -> CpuRequest:
     )
 
 
-def _record_numa(topology: Topology, numa: _Numa, w: Workload, allocation: CpuAllocation) -> None:
+def _record_numa(
+    topology: Topology, numa: NumaState, w: Workload, allocation: CpuAllocation
+) -> None:
     c = w.classification
     if c.numa_binding:
         for node in allocation.mems:
@@ -363,10 +471,10 @@ def _keep(
 ) -> CpuAllocation | None:
     """The allocation a container already holds, if it still fits its request."""
     if previous is not None:
+        # Held CPUs are not re-judged against NUMA constraints that arrived later: those
+        # newcomers were placed around this container, not the other way round.
         held = previous.get(w.container_id)
         if held is None or not held.taken <= free or not _size_fits(len(held.cpus), request):
-            return None
-        if held.mems & request.avoid_nodes:
             return None
         return held
     cpus = w.current_cpus
@@ -375,13 +483,10 @@ def _keep(
     nodes = frozenset(topology.node_of(cpu) for cpu in cpus)
     if (request.numa_binding and len(nodes) != 1) or nodes & request.avoid_nodes:
         return None
-    idle: frozenset[int] = frozenset()
-    if request.one_thread_per_core:
-        idle = frozenset().union(*(topology.siblings(cpu) for cpu in cpus)) & free - cpus
     return CpuAllocation(
         cpus=cpus,
         mems=nodes,
-        idle_siblings=idle,
+        idle_siblings=frozenset(),
         reason=f"kept CPUs {format_cpu_list(cpus)} it already had (exclusive, still free)",
     )
 
@@ -393,7 +498,7 @@ def _shape_fits(
     if request.numa_exclusive:
         nodes = {topology.node_of(cpu) for cpu in cpus}
         return len(nodes) == 1 and cpus == topology.node(nodes.pop()).cpus & usable
-    if request.full_pcpus and not request.one_thread_per_core:
+    if request.full_pcpus:
         partial = {
             topology.core_of(cpu).first_cpu
             for cpu in cpus
@@ -471,51 +576,88 @@ def _split_shared_reclaimed(
     return rest, reclaimed
 
 
-def _container_plan(
-    topology: Topology,
-    config: PlannerConfig,
-    w: Workload,
-    pool: str,
-    pools: Pools,
-    numa: _Numa,
-    refused: Mapping[str, str],
-) -> ContainerPlan:
+Placed = tuple[Decision[frozenset[int]], Decision[frozenset[int] | None]]
+NOT_BOUND: Decision[frozenset[int] | None] = Decision(None, "not NUMA-bound: every memory node")
+
+
+def pool_cpus_decision(w: Workload, pool: str, pools: Pools, refused: str | None) -> Placed:
+    """CPUs and memory nodes of a container that is not bound to a NUMA node."""
     c = w.classification
-    mems: Decision[frozenset[int] | None] = Decision(None, "not NUMA-bound: every memory node")
     if pool == DEDICATED:
         allocation = pools.dedicated[w.container_id]
         cpus = Decision(allocation.cpus, f"dedicated_cores: {allocation.reason}")
         if c.numa_binding:
-            mems = Decision(
-                allocation.mems,
-                f"numa_binding: memory from node(s) {format_cpu_list(allocation.mems)} only",
+            nodes = format_cpu_list(allocation.mems)
+            return cpus, Decision(
+                allocation.mems, f"numa_binding: memory from node(s) {nodes} only"
             )
-    else:
+        return cpus, NOT_BOUND
+    return Decision(pools.pool_cpus(pool), _pool_reason(c, pool, refused)), NOT_BOUND
+
+
+def bound_decisions(
+    topology: Topology,
+    pools: Pools,
+    numa_after_dedicated: NumaState,
+    bound: Sequence[Workload],
+    pools_of: Mapping[str, str],
+    refused: Mapping[str, str] | None = None,
+) -> dict[str, Placed]:
+    """NUMA-bound pool containers, in creation order: each takes the least-loaded node of
+    its pool that it may use, and loads it for the ones after it."""
+    numa = numa_after_dedicated.copy()
+    nodes_of: dict[str, list[int]] = {}
+    out: dict[str, Placed] = {}
+    for w in bound:
+        c = w.classification
+        pool = pools_of[w.container_id]
         base = pools.pool_cpus(pool)
-        why = _pool_reason(c, pool, pools, refused.get(w.container_id))
-        cpus = Decision(base, why)
-        if c.numa_binding and c.qos_class is not QosClass.SYSTEM_CORES:
-            node = _pick_node(topology, base, numa, w)
-            if node is not None:
-                node_cpus = base & topology.node(node).cpus
-                numa.bind(node, w.pod_id, _demand(c), c.numa_share)
-                cpus = Decision(node_cpus, f"{why}; numa_binding: the part on node {node}")
-                mems = Decision(frozenset({node}), f"numa_binding: memory from node {node} only")
-            else:
-                cpus = Decision(
-                    base,
-                    f"{why}; numa_binding asked, but no node of the pool "
-                    "is free to bind to: not bound",
-                )
-    if c.qos_class is QosClass.RECLAIMED_CORES:
-        shares: Decision[int | None] = Decision(
-            RECLAIMED_SHARES,
-            f"reclaimed_cores: the lowest CFS weight ({RECLAIMED_SHARES}), so online work "
-            "wins every CPU it shares with batch",
+        why = _pool_reason(c, pool, (refused or {}).get(w.container_id))
+        nodes = nodes_of.get(pool)
+        if nodes is None:
+            nodes = nodes_of[pool] = sorted({topology.node_of(cpu) for cpu in base})
+        avoid = numa.avoid_for(w.pod_id, c.numa_share)
+        candidates = [n for n in nodes if n not in avoid]
+        if not candidates:
+            cpus = Decision(
+                base,
+                f"{why}; numa_binding asked, but no node of the pool is free to bind to: not bound",
+            )
+            out[w.container_id] = (cpus, NOT_BOUND)
+            continue
+        node = min(candidates, key=lambda n: (numa.bound_load.get(n, 0), n))
+        numa.bind(node, w.pod_id, demand_of(c), c.numa_share)
+        out[w.container_id] = (
+            Decision(
+                base & topology.node(node).cpus, f"{why}; numa_binding: the part on node {node}"
+            ),
+            Decision(frozenset({node}), f"numa_binding: memory from node {node} only"),
         )
-    else:
-        shares = Decision(None, "kept the weight the kubelet set from the CPU request")
-    oom = decide_oom_score_adj(c.qos_class, c.kube_qos, c.oom_priority, config.oom_bands)
+    return out
+
+
+_RECLAIMED_WEIGHT: Decision[int | None] = Decision(
+    RECLAIMED_SHARES,
+    f"reclaimed_cores: the lowest CFS weight ({RECLAIMED_SHARES}), so online work "
+    "wins every CPU it shares with batch",
+)
+_KUBELET_WEIGHT: Decision[int | None] = Decision(
+    None, "kept the weight the kubelet set from the CPU request"
+)
+_KUBELET_QUOTA: Decision[int | None] = Decision(
+    None, "kept the CFS quota the kubelet set from the CPU limit"
+)
+
+
+def container_plan(
+    config: PlannerConfig,
+    w: Workload,
+    pool: str,
+    cpus: Decision[frozenset[int]],
+    mems: Decision[frozenset[int] | None],
+) -> ContainerPlan:
+    c = w.classification
+    reclaimed = c.qos_class is QosClass.RECLAIMED_CORES
     return ContainerPlan(
         container_id=w.container_id,
         pod_id=w.pod_id,
@@ -524,32 +666,29 @@ def _container_plan(
         pool=pool,
         cpus=cpus,
         mems=mems,
-        cpu_shares=shares,
-        cpu_quota=Decision(None, "kept the CFS quota the kubelet set from the CPU limit"),
-        oom_score_adj=Decision(oom.oom_score_adj, oom.reason),
+        cpu_shares=_RECLAIMED_WEIGHT if reclaimed else _KUBELET_WEIGHT,
+        cpu_quota=_KUBELET_QUOTA,
+        oom_score_adj=_oom_decision(c.qos_class, c.kube_qos, c.oom_priority, config.oom_bands),
     )
 
 
-def _pool_reason(c: Classification, pool: str, pools: Pools, refused: str | None) -> str:
-    text = {
+@functools.lru_cache(maxsize=1024)
+def _oom_decision(
+    qos_class: QosClass, kube_qos: KubeQos | None, oom_priority: int | None, bands: OomBands
+) -> Decision[int]:
+    oom = decide_oom_score_adj(qos_class, kube_qos, oom_priority, bands)
+    return Decision(oom.oom_score_adj, oom.reason)
+
+
+def _pool_reason(c: Classification, pool: str, refused: str | None) -> str:
+    """Why a container runs in its pool; why the pool is as big as it is lives in
+    `Pools.reasons` (views join the two)."""
+    if refused:
+        return f"dedicated_cores refused ({refused}): the shared pool"
+    if c.qos_class is QosClass.SYSTEM_CORES and pool != SYSTEM:
+        return "system_cores, but no CPUs are reserved: the shared pool"
+    return {
         SYSTEM: "system_cores: the reserved CPUs",
         RECLAIMED: "reclaimed_cores: the reclaimed pool",
         SHARED: "shared_cores: the shared pool",
-    }.get(pool, f"shared_cores: the named pool {pool.partition(':')[2]!r}")
-    if c.qos_class is QosClass.SYSTEM_CORES and pool != SYSTEM:
-        text = "system_cores, but no CPUs are reserved: the shared pool"
-    if refused:
-        text = f"dedicated_cores refused ({refused}): the shared pool"
-    detail = pools.reasons.get(pool)
-    return f"{text} ({detail})" if detail else text
-
-
-def _pick_node(
-    topology: Topology, pool_cpus: frozenset[int], numa: _Numa, w: Workload
-) -> int | None:
-    avoid = numa.avoid_for(w.pod_id, w.classification.numa_share)
-    candidates = sorted(
-        {topology.node_of(cpu) for cpu in pool_cpus} - avoid,
-        key=lambda n: (numa.bound_load.get(n, 0), n),
-    )
-    return candidates[0] if candidates else None
+    }.get(pool) or f"shared_cores: the named pool {pool.partition(':')[2]!r}"

@@ -1,0 +1,400 @@
+"""The engine: runtime events in, a new plan, its diff and typed intents out.
+
+Pure: no sockets, files, clocks, threads or protobuf; one caller at a time. The engine
+owns the container table (`state`), classifies each container once (`qos.classify`),
+keeps the node plan up to date incrementally (`incremental.Planner`) and turns what
+changed into `Intents`:
+
+* a new container gets its plan as the CreateContainer adjustment (oom_score_adj in it
+  only when the runtime applies it, NRI >= v0.7; our values' originals in an annotation,
+  so a restart classifies from what the kubelet asked, not from what we set);
+* every other live container whose planned values moved gets an intent per domain that
+  moved: "cpu" fields as one batched runtime update, "oom" as a host intent for the oom
+  controller (a running process's oom_score_adj is not an NRI update field);
+* Synchronize rebuilds everything from the runtime's view; a restart that finds the
+  assignment it left behind changes nothing.
+
+`ROUTES` says who applies each plan domain; `check_routes` (run at construction) fails
+when a plan field declares a domain nobody routes, so a new field cannot be planned and
+then silently never applied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+from nri_plugin.policy.incremental import PlanChanges, Planner
+from nri_plugin.policy.intents import (
+    NO_INTENTS,
+    ContainerRef,
+    HostIntent,
+    Intents,
+    Note,
+    Phase,
+    SetOomScoreAdj,
+    Severity,
+)
+from nri_plugin.policy.numa_reclaim import NumaReclaimable, reclaimable_by_numa
+from nri_plugin.policy.plan import (
+    CPU,
+    IO,
+    NET,
+    OOM,
+    RDT,
+    ContainerPlan,
+    FieldChange,
+    diff_plans,
+    plan_fields,
+)
+from nri_plugin.policy.planner import (
+    DEDICATED,
+    RECLAIMED,
+    NodePlan,
+    PlannerConfig,
+    UsageSample,
+    Workload,
+)
+from nri_plugin.policy.qos import Classification, QosConfig, classify
+from nri_plugin.policy.state import (
+    ORIGINAL_ANNOTATION,
+    ContainerRecord,
+    ContainerTable,
+    originals_annotation,
+    restore_original,
+)
+from qos_model.containers import (
+    Container,
+    ContainerState,
+    Pod,
+    Resources,
+    Update,
+    merge_requested,
+)
+from qos_model.cpulist import CpuListError, format_cpu_list, parse_cpu_list
+from qos_model.runtime import RuntimeInfo
+from qos_model.topology import Topology
+
+
+class Route(Enum):
+    RUNTIME = "the runtime, through NRI adjustments and updates"
+    HOST = "a host controller, through a host intent"
+    UNMANAGED = "nobody yet: always None"
+
+
+ROUTES: Mapping[str, Route] = {
+    CPU: Route.RUNTIME,
+    OOM: Route.HOST,
+    RDT: Route.UNMANAGED,
+    IO: Route.UNMANAGED,
+    NET: Route.UNMANAGED,
+}
+
+
+def check_routes(plan_class: type[ContainerPlan] = ContainerPlan) -> None:
+    """Every domain a plan field declares must be routed (raises ValueError otherwise)."""
+    for f in plan_fields(plan_class):
+        if f.metadata["domain"] not in ROUTES:
+            raise ValueError(
+                f"plan field {f.name} belongs to domain {f.metadata['domain']!r}, which no "
+                "route applies: add it to engine.ROUTES"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    qos: QosConfig = field(default_factory=QosConfig)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    system_reserved_memory: int = 0  # bytes, for the NUMA reclaim report
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One event's outcome: the plan after it, what changed per live container, and the
+    intents that carry it out."""
+
+    plan: NodePlan
+    diff: Mapping[str, tuple[FieldChange, ...]]
+    intents: Intents
+
+
+class Engine:
+    def __init__(self, topology: Topology, config: EngineConfig | None = None) -> None:
+        check_routes()
+        self.topology = topology
+        self.config = config or EngineConfig()
+        self.config.planner.check(topology)
+        self.runtime: RuntimeInfo | None = None
+        self.table = ContainerTable()
+        self.planner = Planner(topology, self.config.planner)
+        self._noted: dict[str, set[tuple[str, str]]] = {}  # container -> notes given once
+
+    # --- reading --------------------------------------------------------------------------
+
+    @property
+    def plan(self) -> NodePlan:
+        return self.planner.plan
+
+    def reclaimable(self) -> Mapping[int, NumaReclaimable]:
+        return reclaimable_by_numa(
+            self.topology,
+            self.plan,
+            list(self.planner.workloads()),
+            self.config.system_reserved_memory,
+        )
+
+    def online_containers(self) -> list[ContainerRef]:
+        """Containers whose CPU use counts as online demand (for the usage sampler)."""
+        out = []
+        for cid, plan in self.plan.containers.items():
+            record = self.table.get(cid)
+            if plan.pool not in (RECLAIMED, DEDICATED) and record is not None:
+                out.append(ContainerRef.of(record.container, record.name))
+        return out
+
+    # --- configuration --------------------------------------------------------------------
+
+    def connect(self, runtime: RuntimeInfo) -> None:
+        """A runtime configured us; its Synchronize follows."""
+        self.runtime = runtime
+
+    def reconfigure(self, config: EngineConfig) -> None:
+        """New settings (runtime-provided config at Configure). Raises ValueError when
+        they cannot work on this host; the Synchronize that follows re-plans with them."""
+        config.planner.check(self.topology)
+        self.config = config
+        self.planner = Planner(self.topology, config.planner)
+        self.table.clear()
+
+    # --- runtime events -------------------------------------------------------------------
+
+    def synchronize(self, pods: Sequence[Pod], containers: Sequence[Container]) -> Step:
+        self.table.clear()
+        self._noted.clear()
+        self.table.pods.update((p.id, p) for p in pods)
+        live = [
+            c for c in containers if c.state in (ContainerState.CREATED, ContainerState.RUNNING)
+        ]
+        notes: list[Note] = []
+        for ctr in sorted(live, key=lambda c: (c.created_at, c.id)):
+            self._admit(restore_original(ctr), notes)
+        changes = self.planner.rebuild([_workload(r) for r in self.table], self.planner.usage)
+        updates: list[Update] = []
+        host: list[HostIntent] = []
+        for ctr in live:
+            plan = self._plan_of(ctr.id)
+            if _reported_cpu(ctr) != (plan.cpus.value, plan.mems.value or frozenset()):
+                updates.append(plan.update())
+            if ctr.oom_score_adj != plan.oom_score_adj.value:
+                host.append(self._oom_intent(Phase.POST_UPDATE, ctr, plan))
+        self._allocation_notes(notes)
+        notes.append(
+            Note(
+                "sync",
+                "node",
+                f"rebuilt from {len(live)} containers; {len(updates)} needed an update",
+            )
+        )
+        intents = Intents(reply_updates=tuple(updates), host=tuple(host), notes=tuple(notes))
+        return self._step(_diff(changes), intents)
+
+    def pod_started(self, pod: Pod) -> Step:
+        self.table.pods[pod.id] = pod
+        return self._step({}, NO_INTENTS)
+
+    def pod_removed(self, pod: Pod) -> Step:
+        self.table.pods.pop(pod.id, None)
+        return self._forget(self.table.of_pod(pod.id))
+
+    def container_created(self, pod: Pod, container: Container) -> Step:
+        self.table.pods.setdefault(pod.id, pod)
+        notes: list[Note] = []
+        record = self._admit(restore_original(container), notes, pod)
+        changes = self.planner.add(_workload(record))
+        plan = self._plan_of(container.id)
+        adjustment = plan.adjustment(
+            with_oom_score_adj=self._runtime_sets_oom(),
+            annotations={ORIGINAL_ANNOTATION: originals_annotation(container)},
+        )
+        notes.append(Note("plan", plan.name, _describe(plan)))
+        others = self._route(changes, skip=container.id)
+        self._allocation_notes(notes)
+        intents = Intents(adjustment=adjustment, notes=tuple(notes)) + others
+        return self._step(_diff(changes), intents)
+
+    def container_started(self, pod: Pod, container: Container) -> Step:
+        record = self.table.get(container.id)
+        if record is None:
+            return self._step({}, NO_INTENTS)
+        if container.pid and record.container.pid != container.pid:
+            self.table.replace(
+                replace(record, container=replace(record.container, pid=container.pid))
+            )
+        plan = self._plan_of(container.id)
+        if self._runtime_sets_oom() or container.oom_score_adj == plan.oom_score_adj.value:
+            return self._step({}, NO_INTENTS)
+        intent = self._oom_intent(Phase.POST_START, container, plan)
+        return self._step({}, Intents(host=(intent,)))
+
+    def container_updated(
+        self, pod: Pod, container: Container, requested: Resources | None
+    ) -> Step:
+        known = self.table.get(container.id)
+        base = known.container if known is not None else restore_original(container)
+        if requested is not None:
+            base = base.with_resources(merge_requested(base.resources, requested))
+        notes: list[Note] = []
+        record = self._admit(base, notes, pod)
+        changes = self.planner.add(_workload(record))
+        plan = self._plan_of(container.id)
+        # Always answer with our placement: a CRI update may carry the kubelet's cpuset,
+        # and it must not undo ours.
+        own = Intents(reply_updates=(plan.update(),), notes=tuple(notes))
+        return self._step(_diff(changes), own + self._route(changes, skip_runtime=container.id))
+
+    def container_stopped(self, pod: Pod, container: Container) -> Step:
+        return self._forget([container.id])
+
+    def usage_sampled(self, usage: UsageSample) -> Step:
+        """New online CPU usage: resize the reclaimed pool."""
+        changes = self.planner.set_usage(usage)
+        return self._step(_diff(changes), self._route(changes))
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _runtime_sets_oom(self) -> bool:
+        return self.runtime is not None and self.runtime.capabilities.applies_oom_score_adj
+
+    def _plan_of(self, container_id: str) -> ContainerPlan:
+        plan = self.planner.get(container_id)
+        assert plan is not None, container_id
+        return plan
+
+    def _admit(
+        self, container: Container, notes: list[Note], pod: Pod | None = None
+    ) -> ContainerRecord:
+        pod = pod or self.table.pods.get(container.pod_id) or Pod(id=container.pod_id)
+        classification = self._classify(pod, container, notes)
+        return self.table.admit(container, classification)
+
+    def _classify(self, pod: Pod, container: Container, notes: list[Note]) -> Classification:
+        c = classify(pod, container, self.config.qos)
+        subject = f"{pod.namespace}/{pod.name}/{container.name}"
+        for w in c.warnings:
+            scope = f"[{w.field}]" if w.field else ""
+            text = f"annotation {w.key}{scope}={w.value!r}: {w.reason}; using {w.default}"
+            self._note_once(
+                container.id, Note("classification", subject, text, Severity.WARNING), notes
+            )
+        return c
+
+    def _allocation_notes(self, notes: list[Note]) -> None:
+        plan = self.plan
+        for warning in plan.warnings:
+            subject = plan.containers[warning.container_id].name
+            note = Note("allocation", subject, warning.message, Severity.WARNING)
+            self._note_once(warning.container_id, note, notes)
+
+    def _note_once(self, container_id: str, note: Note, notes: list[Note]) -> None:
+        given = self._noted.setdefault(container_id, set())
+        if (note.kind, note.message) not in given:
+            given.add((note.kind, note.message))
+            notes.append(note)
+
+    def _forget(self, container_ids: Sequence[str]) -> Step:
+        gone = [cid for cid in container_ids if self.table.drop(cid) is not None]
+        for cid in gone:
+            self._noted.pop(cid, None)
+        if not gone:
+            return self._step({}, NO_INTENTS)
+        changes = self.planner.remove(gone)
+        return self._step(_diff(changes), self._route(changes))
+
+    def _route(self, changes: PlanChanges, skip: str = "", skip_runtime: str = "") -> Intents:
+        """Intents for live containers whose planned values moved: one runtime update per
+        container whose "cpu" fields moved, one host intent per host domain that moved.
+        `skip`: the container being created (its plan travels in the adjustment);
+        `skip_runtime`: the container being updated (its update travels in the reply)."""
+        updates: list[Update] = []
+        host: list[HostIntent] = []
+        for cid, (old, new) in changes.items():
+            if old is None or new is None or cid == skip:
+                continue
+            domains = {c.domain for c in diff_plans(old, new)}
+            if CPU in domains and cid != skip_runtime:
+                updates.append(new.update())
+            if OOM in domains:
+                record = self.table.get(cid)
+                if record is not None:
+                    host.append(self._oom_intent(Phase.POST_UPDATE, record.container, new))
+        notes: tuple[Note, ...] = ()
+        if updates:
+            notes = (Note("pool", "node", f"pools moved: updating {len(updates)} container(s)"),)
+        return Intents(updates=tuple(updates), host=tuple(host), notes=notes)
+
+    def _oom_intent(
+        self, phase: Phase, container: Container, plan: ContainerPlan
+    ) -> SetOomScoreAdj:
+        record = self.table.get(container.id)
+        name = record.name if record is not None else plan.name
+        return SetOomScoreAdj(
+            phase=phase,
+            container=ContainerRef.of(container, name),
+            reason=plan.oom_score_adj.reason,
+            value=plan.oom_score_adj.value,
+        )
+
+    def _step(self, diff: Mapping[str, tuple[FieldChange, ...]], intents: Intents) -> Step:
+        return Step(self.plan, diff, intents)
+
+
+def _workload(record: ContainerRecord) -> Workload:
+    res = record.container.resources
+    return Workload(
+        container_id=record.id,
+        pod_id=record.pod_id,
+        name=record.name,
+        classification=record.classification,
+        created_at=record.order,
+        current_cpus=_reported_cpus(record.container),
+        memory_limit=res.memory.limit if res is not None and res.memory is not None else None,
+    )
+
+
+def _diff(changes: PlanChanges) -> dict[str, tuple[FieldChange, ...]]:
+    """Field changes of the containers that stayed; arrivals and departures are whole."""
+    return {
+        cid: diff
+        for cid, (old, new) in changes.items()
+        if old is not None and new is not None and (diff := diff_plans(old, new))
+    }
+
+
+def _reported_cpus(container: Container) -> frozenset[int]:
+    res = container.resources
+    if res is None or res.cpu is None or not res.cpu.cpus:
+        return frozenset()
+    try:
+        return parse_cpu_list(res.cpu.cpus)
+    except CpuListError:
+        return frozenset()
+
+
+def _reported_cpu(container: Container) -> tuple[frozenset[int], frozenset[int]]:
+    res = container.resources
+    mems = res.cpu.mems if res is not None and res.cpu is not None else ""
+    try:
+        reported_mems = parse_cpu_list(mems) if mems else frozenset()
+    except CpuListError:
+        reported_mems = frozenset()
+    return _reported_cpus(container), reported_mems
+
+
+def _describe(plan: ContainerPlan) -> str:
+    mems = plan.mems.value
+    return (
+        f"{plan.qos_class} in pool {plan.pool}: cpus {format_cpu_list(plan.cpus.value)}"
+        f"{', mems ' + format_cpu_list(mems) if mems else ''}, "
+        f"oom_score_adj {plan.oom_score_adj.value}"
+    )

@@ -1,0 +1,111 @@
+"""What the engine asks of the world, as typed values: the engine's only output.
+
+The engine never talks to the runtime or the host. Each runtime event (and each usage
+sample) yields one `Intents` value, which the plumbing carries out after the event's reply:
+
+* `adjustment` — the new container's changes, in the CreateContainer reply itself;
+* `reply_updates` — updates carried in the event's own reply (UpdateContainer answers with
+  our placement of the container being updated);
+* `updates` — live containers whose plan moved, sent in one UpdateContainers call after
+  the reply (never from inside the event: the runtime holds its NRI lock while relaying it);
+* `host` — `HostIntent`s, one per host domain action, applied by that domain's controller
+  (`nri_plugin.control`) after the reply, off the request path;
+* `notes` — what was decided or could not be honoured, for the log and the decision
+  events; the engine has no clock and no logger, the plumbing stamps and records them.
+
+A host intent names the phase of the container's life it belongs to (the containers/
+nri-plugins control model): PRE_CREATE (prepare the host before the container starts),
+POST_START (act on its first processes), POST_UPDATE (its plan moved while it runs) and
+POST_STOP (clean up after it). Every intent carries the reason a person will be shown.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import ClassVar
+
+from qos_model.containers import Adjustment, Container, Update
+
+
+class Phase(StrEnum):
+    PRE_CREATE = "pre-create"
+    POST_START = "post-start"
+    POST_UPDATE = "post-update"
+    POST_STOP = "post-stop"
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerRef:
+    """What a controller needs to find a container on the host. Runtime input: a
+    controller checks the cgroup is the container's own before touching processes."""
+
+    id: str
+    name: str  # "<namespace>/<pod>/<container>", for people
+    pod_id: str
+    cgroups_path: str
+    pid: int | None
+
+    @classmethod
+    def of(cls, container: Container, name: str) -> ContainerRef:
+        return cls(container.id, name, container.pod_id, container.cgroups_path, container.pid)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostIntent:
+    """One action for one host domain's controller."""
+
+    domain: ClassVar[str]
+    phase: Phase
+    container: ContainerRef
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SetOomScoreAdj(HostIntent):
+    """Write oom_score_adj for every process of the container (the runtime cannot: NRI
+    before v0.7, or a container that was running before we planned it)."""
+
+    domain: ClassVar[str] = "oom"
+    value: int
+
+
+class Severity(StrEnum):
+    INFO = "info"
+    WARNING = "warning"
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    """One decision or problem, for the log and the decision events."""
+
+    kind: str  # "plan", "pool", "classification", "allocation", "sync", "config", ...
+    subject: str  # the container or pool it is about
+    message: str
+    severity: Severity = Severity.INFO
+
+
+@dataclass(frozen=True, slots=True)
+class Intents:
+    adjustment: Adjustment | None = None
+    reply_updates: tuple[Update, ...] = ()
+    updates: tuple[Update, ...] = ()
+    host: tuple[HostIntent, ...] = ()
+    notes: tuple[Note, ...] = ()
+
+    def is_empty(self) -> bool:
+        return self == NO_INTENTS
+
+    def __add__(self, other: Intents) -> Intents:
+        """Both sets of intents; a later update of a container replaces an earlier one."""
+        later = {u.container_id for u in other.updates}
+        return Intents(
+            adjustment=other.adjustment if other.adjustment is not None else self.adjustment,
+            reply_updates=self.reply_updates + other.reply_updates,
+            updates=tuple(u for u in self.updates if u.container_id not in later) + other.updates,
+            host=self.host + other.host,
+            notes=self.notes + other.notes,
+        )
+
+
+NO_INTENTS = Intents()

@@ -1,0 +1,144 @@
+"""The container table: one record per container the runtime told us about.
+
+Rules:
+* One record per live container: its pod, the container *as the kubelet asked for it*
+  (our own adjustments undone from the `nri-qos.io/original` annotation, CRI updates
+  merged in), its classification (computed once, when it arrives or its resources change)
+  and its arrival order. Nothing else keeps per-container state, so nothing can disagree.
+* Pods are kept by id; a container whose pod the runtime never showed us still gets a
+  record (its pod is then known by id only).
+* The table does no planning and no I/O: the engine admits, replaces and drops records
+  and asks the planner for the consequences.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+from nri_plugin.policy.qos import Classification
+from qos_model.containers import Container, Pod
+
+ORIGINAL_ANNOTATION = "nri-qos.io/original"
+"""JSON of the kubelet's own values we override: {"oom_score_adj": n, "cpu_shares": n}."""
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerRecord:
+    container: Container  # as the kubelet asked for it
+    classification: Classification
+    order: int  # arrival order; ties in planning are broken by id
+    name: str  # "<namespace>/<pod>/<container>", or "<pod id>/<container>" if the pod is unknown
+
+    @property
+    def id(self) -> str:
+        return self.container.id
+
+    @property
+    def pod_id(self) -> str:
+        return self.container.pod_id
+
+
+class ContainerTable:
+    def __init__(self) -> None:
+        self.pods: dict[str, Pod] = {}
+        self._records: dict[str, ContainerRecord] = {}
+        self._by_pod: dict[str, set[str]] = {}
+        self._next_order = 1
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, container_id: object) -> bool:
+        return container_id in self._records
+
+    def __iter__(self) -> Iterator[ContainerRecord]:
+        return iter(self._records.values())
+
+    def get(self, container_id: str) -> ContainerRecord | None:
+        return self._records.get(container_id)
+
+    def clear(self) -> None:
+        self.pods.clear()
+        self._records.clear()
+        self._by_pod.clear()
+
+    def pod_of(self, record: ContainerRecord) -> Pod:
+        return self.pods.get(record.pod_id) or Pod(id=record.pod_id)
+
+    def name_for(self, container: Container) -> str:
+        pod = self.pods.get(container.pod_id)
+        if pod is None:
+            return f"{container.pod_id}/{container.name}"
+        return f"{pod.namespace}/{pod.name}/{container.name}"
+
+    def admit(self, container: Container, classification: Classification) -> ContainerRecord:
+        """A new record, last in arrival order (a known id keeps its place)."""
+        known = self._records.get(container.id)
+        order = known.order if known is not None else self._take_order()
+        record = ContainerRecord(container, classification, order, self.name_for(container))
+        self._records[container.id] = record
+        self._by_pod.setdefault(container.pod_id, set()).add(container.id)
+        return record
+
+    def replace(self, record: ContainerRecord) -> None:
+        self._records[record.id] = record
+
+    def drop(self, container_id: str) -> ContainerRecord | None:
+        record = self._records.pop(container_id, None)
+        if record is not None:
+            members = self._by_pod.get(record.pod_id)
+            if members is not None:
+                members.discard(container_id)
+                if not members:
+                    del self._by_pod[record.pod_id]
+        return record
+
+    def of_pod(self, pod_id: str) -> list[str]:
+        return sorted(self._by_pod.get(pod_id, ()))
+
+    def _take_order(self) -> int:
+        order = self._next_order
+        self._next_order += 1
+        return order
+
+
+def restore_original(container: Container) -> Container:
+    """The container with the kubelet's original values that our adjustments replaced."""
+    raw = container.annotations.get(ORIGINAL_ANNOTATION)
+    if not raw:
+        return container
+    try:
+        original = json.loads(raw)
+    except ValueError:
+        return container
+    if not isinstance(original, dict):
+        return container
+    restored = container
+    oom = original.get("oom_score_adj")
+    if isinstance(oom, int) and not isinstance(oom, bool):
+        restored = replace(restored, oom_score_adj=oom)
+    shares = original.get("cpu_shares")
+    res = restored.resources
+    if (
+        isinstance(shares, int)
+        and not isinstance(shares, bool)
+        and res is not None
+        and res.cpu is not None
+    ):
+        cpu = replace(res.cpu, shares=shares)
+        restored = restored.with_resources(replace(res, cpu=cpu))
+    return restored
+
+
+def originals_annotation(container: Container) -> str:
+    """The JSON we store on a container we adjust, so a restart can undo our values."""
+    res = container.resources
+    shares = res.cpu.shares if res is not None and res.cpu is not None else None
+    original: dict[str, int] = {}
+    if container.oom_score_adj is not None:
+        original["oom_score_adj"] = container.oom_score_adj
+    if shares is not None:
+        original["cpu_shares"] = shares
+    return json.dumps(original, sort_keys=True, separators=(",", ":"))

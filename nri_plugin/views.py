@@ -1,0 +1,98 @@
+"""What people are shown, built from the engine's state — never by the engine itself.
+
+The status socket (and the debug API that replaces it) answers "why is this container on
+these CPUs?" with these views. They are JSON-ready dicts built on demand, in the policy
+thread, from the engine's table and plan; the engine keeps no rendering code and no
+presentation state. A container's CPU reason is joined here with its pool's reason (why
+the pool has the size it has), which the plan keeps once per pool.
+"""
+
+from __future__ import annotations
+
+from nri_plugin.policy.api import PolicyBase, RecordingPolicy
+from nri_plugin.policy.engine import Engine
+from nri_plugin.policy.plan import ContainerPlan
+from nri_plugin.policy.planner import NodePlan
+from nri_plugin.policy.qos_policy import QosPolicy
+from qos_model.cpulist import format_cpu_list
+from qos_model.runtime import RuntimeInfo
+
+
+def policy_view(policy: PolicyBase) -> dict[str, object]:
+    """The status socket's `plan` answer for whichever policy runs."""
+    if isinstance(policy, QosPolicy):
+        return engine_view(policy.engine)
+    if isinstance(policy, RecordingPolicy):
+        return {"policy": policy.name, "observations": [o.event for o in policy.observations]}
+    return {"policy": policy.name}
+
+
+def engine_view(engine: Engine) -> dict[str, object]:
+    """Everything a person needs to see why each container got what it got."""
+    plan = engine.plan
+    return {
+        "policy": "qos",
+        "runtime": runtime_view(engine.runtime),
+        "pools": pools_view(plan),
+        "containers": {cid: container_view(engine, plan, p) for cid, p in plan.containers.items()},
+        "reclaimable": {
+            str(n): {
+                "cpus": format_cpu_list(r.cpus),
+                "millicores": r.millicores,
+                "memory_bytes": r.memory_bytes,
+                "reason": r.reason,
+            }
+            for n, r in engine.reclaimable().items()
+        },
+        "usage_online_cores": None
+        if engine.planner.usage is None
+        else engine.planner.usage.online_cores,
+    }
+
+
+def runtime_view(runtime: RuntimeInfo | None) -> dict[str, str] | None:
+    if runtime is None:
+        return None
+    return {
+        "name": runtime.name,
+        "version": runtime.version,
+        "nri_version": str(runtime.nri_version),
+    }
+
+
+def pools_view(plan: NodePlan) -> dict[str, object]:
+    pools = plan.pools
+    return {
+        "system": format_cpu_list(pools.system),
+        "shared": format_cpu_list(pools.shared),
+        "reclaimed": format_cpu_list(pools.reclaimed),
+        "named": {k: format_cpu_list(v) for k, v in pools.named.items()},
+        "dedicated": {k: format_cpu_list(v.cpus) for k, v in pools.dedicated.items()},
+        "reasons": dict(pools.reasons),
+        "online_demand_millicores": plan.online_demand_millicores,
+    }
+
+
+def container_view(engine: Engine, plan: NodePlan, p: ContainerPlan) -> dict[str, object]:
+    mems = p.mems.value
+    record = engine.table.get(p.container_id)
+    return {
+        "name": p.name,
+        "class": p.qos_class.value,
+        "pool": p.pool,
+        "cpus": format_cpu_list(p.cpus.value),
+        "mems": format_cpu_list(mems) if mems else "",
+        "cpu_shares": p.cpu_shares.value,
+        "oom_score_adj": p.oom_score_adj.value,
+        "reasons": reasons(plan, p),
+        "classification": record.classification.reason if record is not None else "",
+    }
+
+
+def reasons(plan: NodePlan, p: ContainerPlan) -> dict[str, str]:
+    """Every field's reason; the CPUs' reason ends with why the pool is that size."""
+    out = p.reasons()
+    detail = plan.pools.reasons.get(p.pool)
+    if detail:
+        out["cpus"] = f"{out['cpus']} ({detail})"
+    return out

@@ -1,0 +1,157 @@
+"""Controllers: host intents applied per domain, after the reply, one failure isolated."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from isolation.host import LinuxHost
+from isolation.oom import ProcessControls
+from nri_plugin.control.base import (
+    Controller,
+    Controllers,
+    ControllerStartError,
+    ControllerUnavailable,
+    Mode,
+)
+from nri_plugin.control.executor import HostExecutor
+from nri_plugin.control.oom import OomController
+from nri_plugin.events import EventLog
+from nri_plugin.policy.intents import (
+    ContainerRef,
+    HostIntent,
+    Intents,
+    Note,
+    Phase,
+    SetOomScoreAdj,
+    Severity,
+)
+from tests.builders import FakeHost
+
+REF = ContainerRef("ctr-1", "default/web/app", "pod-1", "/kubepods/pod-1/ctr-1", 4242)
+
+
+def oom(value: int, phase: Phase = Phase.POST_UPDATE, ref: ContainerRef = REF) -> SetOomScoreAdj:
+    return SetOomScoreAdj(phase=phase, container=ref, reason="shared band", value=value)
+
+
+class Broken(Controller):
+    name = "rdt"
+    domain = "rdt-test"
+    mode = Mode.OPTIONAL
+
+    def post_update(self, intent: HostIntent) -> str:
+        raise OSError(5, "Input/output error")
+
+
+class BrokenIntent(HostIntent):
+    domain = "rdt-test"
+
+
+def test_the_oom_controller_writes_in_post_start_and_post_update() -> None:
+    host = FakeHost()
+    controllers = Controllers([OomController(host)])  # type: ignore[arg-type]
+    controllers.start()
+    notes = controllers.apply([oom(900, Phase.POST_START), oom(-500), oom(7, Phase.PRE_CREATE)])
+    assert host.oom_writes == [(REF.cgroups_path, 4242, 900), (REF.cgroups_path, 4242, -500)]
+    assert [n.subject for n in notes] == ["default/web/app"] * 2  # pre-create does nothing
+    (status,) = controllers.status()
+    assert (status.applied, status.failed) == (3, 0)
+
+
+def test_one_failing_controller_never_stops_another_domain() -> None:
+    host = FakeHost()
+    controllers = Controllers([Broken(), OomController(host)])  # type: ignore[arg-type]
+    controllers.start()
+    broken = BrokenIntent(phase=Phase.POST_UPDATE, container=REF, reason="test")
+    notes = controllers.apply([broken, oom(300), broken])
+    assert host.oom_writes == [(REF.cgroups_path, 4242, 300)]
+    failures = [n for n in notes if n.severity is Severity.WARNING]
+    assert len(failures) == 2 and "Input/output error" in failures[0].message
+    by_name = {s.name: s for s in controllers.status()}
+    assert (by_name["rdt"].failed, by_name["oom"].applied) == (2, 1)
+    assert "OSError" in by_name["rdt"].last_error
+
+
+def test_an_intent_for_a_domain_without_controller_is_reported_not_dropped() -> None:
+    (note,) = Controllers([]).apply([oom(1)])
+    assert (
+        note.severity is Severity.WARNING and "no controller applies domain 'oom'" in note.message
+    )
+
+
+class Missing(Controller):
+    name = "rdt"
+    domain = "rdt-test"
+
+    def __init__(self, mode: Mode) -> None:
+        self.mode = mode
+
+    def start(self) -> None:
+        raise ControllerUnavailable("/sys/fs/resctrl is not mounted: mount -t resctrl ...")
+
+
+def test_an_optional_controller_that_cannot_start_is_disabled_with_its_reason() -> None:
+    controllers = Controllers([Missing(Mode.OPTIONAL)])
+    (note,) = controllers.start()
+    assert "resctrl is not mounted" in note.message
+    (status,) = controllers.status()
+    assert not status.enabled and "resctrl" in status.reason
+    broken = BrokenIntent(phase=Phase.POST_UPDATE, container=REF, reason="test")
+    assert controllers.apply([broken]) == []  # disabled: nothing attempted
+
+
+def test_a_required_controller_that_cannot_start_stops_the_start() -> None:
+    with pytest.raises(ControllerStartError, match="rdt controller: /sys/fs/resctrl"):
+        Controllers([Missing(Mode.REQUIRED)]).start()
+
+
+def test_the_oom_controller_needs_procfs(tmp_path: Path) -> None:
+    host = LinuxHost(procs=ProcessControls(tmp_path / "proc"))
+    with pytest.raises(ControllerUnavailable, match="does not exist"):
+        OomController(host).start()
+    (tmp_path / "proc").mkdir()
+    OomController(host).start()
+
+
+def test_two_controllers_cannot_claim_one_domain() -> None:
+    with pytest.raises(ValueError, match="both claim domain"):
+        Controllers([Broken(), Broken()])
+
+
+async def test_the_executor_applies_host_intents_off_the_loop_and_records_notes() -> None:
+    host = FakeHost()
+    events = EventLog()
+    executor = HostExecutor(Controllers([OomController(host)]), events)  # type: ignore[arg-type]
+    executor.start()
+    try:
+        executor.submit(
+            Intents(host=(oom(100), oom(200)), notes=(Note("plan", "default/web/app", "planned"),))
+        )
+        assert events.snapshot()[0].message == "planned"  # notes at once, before host work
+        await executor.drain()
+        assert [w[2] for w in host.oom_writes] == [100, 200]  # in order, on the host thread
+        assert [e.kind for e in events.snapshot()] == ["plan", "host", "host"]
+    finally:
+        executor.close()
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to write another process's oom_score_adj")
+async def test_the_oom_controller_writes_a_real_process() -> None:
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        ref = ContainerRef("ctr-x", "default/x/x", "pod-x", "", sleeper.pid)
+        controllers = Controllers([OomController(LinuxHost())])
+        controllers.start()
+        (note,) = controllers.apply([oom(733, ref=ref)])
+        assert "1 applied" in note.message
+        assert Path(f"/proc/{sleeper.pid}/oom_score_adj").read_text().strip() == "733"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    await asyncio.sleep(0)
