@@ -13,6 +13,7 @@ functions, so they are unit-tested without sockets.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -84,7 +85,7 @@ class RuntimeFlavor:
 
     @property
     def capabilities(self) -> NriCapabilities:
-        return NriCapabilities(self.nri_version)
+        return _capabilities(self.nri_version)
 
     @property
     def valid_events(self) -> int:
@@ -160,6 +161,12 @@ class RuntimeFlavor:
 
     def __str__(self) -> str:
         return f"{self.label} (NRI {self.nri_version})"
+
+
+@functools.lru_cache(maxsize=32)
+def _capabilities(version: NriVersion) -> NriCapabilities:
+    """One value per NRI version: flavors are asked on every message they emulate."""
+    return NriCapabilities(version)
 
 
 _K8S_NAMESPACE = ((NAMESPACE_METADATA_KEY, "k8s.io"),)

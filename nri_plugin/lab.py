@@ -43,6 +43,9 @@ from embedded_runtime import (
 from embedded_runtime.host_backend import lab_backend
 from isolation.cgroups import CgroupError
 from isolation.sysfs import discover_topology
+from nri_plugin.policy.kube_qos import CFS_PERIOD_US, kubelet_quota, kubelet_shares
+from nri_plugin.policy.qos import ANNOTATION_MEMORY_ENHANCEMENT as MEMORY_ENHANCEMENT
+from nri_plugin.policy.qos import ANNOTATION_QOS_LEVEL as QOS
 from nri_plugin.protocol import convert
 from nri_plugin.protocol import nri_pb2 as pb
 from nri_plugin.status import query
@@ -56,8 +59,6 @@ FLAVOR_NAMES: dict[str, RuntimeFlavor] = {
     "cri-o-1.36": CRIO_1_36,
 }
 LAB_PREFIX = "nri-qos-lab-"
-QOS = "katalyst.kubewharf.io/qos_level"
-MEMORY_ENHANCEMENT = "katalyst.kubewharf.io/memory_enhancement"
 MiB = 1 << 20
 BURNER = (
     sys.executable,
@@ -84,11 +85,15 @@ class DemoPod:
 
     def resources(self) -> Res:
         if self.best_effort:
-            return Res(cpu=CpuResources(shares=2, period=100_000), memory=MemoryResources())
-        shares = max(2, self.millicores * 1024 // 1000)
-        quota = self.millicores * 100 * (2 if self.burstable else 1)
+            cpu = CpuResources(shares=kubelet_shares(0), period=CFS_PERIOD_US)
+            return Res(cpu=cpu, memory=MemoryResources())
+        limit = self.millicores * (2 if self.burstable else 1)
         return Res(
-            cpu=CpuResources(shares=shares, quota=quota, period=100_000),
+            cpu=CpuResources(
+                shares=kubelet_shares(self.millicores),
+                quota=kubelet_quota(limit),
+                period=CFS_PERIOD_US,
+            ),
             memory=MemoryResources(limit=self.memory),
         )
 

@@ -15,7 +15,7 @@ drops it from every sibling, cache and node mask while it is down. Such CPUs are
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -133,6 +133,7 @@ class Topology:
     _cores: dict[CoreId, Core] = field(init=False, repr=False, compare=False)
     _node_by_id: dict[int, NumaNode] = field(init=False, repr=False, compare=False)
     _l3_by_id: dict[int, CacheDomain] = field(init=False, repr=False, compare=False)
+    _derived: dict[Hashable, object] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         cpus = tuple(sorted(self.cpus, key=lambda cpu: cpu.id))
@@ -196,6 +197,20 @@ class Topology:
         object.__setattr__(self, "_cores", cores)
         object.__setattr__(self, "_node_by_id", node_by_id)
         object.__setattr__(self, "_l3_by_id", l3_by_id)
+        object.__setattr__(self, "_derived", {})
+
+    def derived(self, key: Hashable, make: Callable[[], _T]) -> _T:
+        """A value computed from this topology alone (and `key`), remembered with it: the
+        topology never changes, so neither does the value. Consumers that cut the same CPU
+        sets on every event (the planner's pools) use it; at most 4096 values are kept."""
+        derived = self._derived
+        if key in derived:
+            return derived[key]  # type: ignore[return-value]
+        value = make()
+        if len(derived) >= 4096:
+            derived.clear()
+        derived[key] = value
+        return value
 
     # --- CPUs -------------------------------------------------------------------------
 

@@ -5,12 +5,12 @@ limit), the Katalyst annotation keys (imported from the code, never retyped) and
 host the controllers write to, so a test says only what is special about its container.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: it would shadow the `annotations` builder.
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from nri_plugin.policy.kube_qos import CFS_PERIOD_US, kubelet_quota, kubelet_shares
 from nri_plugin.policy.qos import (
     ANNOTATION_CPU_ENHANCEMENT,
     ANNOTATION_MEMORY_ENHANCEMENT,
@@ -28,19 +28,9 @@ from qos_model.containers import (
 QOS = ANNOTATION_QOS_LEVEL
 CPU_ENHANCEMENT = ANNOTATION_CPU_ENHANCEMENT
 MEMORY_ENHANCEMENT = ANNOTATION_MEMORY_ENHANCEMENT
-CFS_PERIOD = 100_000  # the kubelet's default cpu.cfs_period_us
+CFS_PERIOD = CFS_PERIOD_US
 MiB = 1 << 20
 GiB = 1 << 30
-
-
-def kubelet_shares(request_millicores: int) -> int:
-    """cpu.shares the kubelet sets for a CPU request (MilliCPUToShares: at least 2)."""
-    return max(2, request_millicores * 1024 // 1000)
-
-
-def kubelet_quota(limit_millicores: int, period: int = CFS_PERIOD) -> int:
-    """cpu.cfs_quota_us the kubelet sets for a CPU limit (MilliCPUToQuota: at least 1000)."""
-    return max(1000, limit_millicores * period // 1000)
 
 
 def kubelet_cpu(request: int, limit: int | None = None, **extra: object) -> CpuResources:

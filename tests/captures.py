@@ -125,6 +125,11 @@ SESSIONS = all_sessions()
 assert len(SESSIONS) == 6, f"expected 6 capture sessions under {CAPTURES}, found {len(SESSIONS)}"
 
 
+def session_id(session: Session) -> str:
+    """A session's parametrize id, "<runtime>/<name>": `ids=session_id`."""
+    return session.id
+
+
 def has_map(message: Message) -> bool:
     """True when a message holds a map entry anywhere: Go writes map entries in random
     order, so such messages can only be compared decoded, not byte for byte."""

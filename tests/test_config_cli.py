@@ -70,6 +70,20 @@ def test_full_file_is_applied() -> None:
         ("[policy]\noom_bands = { reclaimed_cores = [0, 100] }", "oom bands|band"),
         ("[policy]\nname = 'recording'\nreserved_cpus = '0'", "takes no settings"),
     ],
+    ids=[
+        "misspelled plugin key",
+        "one-digit index",
+        "unknown section",
+        "unknown log level",
+        "unknown policy",
+        "not TOML",
+        "handler budget not a number",
+        "reversed CPU range",
+        "reclaimed_min_cpus not an integer",
+        "misspelled policy key",
+        "overlapping OOM bands",
+        "settings for the recording policy",
+    ],
 )
 def test_bad_config_says_what_is_wrong(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):

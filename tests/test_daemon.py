@@ -17,46 +17,9 @@ from nri_plugin.plugin import NriPlugin, PluginSettings
 from nri_plugin.policy.engine import Engine
 from nri_plugin.policy.qos_policy import QosPolicy
 from nri_plugin.status import query
-from qos_model.containers import (
-    Container,
-    ContainerState,
-    CpuResources,
-    MemoryResources,
-    Pod,
-    Resources,
-)
-from tests.builders import FakeHost
+from tests.builders import FakeHost, MiB, container, pod
 from tests.conftest import REPO
 from tests.policy.sysfs_builder import MachineShape
-
-QOS = "katalyst.kubewharf.io/qos_level"
-
-
-def _pod(name: str, qos: str) -> Pod:
-    return Pod(
-        id=f"pod-{name}",
-        name=name,
-        namespace="default",
-        uid=name,
-        annotations={QOS: qos},
-        cgroup_parent=f"/test/pod-{name}",
-    )
-
-
-def _ctr(name: str, millicores: int = 1000) -> Container:
-    return Container(
-        id=f"ctr-{name}",
-        pod_id=f"pod-{name}",
-        name=name,
-        state=ContainerState.CREATED,
-        resources=Resources(
-            cpu=CpuResources(
-                shares=max(2, millicores * 1024 // 1000), quota=millicores * 100, period=100_000
-            ),
-            memory=MemoryResources(limit=64 << 20),
-        ),
-        oom_score_adj=500,
-    )
 
 
 async def test_real_plugin_launched_by_the_runtime_takes_its_config_from_configure(
@@ -85,8 +48,8 @@ async def test_real_plugin_launched_by_the_runtime_takes_its_config_from_configu
         await runtime.wait_for_plugins(1, timeout=30)
         info = runtime.plugins[0]
         assert (info.name, info.idx) == ("nri-qos", "50")
-        await runtime.run_pod_sandbox(_pod("web", "shared_cores"))
-        created = await runtime.create_container("pod-web", _ctr("web"))
+        await runtime.run_pod_sandbox(pod("web", "shared_cores"))
+        created = await runtime.create_container("pod-web", container("web", memory=64 * MiB))
         assert created.resources is not None and created.resources.cpu is not None
         assert created.resources.cpu.cpus  # the plugin pinned it
         events = await query(status, "events")
@@ -149,10 +112,10 @@ async def test_rising_online_usage_shrinks_the_reclaimed_pool_via_update_contain
     loop = asyncio.create_task(rebalance_loop(plugin, policy, host, executor, 0.05))  # type: ignore[arg-type]
     try:
         await runtime.wait_for_plugins(1, timeout=10)
-        await runtime.run_pod_sandbox(_pod("web", "shared_cores"))
-        await runtime.create_container("pod-web", _ctr("web", 1000))
-        await runtime.run_pod_sandbox(_pod("batch", "reclaimed_cores"))
-        await runtime.create_container("pod-batch", _ctr("batch", 100))
+        await runtime.run_pod_sandbox(pod("web", "shared_cores"))
+        await runtime.create_container("pod-web", container("web", 1000, memory=64 * MiB))
+        await runtime.run_pod_sandbox(pod("batch", "reclaimed_cores"))
+        await runtime.create_container("pod-batch", container("batch", 100, memory=64 * MiB))
         await asyncio.sleep(0.3)
 
         def reclaimed_cpus() -> str:

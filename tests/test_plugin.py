@@ -26,6 +26,7 @@ from nri_plugin.protocol import nri_pb2 as pb
 from nri_plugin.protocol.connection import RequestReceived, ResponseReceived
 from nri_plugin.protocol.versions import Event, infer_runtime, valid_event_mask
 from qos_model.containers import Adjustment, Container, CpuResources, Pod, Resources, Update
+from tests.builders import kubelet_shares
 from tests.scripted_runtime import ScriptedRuntime, metric
 
 
@@ -34,12 +35,13 @@ def _pod(pid: str = "pod0") -> pb.PodSandbox:
 
 
 def _ctr(cid: str = "ctr0", pod: str = "pod0") -> pb.Container:
+    """A Burstable container as the runtime sends it: 1 CPU requested, no limit."""
     return convert.container_to_pb(
         Container(
             id=cid,
             pod_id=pod,
             name=f"name-{cid}",
-            resources=Resources(cpu=CpuResources(shares=1024)),
+            resources=Resources(cpu=CpuResources(shares=kubelet_shares(1000))),
         )
     )
 
@@ -65,17 +67,24 @@ async def _finish(
 # --- configuration and subscription ------------------------------------------------------
 
 
+RUNTIMES = [
+    ("containerd", "v1.7.13", "", False, 0x7FF),
+    ("containerd", "v1.7.27", "", True, 0x7FF),
+    ("containerd", "v2.2.0", "", True, 0x3FFF),
+    ("containerd", "v2.3.4", "v0.12.0", True, 0x3FFF),
+    ("cri-o", "1.36.3", "", True, 0x3FFF),
+    ("cri-o", "1.31.2", "", True, 0x7FF),
+    ("someruntime", "9.9", "", False, 0x7FF),
+    ("someruntime", "9.9", "0.0.0-unknown", True, 0x3FFF),
+]
+
+
 @pytest.mark.parametrize(
     ("name", "version", "nri", "timeouts", "valid"),
-    [
-        ("containerd", "v1.7.13", "", False, 0x7FF),
-        ("containerd", "v1.7.27", "", True, 0x7FF),
-        ("containerd", "v2.2.0", "", True, 0x3FFF),
-        ("containerd", "v2.3.4", "v0.12.0", True, 0x3FFF),
-        ("cri-o", "1.36.3", "", True, 0x3FFF),
-        ("cri-o", "1.31.2", "", True, 0x7FF),
-        ("someruntime", "9.9", "", False, 0x7FF),
-        ("someruntime", "9.9", "0.0.0-unknown", True, 0x3FFF),
+    RUNTIMES,
+    ids=[
+        f"{name} {version}{f' NRI {nri}' if nri else ''}{'' if timeouts else ', no timeouts'}"
+        for name, version, nri, timeouts, _ in RUNTIMES
     ],
 )
 def test_subscription_fits_the_runtime(

@@ -20,7 +20,7 @@ from nri_plugin.protocol import mux, services, ttrpc, ttrpc_pb2
 from nri_plugin.protocol import nri_pb2 as pb
 from nri_plugin.protocol.versions import VALID_EVENTS_LEGACY, VALID_EVENTS_V0_10
 from qos_model.containers import ContainerState
-from tests.captures import SESSIONS, TO_PLUGIN, Session
+from tests.captures import SESSIONS, TO_PLUGIN, Session, session_id
 from tests.scripted_runtime import metric_total
 
 VALID = {
@@ -50,7 +50,7 @@ class _Wire:
         return self.queue.pop(0)
 
 
-@pytest.mark.parametrize("session", SESSIONS, ids=[s.id for s in SESSIONS])
+@pytest.mark.parametrize("session", SESSIONS, ids=session_id)
 async def test_plugin_answers_recorded_runtime_traffic(session: Session) -> None:
     a, b = socket.socketpair()
     policy = RecordingPolicy()

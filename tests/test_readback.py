@@ -27,7 +27,8 @@ from isolation.cgroups import (
 from isolation.oom import ProcessControls
 from nri_plugin.readback import UNLIMITED, HostView, read_back
 from qos_model.containers import Container
-from tests.isolation.test_cgroups_v2_fake import FakeCgroup2, cg, echo
+from tests.isolation.fake_cgroup2 import FakeCgroup2, cg, echo
+from tests.processes import start_process, stop
 
 MIB = 1 << 20
 GROUP = "/kubepods/burstable/pod1/c1"
@@ -233,7 +234,7 @@ def test_real_sleep_in_a_real_v1_group() -> None:
         cgroupfs.set_cpu_shares(group, 300)
         cgroupfs.set_cpu_quota(group, CpuQuota(30_000, 100_000))
         cgroupfs.set_memory_limit(group, 48 * MIB)
-        sleeper = subprocess.Popen(["sleep", "60"])
+        sleeper = start_process()
         cgroupfs.move_pid(group, sleeper.pid)
         procs.set_oom_score_adj(sleeper.pid, 321)
         container = Container(id="rb", cgroups_path=str(group), pid=sleeper.pid)
@@ -256,8 +257,7 @@ def test_real_sleep_in_a_real_v1_group() -> None:
         assert after.cpu_shares == 300
         assert {e.split(":")[0] for e in after.errors} == {"cpus", "oom_score_adj"}
     finally:
-        if sleeper is not None and sleeper.poll() is None:
-            sleeper.kill()
-            sleeper.wait()
+        if sleeper is not None:
+            stop(sleeper)
         if any(cgroupfs.group_dir(parent, c).exists() for c in ("cpuset", "cpu", "memory")):
             cgroupfs.remove_group(parent, recursive=True)

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
-from nri_plugin.policy.incremental import PlanChanges, Planner
+from nri_plugin.policy.incremental import Planner, PlanStep
 from nri_plugin.policy.intents import (
     NO_INTENTS,
     ContainerRef,
@@ -179,7 +179,7 @@ class Engine:
         notes: list[Note] = []
         for ctr in sorted(live, key=lambda c: (c.created_at, c.id)):
             self._admit(restore_original(ctr), notes)
-        changes = self.planner.rebuild([_workload(r) for r in self.table], self.planner.usage)
+        planned = self.planner.rebuild([_workload(r) for r in self.table], self.planner.usage)
         updates: list[Update] = []
         host: list[HostIntent] = []
         for ctr in live:
@@ -197,7 +197,7 @@ class Engine:
             )
         )
         intents = Intents(reply_updates=tuple(updates), host=tuple(host), notes=tuple(notes))
-        return self._step(_diff(changes), intents)
+        return self._step(_diff(planned), intents)
 
     def pod_started(self, pod: Pod) -> Step:
         self.table.pods[pod.id] = pod
@@ -211,17 +211,18 @@ class Engine:
         self.table.pods.setdefault(pod.id, pod)
         notes: list[Note] = []
         record = self._admit(restore_original(container), notes, pod)
-        changes = self.planner.add(_workload(record))
+        planned = self.planner.add(_workload(record))
         plan = self._plan_of(container.id)
         adjustment = plan.adjustment(
             with_oom_score_adj=self._runtime_sets_oom(),
             annotations={ORIGINAL_ANNOTATION: originals_annotation(container)},
         )
         notes.append(Note("plan", plan.name, _describe(plan)))
-        others = self._route(changes, skip=container.id)
+        diff = _diff(planned)
+        others = self._route(planned, diff, skip=container.id)
         self._allocation_notes(notes)
         intents = Intents(adjustment=adjustment, notes=tuple(notes)) + others
-        return self._step(_diff(changes), intents)
+        return self._step(diff, intents)
 
     def container_started(self, pod: Pod, container: Container) -> Step:
         record = self.table.get(container.id)
@@ -246,20 +247,22 @@ class Engine:
             base = base.with_resources(merge_requested(base.resources, requested))
         notes: list[Note] = []
         record = self._admit(base, notes, pod)
-        changes = self.planner.add(_workload(record))
+        planned = self.planner.add(_workload(record))
         plan = self._plan_of(container.id)
         # Always answer with our placement: a CRI update may carry the kubelet's cpuset,
         # and it must not undo ours.
         own = Intents(reply_updates=(plan.update(),), notes=tuple(notes))
-        return self._step(_diff(changes), own + self._route(changes, skip_runtime=container.id))
+        diff = _diff(planned)
+        return self._step(diff, own + self._route(planned, diff, skip_runtime=container.id))
 
     def container_stopped(self, pod: Pod, container: Container) -> Step:
         return self._forget([container.id])
 
     def usage_sampled(self, usage: UsageSample) -> Step:
         """New online CPU usage: resize the reclaimed pool."""
-        changes = self.planner.set_usage(usage)
-        return self._step(_diff(changes), self._route(changes))
+        planned = self.planner.set_usage(usage)
+        diff = _diff(planned)
+        return self._step(diff, self._route(planned, diff))
 
     # --- internals ------------------------------------------------------------------------
 
@@ -308,26 +311,37 @@ class Engine:
             self._noted.pop(cid, None)
         if not gone:
             return self._step({}, NO_INTENTS)
-        changes = self.planner.remove(gone)
-        return self._step(_diff(changes), self._route(changes))
+        planned = self.planner.remove(gone)
+        diff = _diff(planned)
+        return self._step(diff, self._route(planned, diff))
 
-    def _route(self, changes: PlanChanges, skip: str = "", skip_runtime: str = "") -> Intents:
-        """Intents for live containers whose planned values moved: one runtime update per
-        container whose "cpu" fields moved, one host intent per host domain that moved.
-        `skip`: the container being created (its plan travels in the adjustment);
-        `skip_runtime`: the container being updated (its update travels in the reply)."""
+    def _route(
+        self,
+        step: PlanStep,
+        diff: Mapping[str, tuple[FieldChange, ...]],
+        skip: str = "",
+        skip_runtime: str = "",
+    ) -> Intents:
+        """Intents for live containers whose planned values moved (`diff`): one runtime
+        update per container whose "cpu" fields moved, one host intent per host domain
+        that moved. `skip`: the container being created (its plan travels in the
+        adjustment); `skip_runtime`: the container being updated (its update travels in
+        the reply). A pool move's members all get the move's resources."""
         updates: list[Update] = []
         host: list[HostIntent] = []
-        for cid, (old, new) in changes.items():
-            if old is None or new is None or cid == skip:
+        for cid, (_old, new) in step.changes.items():
+            fields = diff.get(cid)
+            if new is None or not fields or cid == skip:
                 continue
-            domains = {c.domain for c in diff_plans(old, new)}
+            domains = {c.domain for c in fields}
             if CPU in domains and cid != skip_runtime:
                 updates.append(new.update())
             if OOM in domains:
                 record = self.table.get(cid)
                 if record is not None:
                     host.append(self._oom_intent(Phase.POST_UPDATE, record.container, new))
+        for move in step.moves:
+            updates.extend(Update(cid, move.resources) for cid in move.members)
         notes: tuple[Note, ...] = ()
         if updates:
             notes = (Note("pool", "node", f"pools moved: updating {len(updates)} container(s)"),)
@@ -362,13 +376,18 @@ def _workload(record: ContainerRecord) -> Workload:
     )
 
 
-def _diff(changes: PlanChanges) -> dict[str, tuple[FieldChange, ...]]:
-    """Field changes of the containers that stayed; arrivals and departures are whole."""
-    return {
+def _diff(step: PlanStep) -> dict[str, tuple[FieldChange, ...]]:
+    """Field changes of the containers that stayed; arrivals and departures are whole. A
+    pool move changes its members' CPUs only: one shared tuple for all of them."""
+    out = {
         cid: diff
-        for cid, (old, new) in changes.items()
+        for cid, (old, new) in step.changes.items()
         if old is not None and new is not None and (diff := diff_plans(old, new))
     }
+    for move in step.moves:
+        moved = (FieldChange("cpus", CPU, move.before, move.after),)
+        out.update(dict.fromkeys(move.members, moved))
+    return out
 
 
 def _reported_cpus(container: Container) -> frozenset[int]:

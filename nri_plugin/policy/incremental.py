@@ -11,13 +11,18 @@ change:
   containers' summed demand, the number of reclaimed containers, each named pool's demand
   — so sizing them does not visit the containers;
 * the NUMA picks of bound pool containers (they depend on each other, in creation order);
-* the plans of the containers the event touched, of the members of every pool whose CPUs
-  moved, and of the dedicated and bound containers whose placement moved.
+* the plans of the containers the event touched and of the dedicated and bound containers
+  whose placement moved;
+* for the plain members of a pool whose CPUs moved (hundreds, on a dense node), nothing
+  per member: the move is reported once (`PoolMove`: the CPUs before and after, the
+  members, the resources they all get), and a member's plan is rebuilt when it is read
+  (its CPUs are its pool's, nothing else about it changed).
 
 Contract, checked by a property test over random topologies and histories
 (tests/policy/test_incremental.py): after every step, `plan` equals
 `plan_node(topology, config, workloads, previous=<the dedicated allocations before the
-step>, usage)`, and the changes it reports are exactly the containers whose plan differs.
+step>, usage)`, and the containers it reports (changed plans and pool moves' members) are
+exactly those whose plan differs.
 Pure: no I/O, no clock; one thread at a time.
 """
 
@@ -25,7 +30,7 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -35,17 +40,18 @@ from nri_plugin.policy.planner import (
     DEDICATED,
     RECLAIMED,
     SHARED,
+    DecisionMemo,
     DedicatedPlacement,
     NodePlan,
     NumaState,
-    Placed,
     PlannerConfig,
     Pools,
     UsageSample,
     Workload,
     allocatable_cpus,
     binds_numa,
-    bound_decisions,
+    bound_picks,
+    bound_placed,
     container_plan,
     demand_of,
     is_dedicated,
@@ -55,11 +61,55 @@ from nri_plugin.policy.planner import (
     pool_of,
 )
 from nri_plugin.policy.qos import QosClass
+from qos_model.containers import Resources
 from qos_model.topology import Topology
 
-PlanChanges = Mapping[str, tuple[ContainerPlan | None, ContainerPlan | None]]
-"""Container id -> (plan before, plan after) for every container whose plan changed;
-None before: it arrived; None after: it left."""
+Change = tuple[ContainerPlan | None, ContainerPlan | None]
+
+
+@dataclass(frozen=True, slots=True)
+class PoolMove:
+    """A pool's CPUs moved: each of `members` now runs on `after` (nothing else about
+    them changed) and gets `resources` (the same for all of them)."""
+
+    pool: str
+    before: frozenset[int]
+    after: frozenset[int]
+    members: tuple[str, ...]
+    resources: Resources
+
+
+@dataclass(frozen=True, slots=True)
+class PlanStep:
+    """What one event changed. `changes`: container id -> (plan before, plan after), None
+    before: it arrived, None after: it left. `moves`: pools whose CPUs moved, with their
+    plain members (who are not in `changes`)."""
+
+    changes: Mapping[str, Change]
+    moves: tuple[PoolMove, ...] = ()
+
+    def changed_ids(self) -> set[str]:
+        return set(self.changes).union(*(m.members for m in self.moves))
+
+
+class _LivePlans(Mapping[str, ContainerPlan]):
+    """The plan of every container, rebuilt on read where a pool move made it stale."""
+
+    def __init__(self, planner: Planner) -> None:
+        self._planner = planner
+
+    def __getitem__(self, container_id: str) -> ContainerPlan:
+        plan = self._planner.get(container_id)
+        if plan is None:
+            raise KeyError(container_id)
+        return plan
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._planner._plans))
+
+    def __len__(self) -> int:
+        return len(self._planner._plans)
+
 
 _EMPTY_PLACEMENT = DedicatedPlacement(MappingProxyType({}), MappingProxyType({}), NumaState(), ())
 
@@ -106,8 +156,10 @@ class Planner:
         self._demand = 0
         self._pool_of: dict[str, str] = {}
         self._members: dict[str, set[str]] = {}  # pool -> unbound members
-        self._picks: dict[str, Placed] = {}
-        self._plans: dict[str, ContainerPlan] = {}
+        self._picks: dict[str, int | None] = {}  # bound pool container -> its node
+        self._bound_dirty = False  # a bound container came or went since the last picks
+        self._plans: dict[str, ContainerPlan] = {}  # plain members' may be stale: see get()
+        self._memo: DecisionMemo = {}  # the current pools' Decision objects
 
     # --- reading --------------------------------------------------------------------------
 
@@ -117,9 +169,7 @@ class Planner:
         if pools is None:
             pools, self._demand = self._layout()
             self._pools = pools
-        return NodePlan(
-            pools, MappingProxyType(self._plans), self._placement.warnings, self._demand
-        )
+        return NodePlan(pools, _LivePlans(self), self._placement.warnings, self._demand)
 
     @property
     def dedicated_allocations(self) -> Mapping[str, CpuAllocation]:
@@ -133,50 +183,63 @@ class Planner:
         return self._workloads.values()
 
     def get(self, container_id: str) -> ContainerPlan | None:
-        return self._plans.get(container_id)
+        """The container's plan; a plain pool member's is rebuilt if its pool moved."""
+        plan = self._plans.get(container_id)
+        if plan is None or self._pools is None:
+            return plan
+        pool = self._pool_of[container_id]
+        if pool == DEDICATED or container_id in self._picks:
+            return plan
+        current = self._pools.pool_cpus(pool)
+        if plan.cpus.value is current or plan.cpus.value == current:
+            return plan
+        plan = self._build(container_id, self._pools)
+        self._plans[container_id] = plan
+        return plan
 
     # --- events ---------------------------------------------------------------------------
 
-    def rebuild(self, workloads: Iterable[Workload], usage: UsageSample | None) -> PlanChanges:
+    def rebuild(self, workloads: Iterable[Workload], usage: UsageSample | None) -> PlanStep:
         """Start over from the runtime's view (Synchronize): each dedicated container
         keeps the cpuset it reports when that is still a valid exclusive set."""
-        before = dict(self._plans)
+        before = {cid: self.get(cid) for cid in list(self._plans)}
         self._reset()
         self._usage = usage
         for w in workloads:
             self._insert(w)
         claims = Counter(cpu for w in self._workloads.values() for cpu in w.current_cpus)
-        changes = self._step(set(self._workloads), dedicated_dirty=True, adopt=True, claims=claims)
-        out = dict(changes)
+        step = self._step(set(self._workloads), dedicated_dirty=True, adopt=True, claims=claims)
+        changes = dict(step.changes)
         for cid, plan in before.items():
             now = self._plans.get(cid)
             if now is None:
-                out[cid] = (plan, None)
+                changes[cid] = (plan, None)
             elif now == plan:
-                out.pop(cid, None)
+                changes.pop(cid, None)
             else:
-                out[cid] = (plan, now)
-        return out
+                changes[cid] = (plan, now)
+        return PlanStep(changes)
 
-    def add(self, w: Workload) -> PlanChanges:
+    def add(self, w: Workload) -> PlanStep:
         """A new container, or a known one with new inputs (it keeps its place)."""
         old = self._workloads.get(w.container_id)
-        removed: dict[str, tuple[ContainerPlan | None, ContainerPlan | None]] = {}
+        removed: dict[str, Change] = {}
         if old is not None:
             self._discard(old.container_id, removed)
         self._insert(w)
         dirty = is_dedicated(w) or (old is not None and is_dedicated(old))
-        changes = dict(self._step({w.container_id}, dedicated_dirty=dirty))
+        step = self._step({w.container_id}, dedicated_dirty=dirty)
+        changes = dict(step.changes)
         for cid, (before, _after) in removed.items():
             after = self._plans.get(cid)
             if after == before:
                 changes.pop(cid, None)
             else:
                 changes[cid] = (before, after)
-        return changes
+        return PlanStep(changes, step.moves)
 
-    def remove(self, container_ids: Iterable[str]) -> PlanChanges:
-        removed: dict[str, tuple[ContainerPlan | None, ContainerPlan | None]] = {}
+    def remove(self, container_ids: Iterable[str]) -> PlanStep:
+        removed: dict[str, Change] = {}
         dirty = False
         for cid in container_ids:
             w = self._workloads.get(cid)
@@ -184,10 +247,11 @@ class Planner:
                 dirty = dirty or is_dedicated(w)
                 self._discard(cid, removed)
         if not removed:
-            return {}
-        return {**removed, **self._step(set(), dedicated_dirty=dirty)}
+            return PlanStep({})
+        step = self._step(set(), dedicated_dirty=dirty)
+        return PlanStep({**removed, **step.changes}, step.moves)
 
-    def set_usage(self, usage: UsageSample | None) -> PlanChanges:
+    def set_usage(self, usage: UsageSample | None) -> PlanStep:
         self._usage = usage
         return self._step(set(), dedicated_dirty=False)
 
@@ -200,22 +264,22 @@ class Planner:
             bisect.insort(self._dedicated, w, key=_order)
         if binds_numa(w):
             bisect.insort(self._bound, w, key=_order)
+            self._bound_dirty = True
 
-    def _discard(
-        self, cid: str, removed: dict[str, tuple[ContainerPlan | None, ContainerPlan | None]]
-    ) -> None:
+    def _discard(self, cid: str, removed: dict[str, Change]) -> None:
+        removed[cid] = (self.get(cid), None)  # read while its pool is still known
         w = self._workloads.pop(cid)
         self._agg.count(w, -1)
         if is_dedicated(w):
             self._dedicated = [x for x in self._dedicated if x.container_id != cid]
         if binds_numa(w):
             self._bound = [x for x in self._bound if x.container_id != cid]
+            self._bound_dirty = True
         pool = self._pool_of.pop(cid, None)
         if pool is not None:
             self._members.get(pool, set()).discard(cid)
         self._picks.pop(cid, None)
-        plan = self._plans.pop(cid, None)
-        removed[cid] = (plan, None)
+        self._plans.pop(cid, None)
 
     def _layout(self) -> tuple[Pools, int]:
         agg = self._agg
@@ -235,7 +299,7 @@ class Planner:
         dedicated_dirty: bool,
         adopt: bool = False,
         claims: Counter[int] | None = None,
-    ) -> dict[str, tuple[ContainerPlan | None, ContainerPlan | None]]:
+    ) -> PlanStep:
         if dedicated_dirty:
             old = self._placement
             previous = None if adopt else old.allocations
@@ -252,40 +316,72 @@ class Planner:
                 for w in self._dedicated
                 if w.container_id not in new.allocations
             )
+        # Plans read after this point must be what they were before the step.
+        before = {cid: self.get(cid) for cid in touched}
         old_pools = self._pools
         pools, self._demand = self._layout()
-        self._pools = pools
+        self._pools, self._memo = pools, {}
         placement = self._placement
         for cid in touched:
-            moved = self._workloads.get(cid)
-            if moved is not None:
+            member = self._workloads.get(cid)
+            if member is not None:
                 allocated = cid in placement.allocations
-                self._place_in_pool(moved, pool_of(moved, allocated, self._reserved))
-        bound = [w for w in self._bound if self._pool_of[w.container_id] != DEDICATED]
-        picks = bound_decisions(
-            self.topology, pools, placement.numa, bound, self._pool_of, placement.refused
-        )
-        for cid, placed in picks.items():
-            if self._picks.get(cid) != placed:
-                touched.add(cid)
-        self._picks = picks
-        for pool in _moved_pools(old_pools, pools):
-            touched |= self._members.get(pool, set())
-        changes: dict[str, tuple[ContainerPlan | None, ContainerPlan | None]] = {}
+                self._place_in_pool(member, pool_of(member, allocated, self._reserved))
+        moved = _moved_pools(old_pools, pools)
+        if dedicated_dirty or self._bound_dirty or moved:
+            # Picks depend on the dedicated NUMA state, the bound containers (in order)
+            # and the nodes of their pools: recomputed only when one of those changed.
+            bound = [w for w in self._bound if self._pool_of[w.container_id] != DEDICATED]
+            picks = bound_picks(self.topology, pools, placement.numa, bound, self._pool_of)
+            for cid, node in picks.items():
+                if cid not in touched and (
+                    self._pool_of[cid] in moved or self._picks.get(cid, -1) != node
+                ):
+                    before[cid] = self._plans.get(cid)  # bound: never stale
+                    touched.add(cid)
+            self._picks, self._bound_dirty = picks, False
+        changes: dict[str, Change] = {}
         for cid in touched:
-            workload = self._workloads.get(cid)
-            if workload is None:
+            if cid in self._workloads:
+                plan = self._build(cid, pools)
+                if plan != before.get(cid):
+                    self._plans[cid] = plan
+                    changes[cid] = (before.get(cid), plan)
+        return PlanStep(changes, self._moves(old_pools, pools, moved, touched))
+
+    def _moves(
+        self, old: Pools | None, new: Pools, moved: list[str], touched: set[str]
+    ) -> tuple[PoolMove, ...]:
+        """The pools whose CPUs moved, with their members the step did not re-plan (their
+        plans are rebuilt when read: see get)."""
+        out = []
+        for pool in moved:
+            members = tuple(sorted(self._members.get(pool, set()) - touched))
+            if not members or old is None:
                 continue
-            pool = self._pool_of[cid]
-            placed = self._picks.get(cid) or pool_cpus_decision(
-                workload, pool, pools, placement.refused.get(cid)
+            resources = self._fresh(members[0]).update().resources
+            out.append(
+                PoolMove(
+                    pool, _cpus(old, pool) or frozenset(), new.pool_cpus(pool), members, resources
+                )
             )
-            plan = container_plan(self.config, workload, pool, *placed)
-            before = self._plans.get(cid)
-            if plan != before:
-                self._plans[cid] = plan
-                changes[cid] = (before, plan)
-        return changes
+        return tuple(out)
+
+    def _fresh(self, cid: str) -> ContainerPlan:
+        plan = self.get(cid)
+        assert plan is not None, cid
+        return plan
+
+    def _build(self, cid: str, pools: Pools) -> ContainerPlan:
+        workload = self._workloads[cid]
+        pool = self._pool_of[cid]
+        refused = self._placement.refused.get(cid)
+        if cid in self._picks:
+            node = self._picks[cid]
+            placed = bound_placed(self.topology, workload, pool, pools, node, refused)
+        else:
+            placed = pool_cpus_decision(workload, pool, pools, refused, self._memo)
+        return container_plan(self.config, workload, pool, *placed)
 
     def _place_in_pool(self, w: Workload, pool: str) -> None:
         cid = w.container_id
@@ -316,4 +412,4 @@ def _cpus(pools: Pools, pool: str) -> frozenset[int] | None:
     return pools.pool_cpus(pool)
 
 
-__all__ = ["DEDICATED", "PlanChanges", "Planner"]
+__all__ = ["Change", "PlanStep", "Planner", "PoolMove"]

@@ -33,6 +33,7 @@ _MIN_SHARES: Final = 2
 _SHARES_PER_CPU: Final = 1024
 MILLI_PER_CPU: Final = 1000
 _DEFAULT_CFS_PERIOD_US: Final = 100_000
+CFS_PERIOD_US: Final = _DEFAULT_CFS_PERIOD_US  # the kubelet's default cpu.cfs_period_us
 _MEMORY_UNLIMITED: Final = 1 << 62  # runtimes report "max" as ~PAGE_COUNTER_MAX pages
 
 
@@ -50,6 +51,17 @@ class KubeQosEstimate:
     cpu_limit_millicores: int | None
     memory_limit_bytes: int | None
     reason: str
+
+
+def kubelet_shares(request_millicores: int) -> int:
+    """cpu.shares the kubelet sets for a CPU request (MilliCPUToShares), which
+    `_cpu_request_millicores` inverts; the lab and the tests build containers with it."""
+    return max(_MIN_SHARES, request_millicores * _SHARES_PER_CPU // MILLI_PER_CPU)
+
+
+def kubelet_quota(limit_millicores: int, period: int = _DEFAULT_CFS_PERIOD_US) -> int:
+    """cpu.cfs_quota_us the kubelet sets for a CPU limit (MilliCPUToQuota: at least 1 ms)."""
+    return max(1000, limit_millicores * period // MILLI_PER_CPU)
 
 
 def _ceil_div(a: int, b: int) -> int:

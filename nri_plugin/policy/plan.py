@@ -104,7 +104,17 @@ class ContainerPlan:
 
     def update(self) -> Update:
         """The resources to (re)apply to the running container."""
-        return Update(self.container_id, Resources(cpu=self.cpu_resources()))
+        key = (self.cpus.value, self.mems.value, self.cpu_shares.value, self.cpu_quota.value)
+        resources = _UPDATES.get(key)
+        if resources is None:
+            if len(_UPDATES) > 4096:
+                _UPDATES.clear()
+            resources = _UPDATES[key] = Resources(cpu=self.cpu_resources())
+        return Update(self.container_id, resources)
+
+
+# A pool's members get the same resources when it moves: build them once (they are frozen).
+_UPDATES: dict[tuple[object, ...], Resources] = {}
 
 
 _CPU_LISTS: dict[frozenset[int], str] = {}
@@ -146,12 +156,23 @@ def diff_plans(old: ContainerPlan, new: ContainerPlan) -> tuple[FieldChange, ...
 
     Compares values only: a new reason with the same value asks nothing of anyone."""
     changes = []
-    for f in plan_fields(type(new)):
-        before = getattr(old, f.name).value
-        after = getattr(new, f.name).value
-        if before != after:
-            changes.append(FieldChange(f.name, f.metadata["domain"], before, after))
+    for name, domain in _domains(type(new)):
+        before = getattr(old, name)
+        after = getattr(new, name)
+        # Members of a pool share Decision objects: most fields are the very same object.
+        if before is not after and before.value != after.value:
+            changes.append(FieldChange(name, domain, before.value, after.value))
     return tuple(changes)
+
+
+def _domains(cls: type[ContainerPlan]) -> tuple[tuple[str, str], ...]:
+    cached = _DOMAINS.get(cls)
+    if cached is None:
+        cached = _DOMAINS[cls] = tuple((f.name, f.metadata["domain"]) for f in plan_fields(cls))
+    return cached
+
+
+_DOMAINS: dict[type, tuple[tuple[str, str], ...]] = {}
 
 
 def domains_of(changes: tuple[FieldChange, ...]) -> frozenset[str]:

@@ -41,16 +41,15 @@ only what an event can change and still equal `plan_node` after every step:
   again on the next event.
 
 This module holds the reference `plan_node` and the building blocks both planners share:
-`place_dedicated`, `layout_pools`, `pool_of`, `pool_cpus_decision`, `bound_decisions`,
-`container_plan`.
+`place_dedicated`, `layout_pools`, `pool_of`, `pool_cpus_decision`, `bound_picks`,
+`bound_placed`, `container_plan`.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from nri_plugin.policy.cpuallocator import AllocationError, CpuAllocation, CpuRequest, allocate_cpus
@@ -242,10 +241,7 @@ class DedicatedPlacement:
     refused: Mapping[str, str]
     numa: NumaState
     warnings: tuple[PlanWarning, ...]
-
-    @property
-    def taken(self) -> frozenset[int]:
-        return frozenset().union(*(a.taken for a in self.allocations.values()))
+    taken: frozenset[int] = frozenset()  # every CPU the allocations hold
 
 
 def place_dedicated(
@@ -330,7 +326,8 @@ def _place_once(
         free = left
         allocations[w.container_id] = allocation
         _record_numa(topology, numa, w, allocation)
-    return DedicatedPlacement(allocations, refused, numa, tuple(warnings))
+    taken = frozenset().union(*(a.taken for a in allocations.values()))
+    return DedicatedPlacement(allocations, refused, numa, tuple(warnings), taken)
 
 
 def layout_pools(
@@ -426,15 +423,16 @@ def plan_node(
         named_demands,
     )
     bound = [w for w in ordered if binds_numa(w) and pools_of[w.container_id] != DEDICATED]
-    picks = bound_decisions(topology, pools, placement.numa, bound, pools_of, placement.refused)
+    picks = bound_picks(topology, pools, placement.numa, bound, pools_of)
     plans = {}
     for w in ordered:
         pool = pools_of[w.container_id]
         cid = w.container_id
+        refused = placement.refused.get(cid)
         if cid in picks:
-            cpus, mems = picks[cid]
+            cpus, mems = bound_placed(topology, w, pool, pools, picks[cid], refused)
         else:
-            cpus, mems = pool_cpus_decision(w, pool, pools, placement.refused.get(cid))
+            cpus, mems = pool_cpus_decision(w, pool, pools, refused)
         plans[cid] = container_plan(config, w, pool, cpus, mems)
     return NodePlan(pools, plans, placement.warnings, demand)
 
@@ -513,12 +511,21 @@ def _size_fits(size: int, request: CpuRequest) -> bool:
     return size >= request.count if request.numa_exclusive else size == request.count
 
 
-def _cores_in(topology: Topology, cpus: frozenset[int]) -> list[frozenset[int]]:
-    """`cpus` grouped by physical core, cores in ascending order of their first CPU."""
-    groups: dict[int, set[int]] = {}
-    for cpu in sorted(cpus):
-        groups.setdefault(topology.core_of(cpu).first_cpu, set()).add(cpu)
-    return [frozenset(groups[k]) for k in sorted(groups)]
+def _cores_in(topology: Topology, cpus: frozenset[int]) -> tuple[frozenset[int], ...]:
+    """`cpus` grouped by physical core, cores in ascending order of their first CPU.
+
+    Runs for every pool on every event: the core order is computed once per topology and
+    the answer remembered per CPU set (pools take few distinct shapes)."""
+
+    def group() -> tuple[frozenset[int], ...]:
+        order = topology.derived("cores by first cpu", _core_order(topology))
+        return tuple(core & cpus for core in order if not core.isdisjoint(cpus))
+
+    return topology.derived(("cores in", cpus), group)
+
+
+def _core_order(topology: Topology) -> Callable[[], tuple[frozenset[int], ...]]:
+    return lambda: tuple(c.cpus for c in sorted(topology.cores, key=lambda c: c.first_cpu))
 
 
 def _take_cores(cores: Iterable[frozenset[int]], count: int) -> frozenset[int]:
@@ -533,11 +540,22 @@ def _take_cores(cores: Iterable[frozenset[int]], count: int) -> frozenset[int]:
 
 def _top_cores(topology: Topology, cpus: frozenset[int], count: int) -> frozenset[int]:
     """`count` CPUs from the highest-numbered whole cores (reclaimed pool)."""
-    return _take_cores(reversed(_cores_in(topology, cpus)), count)
+    return _cores_taken(topology, cpus, count, top=True)
 
 
 def _bottom_cores(topology: Topology, cpus: frozenset[int], count: int) -> frozenset[int]:
-    return _take_cores(_cores_in(topology, cpus), count)
+    return _cores_taken(topology, cpus, count, top=False)
+
+
+def _cores_taken(topology: Topology, cpus: frozenset[int], count: int, top: bool) -> frozenset[int]:
+    """Whole cores from one end of `cpus`, remembered: pools are cut on every event and
+    take few distinct shapes."""
+
+    def take() -> frozenset[int]:
+        cores = _cores_in(topology, cpus)
+        return _take_cores(reversed(cores) if top else cores, count)
+
+    return topology.derived(("cores taken", cpus, count, top), take)
 
 
 def _split_shared_reclaimed(
@@ -580,8 +598,14 @@ Placed = tuple[Decision[frozenset[int]], Decision[frozenset[int] | None]]
 NOT_BOUND: Decision[frozenset[int] | None] = Decision(None, "not NUMA-bound: every memory node")
 
 
-def pool_cpus_decision(w: Workload, pool: str, pools: Pools, refused: str | None) -> Placed:
-    """CPUs and memory nodes of a container that is not bound to a NUMA node."""
+DecisionMemo = dict[tuple[str, str], Decision[frozenset[int]]]
+
+
+def pool_cpus_decision(
+    w: Workload, pool: str, pools: Pools, refused: str | None, memo: DecisionMemo | None = None
+) -> Placed:
+    """CPUs and memory nodes of a container that is not bound to a NUMA node. `memo`
+    shares one Decision object among the members of a pool (a pool of hundreds)."""
     c = w.classification
     if pool == DEDICATED:
         allocation = pools.dedicated[w.container_id]
@@ -592,48 +616,65 @@ def pool_cpus_decision(w: Workload, pool: str, pools: Pools, refused: str | None
                 allocation.mems, f"numa_binding: memory from node(s) {nodes} only"
             )
         return cpus, NOT_BOUND
-    return Decision(pools.pool_cpus(pool), _pool_reason(c, pool, refused)), NOT_BOUND
+    why = _pool_reason(c, pool, refused)
+    if memo is None:
+        return Decision(pools.pool_cpus(pool), why), NOT_BOUND
+    decision = memo.get((pool, why))
+    if decision is None:
+        decision = memo[(pool, why)] = Decision(pools.pool_cpus(pool), why)
+    return decision, NOT_BOUND
 
 
-def bound_decisions(
+def bound_picks(
     topology: Topology,
     pools: Pools,
     numa_after_dedicated: NumaState,
     bound: Sequence[Workload],
     pools_of: Mapping[str, str],
-    refused: Mapping[str, str] | None = None,
-) -> dict[str, Placed]:
-    """NUMA-bound pool containers, in creation order: each takes the least-loaded node of
-    its pool that it may use, and loads it for the ones after it."""
+) -> dict[str, int | None]:
+    """The NUMA node of each bound pool container, in creation order: each takes the
+    least-loaded node of its pool that it may use (None: none), and loads it for the ones
+    after it."""
     numa = numa_after_dedicated.copy()
     nodes_of: dict[str, list[int]] = {}
-    out: dict[str, Placed] = {}
+    out: dict[str, int | None] = {}
     for w in bound:
         c = w.classification
         pool = pools_of[w.container_id]
-        base = pools.pool_cpus(pool)
-        why = _pool_reason(c, pool, (refused or {}).get(w.container_id))
         nodes = nodes_of.get(pool)
         if nodes is None:
-            nodes = nodes_of[pool] = sorted({topology.node_of(cpu) for cpu in base})
+            nodes = nodes_of[pool] = sorted(
+                {topology.node_of(cpu) for cpu in pools.pool_cpus(pool)}
+            )
         avoid = numa.avoid_for(w.pod_id, c.numa_share)
         candidates = [n for n in nodes if n not in avoid]
         if not candidates:
-            cpus = Decision(
-                base,
-                f"{why}; numa_binding asked, but no node of the pool is free to bind to: not bound",
-            )
-            out[w.container_id] = (cpus, NOT_BOUND)
+            out[w.container_id] = None
             continue
         node = min(candidates, key=lambda n: (numa.bound_load.get(n, 0), n))
         numa.bind(node, w.pod_id, demand_of(c), c.numa_share)
-        out[w.container_id] = (
-            Decision(
-                base & topology.node(node).cpus, f"{why}; numa_binding: the part on node {node}"
-            ),
-            Decision(frozenset({node}), f"numa_binding: memory from node {node} only"),
-        )
+        out[w.container_id] = node
     return out
+
+
+def bound_placed(
+    topology: Topology,
+    w: Workload,
+    pool: str,
+    pools: Pools,
+    node: int | None,
+    refused: str | None,
+) -> Placed:
+    """CPUs and memory nodes of a bound pool container given its pick."""
+    base = pools.pool_cpus(pool)
+    why = _pool_reason(w.classification, pool, refused)
+    if node is None:
+        why += "; numa_binding asked, but no node of the pool is free to bind to: not bound"
+        return Decision(base, why), NOT_BOUND
+    return (
+        Decision(base & topology.node(node).cpus, f"{why}; numa_binding: the part on node {node}"),
+        Decision(frozenset({node}), f"numa_binding: memory from node {node} only"),
+    )
 
 
 _RECLAIMED_WEIGHT: Decision[int | None] = Decision(
@@ -672,12 +713,24 @@ def container_plan(
     )
 
 
-@functools.lru_cache(maxsize=1024)
 def _oom_decision(
     qos_class: QosClass, kube_qos: KubeQos | None, oom_priority: int | None, bands: OomBands
 ) -> Decision[int]:
+    """decide_oom_score_adj as a Decision, remembered: few distinct inputs, many containers
+    (keyed by the bands' identity, as hashing them costs more than deciding)."""
+    key = (qos_class, kube_qos, oom_priority, id(bands))
+    known = _OOM_DECISIONS.get(key)
+    if known is not None and known[0] is bands:
+        return known[1]
     oom = decide_oom_score_adj(qos_class, kube_qos, oom_priority, bands)
-    return Decision(oom.oom_score_adj, oom.reason)
+    decision = Decision(oom.oom_score_adj, oom.reason)
+    if len(_OOM_DECISIONS) > 1024:
+        _OOM_DECISIONS.clear()
+    _OOM_DECISIONS[key] = (bands, decision)
+    return decision
+
+
+_OOM_DECISIONS: dict[tuple[object, ...], tuple[OomBands, Decision[int]]] = {}
 
 
 def _pool_reason(c: Classification, pool: str, refused: str | None) -> str:
@@ -687,8 +740,11 @@ def _pool_reason(c: Classification, pool: str, refused: str | None) -> str:
         return f"dedicated_cores refused ({refused}): the shared pool"
     if c.qos_class is QosClass.SYSTEM_CORES and pool != SYSTEM:
         return "system_cores, but no CPUs are reserved: the shared pool"
-    return {
-        SYSTEM: "system_cores: the reserved CPUs",
-        RECLAIMED: "reclaimed_cores: the reclaimed pool",
-        SHARED: "shared_cores: the shared pool",
-    }.get(pool) or f"shared_cores: the named pool {pool.partition(':')[2]!r}"
+    return _POOL_REASONS.get(pool) or f"shared_cores: the named pool {pool.partition(':')[2]!r}"
+
+
+_POOL_REASONS: Mapping[str, str] = {
+    SYSTEM: "system_cores: the reserved CPUs",
+    RECLAIMED: "reclaimed_cores: the reclaimed pool",
+    SHARED: "shared_cores: the shared pool",
+}

@@ -7,14 +7,17 @@ Rules:
   caller to log once and show in the debug API.
 * Katalyst's formats are kept exactly (katalyst-api `pkg/consts/qos.go`, `pod.go`;
   katalyst-core `pkg/util/qos`). Enhancements are JSON objects of *strings*. A flag is on
-  only for "true" (`numa_share` is off only for "false"), integers are read as Go's
-  `strconv.Atoi` reads them, and `numa_ids` is a kernel list such as "0-1,3". Where Katalyst
-  is lax ("True" is not "true"), its outcome is kept and a warning is added. Where Katalyst
-  would refuse the pod, the enhancement is dropped with a warning. A non-string value loses
-  only its key; Katalyst drops the whole map.
+  only for "true" (`numa_share` is off only for "false"), and integers are read as Go's
+  `strconv.Atoi` reads them. Where Katalyst is lax ("True" is not "true"), its outcome is
+  kept and a warning is added. Where Katalyst would refuse the pod, the enhancement is
+  dropped with a warning. A non-string value loses only its key; Katalyst drops the map.
+* Only what the planner uses is read: qos_level, the cpu and memory enhancements above and
+  oom_priority. Katalyst's other keys (numa_number, numa_ids, network_enhancement,
+  net_class_id) are not parsed until a planner decision uses them (the network issue wires
+  net_class_id into the plan's net_class).
 * Enhancements are kept only where katalyst-core honours them. numa_binding applies to
-  dedicated, shared and reclaimed cores. numa_exclusive, full_pcpus_pairing, numa_number and
-  numa_ids need dedicated_cores with numa_binding, and pairing cannot go with exclusive.
+  dedicated, shared and reclaimed cores. numa_exclusive and full_pcpus_pairing need
+  dedicated_cores with numa_binding, and pairing cannot go with exclusive.
   numa_share=false applies to shared and dedicated cores, and cpuset_pool to shared and
   system cores. A shared pool may not take the name of a built-in pool.
 
@@ -52,11 +55,11 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Final, NoReturn, TypeVar
+from typing import Final, NoReturn
 
 from nri_plugin.policy.kube_qos import (
     MILLI_PER_CPU,
@@ -65,16 +68,11 @@ from nri_plugin.policy.kube_qos import (
     estimate_kube_qos,
 )
 from qos_model.containers import Container, Pod
-from qos_model.cpulist import CpuListError, format_cpu_list, parse_cpu_list
 
 # --- annotation keys and the keys inside the JSON enhancement maps --------------------------
 ANNOTATION_QOS_LEVEL: Final = "katalyst.kubewharf.io/qos_level"
 ANNOTATION_CPU_ENHANCEMENT: Final = "katalyst.kubewharf.io/cpu_enhancement"
 ANNOTATION_MEMORY_ENHANCEMENT: Final = "katalyst.kubewharf.io/memory_enhancement"
-ANNOTATION_NETWORK_ENHANCEMENT: Final = "katalyst.kubewharf.io/network_enhancement"
-ANNOTATION_NUMA_NUMBER: Final = "katalyst.kubewharf.io/numa_number"
-ANNOTATION_NUMA_IDS: Final = "katalyst.kubewharf.io/numa_ids"
-ANNOTATION_NET_CLASS_ID: Final = "katalyst.kubewharf.io/net_class_id"
 ANNOTATION_CONFIG_SOURCE: Final = "kubernetes.io/config.source"  # set by the kubelet
 SCOPE_POD: Final = "/pod"
 SCOPE_CONTAINER: Final = "/container."
@@ -84,8 +82,6 @@ CPU_FULL_PCPUS_PAIRING: Final = "full_pcpus_pairing"
 MEMORY_NUMA_BINDING: Final = "numa_binding"
 MEMORY_NUMA_EXCLUSIVE: Final = "numa_exclusive"
 MEMORY_OOM_PRIORITY: Final = "oom_priority"
-NETWORK_NAMESPACE_TYPE: Final = "namespace_type"
-NETWORK_TOPOLOGY_AFFINITY_RESTRICTED: Final = "topology_affinity_restricted"
 
 CONFIG_SOURCE_API: Final = "api"  # kubelet pod sources: "api", "file", "http"
 
@@ -95,22 +91,14 @@ OOM_PRIORITY_IGNORE: Final = -300
 OOM_PRIORITY_TOP: Final = 300
 OOM_PRIORITY_SPAN: Final = 100
 
-# Linux caps NUMA node ids at MAX_NUMNODES (1 << CONFIG_NODES_SHIFT, at most 1 << 10).
-MAX_NUMA_NODES: Final = 1024
-_MAX_UINT32: Final = (1 << 32) - 1
 _INT64_MIN: Final = -(1 << 63)
 _INT64_MAX: Final = (1 << 63) - 1
-_UINT64_MAX: Final = (1 << 64) - 1
 
 _ATOI = re.compile(r"[+-]?[0-9]+")
-_UINT = re.compile(r"[0-9]+")
-_ID_LIST = re.compile(r"[0-9]+(?:-[0-9]+)?(?:,[0-9]+(?:-[0-9]+)?)*")
-_LEADING_ZEROS = re.compile(r"(?<![0-9])0+(?=[0-9])")
 # katalyst-core commonstate pool names: a shared_cores pool must not alias one of them
 _RESERVED_POOLS: Final = frozenset({"reclaim", "dedicated", "reserve", "interrupt", "fallback"})
 _RESERVED_POOL_PREFIXES: Final = ("isolation", "system")
 _EMPTY_MAP: Final[Mapping[str, str]] = MappingProxyType({})
-_T = TypeVar("_T")
 
 
 class QosClass(StrEnum):
@@ -126,15 +114,6 @@ class ClassSource(StrEnum):
     SYSTEM_POD = "system-pod"  # system namespace or critical pod
     KUBERNETES_QOS = "kubernetes-qos"
     DEFAULT = "default"  # nothing known: Katalyst's default class
-
-
-class NetNamespaceType(StrEnum):
-    """network_enhancement namespace_type: which NICs a pod may be given."""
-
-    HOST = "host_ns"
-    HOST_PREFERRED = "host_ns_preferred"
-    NOT_HOST = "anti_host_ns"
-    NOT_HOST_PREFERRED = "anti_host_ns_preferred"
 
 
 _OOM_PRIORITY_BASE: Final[Mapping[QosClass, int]] = MappingProxyType(
@@ -201,14 +180,6 @@ class Classification:
     full_pcpus_pairing: bool = False
     cpuset_pool: str | None = None  # None: the class's default pool
     oom_priority: int | None = None  # in the class range, or OOM_PRIORITY_IGNORE/_TOP
-    numa_number: int | None = None  # len(numa_ids) when those are given
-    numa_ids: tuple[int, ...] = ()
-    net_namespace_type: NetNamespaceType | None = None
-    net_topology_affinity_restricted: bool = False
-    net_class_id: int | None = None
-    cpu_enhancement: Mapping[str, str] = field(default_factory=lambda: _EMPTY_MAP)
-    memory_enhancement: Mapping[str, str] = field(default_factory=lambda: _EMPTY_MAP)
-    network_enhancement: Mapping[str, str] = field(default_factory=lambda: _EMPTY_MAP)
     warnings: tuple[ClassificationWarning, ...] = ()
 
 
@@ -228,6 +199,24 @@ def scoped_key_bases(key: str) -> tuple[str, ...]:
     return (key, f"{name}.{domain}") if slash and name else (key,)
 
 
+_SCOPED_KEYS: dict[tuple[str, str], tuple[tuple[str, bool], ...]] = {}
+
+
+def _scoped_keys(key: str, name: str) -> tuple[tuple[str, bool], ...]:
+    """The keys to try for `key` on a container named `name`, most specific first, each
+    with whether it is container-scoped. Remembered: every container asks for the same
+    few keys, and names repeat."""
+    found = _SCOPED_KEYS.get((key, name))
+    if found is None:
+        bases = scoped_key_bases(key)
+        scoped = [(f"{b}{SCOPE_CONTAINER}{name}", True) for b in bases] if name else []
+        pod = [(f"{b}{SCOPE_POD}", False) for b in bases]
+        if len(_SCOPED_KEYS) > 4096:
+            _SCOPED_KEYS.clear()
+        found = _SCOPED_KEYS[(key, name)] = (*scoped, *pod, (key, False))
+    return found
+
+
 class _Lookup:
     """The scoped view of one container's annotations (see the module docstring)."""
 
@@ -236,10 +225,7 @@ class _Lookup:
         self._name = container.name
 
     def candidates(self, key: str) -> Iterator[_Found]:
-        bases = scoped_key_bases(key)
-        scoped = [(f"{b}{SCOPE_CONTAINER}{self._name}", True) for b in bases] if self._name else []
-        pod = [(f"{b}{SCOPE_POD}", False) for b in bases]
-        for k, container_scoped in [*scoped, *pod, (key, False)]:
+        for k, container_scoped in _scoped_keys(key, self._name):
             seen: set[str] = set()
             for source in self._sources:
                 value = source.get(k)
@@ -300,16 +286,15 @@ def _flag(emap: Mapping[str, str], key: str, name: str, default: bool, warn: _Wa
     return default
 
 
-def _atoi(text: str, signed: bool = True) -> int | None:
-    """Go's strconv.Atoi (or ParseUint base 10): ASCII digits, 64 bits; None where Go fails."""
-    if not (_ATOI if signed else _UINT).fullmatch(text):
+def _atoi(text: str) -> int | None:
+    """Go's strconv.Atoi: ASCII digits, 64 bits; None where Go fails."""
+    if not _ATOI.fullmatch(text):
         return None
     digits = text.lstrip("+-").lstrip("0") or "0"  # int() refuses over 4300 digits, zeros too
     if len(digits) > 20:  # past 64 bits
         return None
     number = -int(digits) if text.startswith("-") else int(digits)
-    low, high = (_INT64_MIN, _INT64_MAX) if signed else (0, _UINT64_MAX)
-    return number if low <= number <= high else None
+    return number if _INT64_MIN <= number <= _INT64_MAX else None
 
 
 def _oom_priority(
@@ -331,41 +316,6 @@ def _oom_priority(
         )
         warn.add(key, text, str(clamped), why, MEMORY_OOM_PRIORITY)
     return clamped
-
-
-def _parse_numa_number(text: str) -> int | None:
-    number = 0 if text == "" else _atoi(text)  # "" and 0 are Katalyst's "no constraint"
-    return number if number is not None and 0 <= number <= MAX_NUMA_NODES else None
-
-
-def _parse_uint32(text: str) -> int | None:
-    number = _atoi(text, signed=False)
-    return number if number is not None and number <= _MAX_UINT32 else None
-
-
-def _parse_numa_ids(text: str) -> tuple[int, ...] | None:
-    # bound every number before expanding ranges: "0-99999999999" must not allocate
-    if not (text == "" or _ID_LIST.fullmatch(text)):
-        return None
-    text = _LEADING_ZEROS.sub("", text)  # "007" -> "7": int() counts zeros against its limit
-    if any(len(n) > 4 or int(n) >= MAX_NUMA_NODES for n in re.findall(r"[0-9]+", text)):
-        return None
-    try:
-        return tuple(sorted(parse_cpu_list(text)))
-    except CpuListError:  # a reversed range such as "3-1"
-        return None
-
-
-def _scan(
-    lookup: _Lookup, key: str, parse: Callable[[str], _T | None], rule: str, warn: _Warnings
-) -> tuple[str, _T | None]:
-    """The first value of `key` (by scope) that `parse` accepts."""
-    for found in lookup.candidates(key):
-        value = parse(found.value)
-        if value is not None:
-            return found.key, value
-        warn.add(found.key, found.value, "none", rule)
-    return key, None
 
 
 def _is_reserved_pool(name: str) -> bool:
@@ -480,43 +430,6 @@ def _cpu_memory(
     return _CpuMemory(binding, exclusive, share, pairing, pool)
 
 
-def _numa_constraint(
-    lookup: _Lookup, applies: bool, warn: _Warnings
-) -> tuple[int | None, tuple[int, ...]]:
-    """numa_number and numa_ids; numa_ids wins and sets the number, as in Katalyst."""
-    rule = f"must be an integer 0..{MAX_NUMA_NODES}"
-    number_key, number = _scan(lookup, ANNOTATION_NUMA_NUMBER, _parse_numa_number, rule, warn)
-    rule = f'must be a NUMA node list like "0-1,3" with ids below {MAX_NUMA_NODES}'
-    ids_key, found_ids = _scan(lookup, ANNOTATION_NUMA_IDS, _parse_numa_ids, rule, warn)
-    ids = found_ids or ()
-    if not applies:
-        why = "only used for dedicated_cores with numa_binding=true"
-        if number:
-            warn.add(number_key, str(number), "none", why)
-        if ids:
-            warn.add(ids_key, format_cpu_list(ids), "none", why)
-        return None, ()
-    if ids and number and number != len(ids):
-        why = f"{ANNOTATION_NUMA_IDS} takes precedence and names {len(ids)} nodes"
-        warn.add(number_key, str(number), str(len(ids)), why)
-    return (len(ids) if ids else number or None), ids
-
-
-def _net_namespace_type(
-    net: tuple[str, Mapping[str, str]], warn: _Warnings
-) -> NetNamespaceType | None:
-    key, net_map = net
-    text = net_map.get(NETWORK_NAMESPACE_TYPE)
-    if text is None:
-        return None
-    try:
-        return NetNamespaceType(text)
-    except ValueError:
-        allowed = ", ".join(t.value for t in NetNamespaceType)
-        warn.add(key, text, "none", f"not one of {allowed}", NETWORK_NAMESPACE_TYPE)
-        return None
-
-
 def classify(pod: Pod, container: Container, config: QosConfig) -> Classification:
     """Decide the container's class and enhancements; never raises on annotation content."""
     lookup = _Lookup(pod, container)
@@ -537,11 +450,7 @@ def classify(pod: Pod, container: Container, config: QosConfig) -> Classificatio
 
     cpu = _json_map(lookup, ANNOTATION_CPU_ENHANCEMENT, warn)
     mem = _json_map(lookup, ANNOTATION_MEMORY_ENHANCEMENT, warn)
-    net = _json_map(lookup, ANNOTATION_NETWORK_ENHANCEMENT, warn)
     cm = _cpu_memory(qos_class, cpu, mem, warn)
-    numa_applies = qos_class is QosClass.DEDICATED_CORES and cm.numa_binding
-    numa_number, numa_ids = _numa_constraint(lookup, numa_applies, warn)
-    uint32_rule = "must be an unsigned 32-bit decimal integer"
     return Classification(
         qos_class=qos_class,
         source=source,
@@ -558,15 +467,5 @@ def classify(pod: Pod, container: Container, config: QosConfig) -> Classificatio
         full_pcpus_pairing=cm.full_pcpus_pairing,
         cpuset_pool=cm.cpuset_pool,
         oom_priority=_oom_priority(mem[1], mem[0], qos_class, warn),
-        numa_number=numa_number,
-        numa_ids=numa_ids,
-        net_namespace_type=_net_namespace_type(net, warn),
-        net_topology_affinity_restricted=_flag(
-            net[1], net[0], NETWORK_TOPOLOGY_AFFINITY_RESTRICTED, False, warn
-        ),
-        net_class_id=_scan(lookup, ANNOTATION_NET_CLASS_ID, _parse_uint32, uint32_rule, warn)[1],
-        cpu_enhancement=cpu[1],
-        memory_enhancement=mem[1],
-        network_enhancement=net[1],
         warnings=tuple(warn.items),
     )

@@ -282,6 +282,17 @@ def update_to_pb(upd: model.Update, out: pb.ContainerUpdate | None = None) -> pb
 
 
 def updates_to_pb(updates: Iterable[model.Update], field: object) -> None:
-    """Append `updates` to a repeated ContainerUpdate field of a response message."""
+    """Append `updates` to a repeated ContainerUpdate field of a response message.
+
+    When a pool moves, hundreds of updates carry the very same resources: each distinct
+    Resources value is converted once and copied."""
+    converted: dict[int, pb.LinuxResources] = {}
     for upd in updates:
-        update_to_pb(upd, field.add())  # type: ignore[attr-defined]
+        msg = field.add()  # type: ignore[attr-defined]
+        msg.container_id = upd.container_id
+        resources = converted.get(id(upd.resources))
+        if resources is None:
+            resources = converted[id(upd.resources)] = resources_to_pb(upd.resources)
+        msg.linux.resources.CopyFrom(resources)
+        msg.linux.resources.SetInParent()
+        msg.ignore_failure = upd.ignore_failure

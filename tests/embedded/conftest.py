@@ -10,6 +10,7 @@ import pytest
 
 from embedded_runtime import CONTAINERD_2_3, EmbeddedRuntime, InMemoryBackend, RuntimeFlavor
 from qos_model import containers as model
+from tests.builders import MiB, kubelet_cpu
 from tests.embedded.fakeplugin import FakePlugin
 
 MakeRuntime = Callable[..., Awaitable[EmbeddedRuntime]]
@@ -52,17 +53,16 @@ async def plugins() -> AsyncIterator[list[FakePlugin]]:
 
 
 def pod(pod_id: str = "pod0", **kwargs: Any) -> model.Pod:
+    """A pod as the runtime tests name it: the id is what they pass around."""
     return model.Pod(
         id=pod_id, name=f"{pod_id}-name", namespace="ns", uid=f"uid-{pod_id}", **kwargs
     )
 
 
 def container(ctr_id: str, pod_id: str = "pod0", **kwargs: Any) -> model.Container:
+    """A container of `pod_id`; unless given, the kubelet's resources for 500m / 128 MiB."""
     kwargs.setdefault(
         "resources",
-        model.Resources(
-            cpu=model.CpuResources(shares=512, quota=50000, period=100000),
-            memory=model.MemoryResources(limit=128 << 20),
-        ),
+        model.Resources(cpu=kubelet_cpu(500), memory=model.MemoryResources(limit=128 * MiB)),
     )
     return model.Container(id=ctr_id, pod_id=pod_id, name=f"{ctr_id}-name", **kwargs)

@@ -41,7 +41,15 @@ from embedded_runtime.records import TO_PLUGIN as LOG_TO_PLUGIN
 from nri_plugin.protocol import nri_pb2 as pb
 from nri_plugin.protocol import services, ttrpc_pb2
 from qos_model import containers as model
-from tests.captures import SESSIONS, TO_PLUGIN, TO_RUNTIME, CapturedMessage, Session, has_map
+from tests.captures import (
+    SESSIONS,
+    TO_PLUGIN,
+    TO_RUNTIME,
+    CapturedMessage,
+    Session,
+    has_map,
+    session_id,
+)
 
 REQUEST, RESPONSE = 1, 2
 REQUEST_TIMEOUT = 2.0  # what the captured runtimes were configured with
@@ -61,10 +69,6 @@ CRI_STEPS = [
     "StopPodSandbox(pre-existing)",
     "RemovePodSandbox(pre-existing)",
 ]
-
-
-def _ids(sessions: list[Session]) -> list[str]:
-    return [s.id for s in sessions]
 
 
 # --- the recorded workload ---------------------------------------------------------------
@@ -343,7 +347,7 @@ async def replay(session: Session, tmp_path: Path) -> tuple[EmbeddedRuntime, Rep
 # --- the tests ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("session", SESSIONS, ids=_ids(SESSIONS))
+@pytest.mark.parametrize("session", SESSIONS, ids=session_id)
 async def test_runtime_sends_what_the_real_runtime_sent(session: Session, tmp_path: Path) -> None:
     _, plugin = await replay(session, tmp_path)
     real = [m for m in session.messages if m.direction == TO_PLUGIN]
@@ -369,7 +373,7 @@ async def test_runtime_sends_what_the_real_runtime_sent(session: Session, tmp_pa
             assert_same_request(ours, theirs, i, session.runtime)
 
 
-@pytest.mark.parametrize("session", SESSIONS, ids=_ids(SESSIONS))
+@pytest.mark.parametrize("session", SESSIONS, ids=session_id)
 async def test_runtime_applies_and_decodes_the_recorded_replies(
     session: Session, tmp_path: Path
 ) -> None:
@@ -420,7 +424,7 @@ async def test_runtime_applies_and_decodes_the_recorded_replies(
 @pytest.mark.parametrize(
     "session",
     [s for s in SESSIONS if s.name == "session-legacy-statechange"],
-    ids=lambda s: s.id,
+    ids=session_id,
 )
 async def test_legacy_plugin_falls_back_to_state_change_once(
     session: Session, tmp_path: Path

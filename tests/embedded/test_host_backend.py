@@ -3,7 +3,7 @@
 Three layers of tests:
 
 * the pure rules (containerd's cgroups_path, exit codes, runc's quota merge);
-* the cgroup v2 layout through `FakeCgroup2` (tests/isolation/test_cgroups_v2_fake.py,
+* the cgroup v2 layout through `FakeCgroup2` (tests/isolation/fake_cgroup2.py,
   imported, not copied) with a fake `Spawner`, because no real pid can enter a fake tree;
 * the real thing on this host (root, cgroup v1 hybrid): an `EmbeddedRuntime` with the
   backend and a scripted plugin, checked from /proc and the cgroup files. Every real test
@@ -49,9 +49,10 @@ from isolation.cgroups import CgroupFs, CgroupVersion, CpuQuota, HostLayout, sha
 from isolation.oom import OomAdjOutcome, OomAdjResult, ProcessControls, parse_status
 from nri_plugin.protocol import nri_pb2 as pb
 from qos_model import containers as model
+from tests.builders import kubelet_cpu
 from tests.embedded.conftest import MakeRuntime
 from tests.embedded.fakeplugin import FakePlugin, Result
-from tests.isolation.test_cgroups_v2_fake import FakeCgroup2, cg, echo
+from tests.isolation.fake_cgroup2 import FakeCgroup2, cg, echo
 
 MIB = 1 << 20
 
@@ -69,6 +70,12 @@ MIB = 1 << 20
         ),
         ("kubepods-pod1.slice", "kubepods-pod1.slice:cri-containerd:c1"),
     ],
+    ids=[
+        "cgroupfs parent",
+        "cgroupfs parent with a trailing slash",
+        "systemd parent as a path",
+        "systemd parent as a slice name",
+    ],
 )
 def test_cgroups_path_follows_containerd(parent: str, expected: str) -> None:
     assert cgroups_path_for(parent, "c1") == expected
@@ -80,7 +87,9 @@ def test_cgroups_path_needs_a_parent() -> None:
 
 
 @pytest.mark.parametrize(
-    ("status", "code"), [(0, 0), (3, 3), (-signal.SIGTERM, 143), (-signal.SIGKILL, 137)]
+    ("status", "code"),
+    [(0, 0), (3, 3), (-signal.SIGTERM, 143), (-signal.SIGKILL, 137)],
+    ids=["exit 0", "exit 3", "SIGTERM", "SIGKILL"],
 )
 def test_exit_code_is_128_plus_signal(status: int, code: int) -> None:
     assert exit_code_of(status) == code
@@ -95,6 +104,14 @@ def test_exit_code_is_128_plus_signal(status: int, code: int) -> None:
         (None, 100_000, CpuQuota(30_000, 100_000)),  # keeps the quota
         (-1, None, CpuQuota(None, 50_000)),  # negative: no limit
         (40_000, 200_000, CpuQuota(40_000, 200_000)),
+    ],
+    ids=[
+        "nothing asked",
+        "0 means unset",
+        "a quota alone keeps the period",
+        "a period alone keeps the quota",
+        "a negative quota lifts the limit",
+        "both replaced",
     ],
 )
 def test_quota_merge_follows_runc(
@@ -273,7 +290,7 @@ def v2_container(cid: str = "c0", **kwargs: object) -> model.Container:
         "args": ("sleep", "60"),
         "oom_score_adj": 700,
         "resources": model.Resources(
-            cpu=model.CpuResources(shares=512, quota=50_000, period=100_000, cpus="1", mems="0"),
+            cpu=kubelet_cpu(500, cpus="1", mems="0"),
             memory=model.MemoryResources(limit=64 * MIB),
         ),
     }

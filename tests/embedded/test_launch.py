@@ -55,7 +55,9 @@ PLUGIN = textwrap.dedent(
 
 
 @pytest.mark.parametrize(
-    ("flavor", "synchronized"), [(CONTAINERD_2_3, True), (CONTAINERD_1_7, False)]
+    ("flavor", "synchronized"),
+    [(CONTAINERD_2_3, True), (CONTAINERD_1_7, False)],
+    ids=["containerd 2.3.4: synchronized", "containerd 1.7.13: never synchronized"],
 )
 async def test_launched_plugin_gets_fd_3_and_the_minimal_environment(
     make_runtime: MakeRuntime, tmp_path: Path, flavor: RuntimeFlavor, synchronized: bool

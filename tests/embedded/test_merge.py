@@ -78,18 +78,36 @@ def conflict(plugin: str, other: str, subject: str) -> str:
 @pytest.mark.parametrize(
     ("claims", "error"),
     [
-        ([("a", F.MemLimit, None), ("b", F.CPUShares, None)], None),
-        ([("a", F.MemLimit, None), ("b", F.MemLimit, None)], conflict("b", "a", "MemLimit")),
-        ([("a", F.MemLimit, None), ("a", F.MemLimit, None)], conflict("a", "a", "MemLimit")),
-        ([("a", F.Annotations, "x"), ("b", F.Annotations, "y")], None),
-        (
+        pytest.param(
+            [("a", F.MemLimit, None), ("b", F.CPUShares, None)], None,
+            id="two fields: no conflict",
+        ),
+        pytest.param(
+            [("a", F.MemLimit, None), ("b", F.MemLimit, None)], conflict("b", "a", "MemLimit"),
+            id="one field, two plugins: conflict",
+        ),
+        pytest.param(
+            [("a", F.MemLimit, None), ("a", F.MemLimit, None)], conflict("a", "a", "MemLimit"),
+            id="one field claimed twice by one plugin: conflict",
+        ),
+        pytest.param(
+            [("a", F.Annotations, "x"), ("b", F.Annotations, "y")], None,
+            id="two annotation keys: no conflict",
+        ),
+        pytest.param(
             [("a", F.Annotations, "x"), ("b", F.Annotations, "x")],
             conflict("b", "a", "Annotations x"),
+            id="one annotation key, two plugins: conflict",
         ),
-        ([("a", F.Env, "X"), ("b", F.Annotations, "X")], None),
+        pytest.param(
+            [("a", F.Env, "X"), ("b", F.Annotations, "X")], None,
+            id="one key in env and in annotations: no conflict",
+        ),
     ],
-)
-def test_owners_claims(claims: list[tuple[str, int, str | None]], error: str | None) -> None:
+)  # fmt: skip
+def test_a_field_or_key_can_be_claimed_once_per_container(
+    claims: list[tuple[str, int, str | None]], error: str | None
+) -> None:
     owners = Owners()
     try:
         for plugin, field, key in claims:
@@ -164,6 +182,7 @@ def test_later_plugins_see_earlier_changes_in_the_request() -> None:
         (reply(cpu_shares=1), reply(cpu_shares=2), "CPUShares"),
         (reply(memory_reservation=1), reply(memory_reservation=2), "MemReservation"),
     ],
+    ids=["annotation", "env variable", "cpu shares", "memory reservation"],
 )
 def test_second_claim_fails_the_merge(
     first: pb.CreateContainerResponse, second: pb.CreateContainerResponse, subject: str
@@ -176,7 +195,7 @@ def test_second_claim_fails_the_merge(
 
 
 @pytest.mark.parametrize("row", RESOURCE_FIELDS, ids=ROW_IDS)
-@pytest.mark.parametrize("legacy", [False, True])
+@pytest.mark.parametrize("legacy", [False, True], ids=["field names", "legacy subjects"])
 def test_every_cpu_and_memory_field_is_merged_and_owned(row: ResourceField, legacy: bool) -> None:
     flavor = CONTAINERD_1_7 if legacy else CONTAINERD_2_3
     request = pb.Container(id="c0")
@@ -253,6 +272,7 @@ def test_updates_of_other_containers_are_collected_but_not_of_the_new_one() -> N
         (CRIO_1_36, True, False),
         (CONTAINERD_2_3, True, False),
     ],
+    ids=["containerd 1.7.13: ignored", "CRI-O 1.36.3: merged", "containerd 2.3.4: merged"],
 )
 def test_fields_an_old_nri_does_not_know_are_ignored(
     flavor: RuntimeFlavor, merged: bool, ignored: bool
@@ -365,8 +385,9 @@ def test_adjustment_applied_like_the_oci_generator() -> None:
         (CRIO_1_36, True, True, True, "gold"),
         (CONTAINERD_2_3, True, True, True, "gold"),
     ],
+    ids=["containerd 1.7.13: none", "CRI-O 1.36.3: all", "containerd 2.3.4: all"],
 )
-def test_what_each_nri_version_applies(
+def test_oom_pids_devices_and_rdt_adjustments_apply_only_past_nri_v0_4(
     flavor: RuntimeFlavor, oom: bool, pids: bool, devices: bool, rdt: str | None
 ) -> None:
     ctr = spec()
@@ -397,15 +418,20 @@ def test_zero_memory_limit_and_empty_cpuset_change_nothing() -> None:
 @pytest.mark.parametrize(
     ("env", "changes", "expected"),
     [
-        (["A=1", "A=2"], [], ["A=1", "A=2"]),  # untouched without adjustments
-        (["P=long", "T=x", "P=/bin"], [("N", "1")], ["P=/bin", "T=x", "N=1"]),  # CRI-O capture
-        (["A=1", "B=2"], [("A", "9")], ["A=9", "B=2"]),
-        (["A=1", "B=2"], [("-A", "")], ["B=2"]),
-        (["A=1", "junk", "B=2"], [("C", "3")], ["A=1", "B=2", "C=3"]),
-        (["A=1"], [("B", "1"), ("B", "2")], ["A=1", "B=2"]),
+        pytest.param(["A=1", "A=2"], [], ["A=1", "A=2"],
+                     id="untouched without adjustments, duplicates too"),
+        pytest.param(["P=long", "T=x", "P=/bin"], [("N", "1")], ["P=/bin", "T=x", "N=1"],
+                     id="CRI-O capture: a duplicate keeps its last value in its first place"),
+        pytest.param(["A=1", "B=2"], [("A", "9")], ["A=9", "B=2"],
+                     id="a set replaces in place"),
+        pytest.param(["A=1", "B=2"], [("-A", "")], ["B=2"], id="-KEY removes"),
+        pytest.param(["A=1", "junk", "B=2"], [("C", "3")], ["A=1", "B=2", "C=3"],
+                     id="an entry without = is dropped"),
+        pytest.param(["A=1"], [("B", "1"), ("B", "2")], ["A=1", "B=2"],
+                     id="the last of two sets wins"),
     ],
-)
-def test_env_adjustment(
+)  # fmt: skip
+def test_env_adjustments_set_remove_and_deduplicate_like_the_oci_generator(
     env: list[str], changes: list[tuple[str, str]], expected: list[str]
 ) -> None:
     assert adjust_env(env, changes) == expected
@@ -417,8 +443,9 @@ def test_env_adjustment(
         (UpdateScope.CRI, None, 1 << 20, None, 512),
         (UpdateScope.OCI, 1 << 10, 5, 7, 0),
     ],
+    ids=["containerd (CRI)", "CRI-O (OCI)"],
 )
-def test_update_path_per_runtime(
+def test_containerd_applies_the_cri_part_of_an_update_and_cri_o_all_of_it(
     scope: UpdateScope, reservation: int | None, swap: int, pids: int | None, shares: int
 ) -> None:
     target = spec().linux.resources

@@ -126,6 +126,14 @@ async def test_plugin_that_never_registers_times_out_and_delays_the_next_one(
         (CONTAINERD_1_7, "", "10", "invalid (empty) plugin name"),
         (CONTAINERD_1_7, "logger", "100", "must be 2 digits"),
     ],
+    ids=[
+        "containerd 2.3.4: one-digit index",
+        "containerd 2.3.4: non-digit index",
+        "containerd 2.3.4: space in the name",
+        "containerd 2.3.4: empty name",
+        "containerd 1.7.13: empty name",
+        "containerd 1.7.13: three-digit index",
+    ],
 )
 async def test_invalid_registration_is_refused(
     make_runtime: MakeRuntime,
@@ -156,13 +164,20 @@ async def test_name_charset_is_only_checked_from_v0_12(
     assert runtime.plugins[0].full_name == "10-odd name!"
 
 
+MASKS = [
+    (CONTAINERD_1_7, 0x800, False),
+    (CONTAINERD_2_3, 0x800, True),
+    (CRIO_1_36, 0x3FFF, True),
+    (CONTAINERD_2_3, 0x4000, False),
+]
+
+
 @pytest.mark.parametrize(
     ("flavor", "mask", "accepted"),
-    [
-        (CONTAINERD_1_7, 0x800, False),
-        (CONTAINERD_2_3, 0x800, True),
-        (CRIO_1_36, 0x3FFF, True),
-        (CONTAINERD_2_3, 0x4000, False),
+    MASKS,
+    ids=[
+        f"{flavor.label}: 0x{mask:x} {'accepted' if accepted else 'closes the plugin'}"
+        for flavor, mask, accepted in MASKS
     ],
 )
 async def test_event_mask_outside_the_valid_events_closes_the_plugin(
@@ -722,6 +737,11 @@ async def test_v0_4_cannot_split_a_big_synchronize(
         (CONTAINERD_1_7, pb.CONTAINER_RUNNING, pb.CONTAINER_STOPPED, False),
         (CONTAINERD_2_3, pb.CONTAINER_STOPPED, pb.CONTAINER_UNKNOWN, False),
         (CRIO_1_36, pb.CONTAINER_STOPPED, pb.CONTAINER_STOPPED, True),
+    ],
+    ids=[
+        "containerd 1.7.13: stopped while running, removed as stopped",
+        "containerd 2.3.4: stopped after the stop, removed as unknown",
+        "CRI-O 1.36.3: stopped after the stop, removed as stopped with its pid",
     ],
 )
 async def test_stop_and_remove_report_the_flavors_states(

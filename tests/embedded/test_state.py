@@ -59,8 +59,15 @@ def test_create_request_has_nris_empty_but_present_parts() -> None:
         (CONTAINERD_2_3, Moment.REMOVE, pb.CONTAINER_UNKNOWN, 0, 2),
         (CRIO_1_36, Moment.REMOVE, pb.CONTAINER_RUNNING, 42, 2),
     ],
+    ids=[
+        "containerd 1.7.13 now: running, no timestamps (NRI v0.4)",
+        "containerd 2.3.4 post-start: running, started_at set",
+        "CRI-O 1.36.3 post-start: still created, no started_at",
+        "containerd 2.3.4 at removal: unknown state, no pid",
+        "CRI-O 1.36.3 at removal: the recorded state, pid and times",
+    ],
 )
-def test_container_views(
+def test_container_state_pid_and_timestamps_at_each_moment_follow_the_runtime(
     flavor: RuntimeFlavor, moment: Moment, state: int, pid: int, started_at: int
 ) -> None:
     view = container_view(record(), flavor, moment)
@@ -77,8 +84,14 @@ def test_containerd_1_7_reports_a_stopped_sandbox_from_metadata_only() -> None:
     assert pod_view(pod_record(stopped=True), CONTAINERD_2_3) == pod_record().spec
 
 
-@pytest.mark.parametrize(("flavor", "pid"), [(CONTAINERD_2_3, 0), (CRIO_1_36, 7)])
-def test_removed_pod_pid(flavor: RuntimeFlavor, pid: int) -> None:
+@pytest.mark.parametrize(
+    ("flavor", "pid"),
+    [(CONTAINERD_2_3, 0), (CRIO_1_36, 7)],
+    ids=["containerd 2.3.4: no pid", "CRI-O 1.36.3: the pid it had"],
+)
+def test_removed_pod_has_its_pid_on_cri_o_and_none_on_containerd_2_3(
+    flavor: RuntimeFlavor, pid: int
+) -> None:
     assert pod_view(pod_record(stopped=True), flavor, removing=True).pid == pid
 
 

@@ -47,22 +47,34 @@ def test_observed_split_of_250_pods_and_2500_containers() -> None:
 @pytest.mark.parametrize(
     ("pods", "ctrs", "rejected", "expected"),
     [
-        # factor is capped at 0.9 even when the message is only slightly too big
-        (10, 100, {0: MAX + 1}, [(9, 90, True), (1, 10, False)]),
-        # refused twice: shrunk twice
-        (100, 100, {0: 2 * MAX, 1: 2 * MAX}, [(25, 25, True)] * 3 + [(25, 25, False)]),
-        # fewer than 8 objects left after shrinking: 4 + 4
-        (5, 5, {0: 10 * MAX}, [(4, 4, True), (1, 1, False)]),
+        pytest.param(
+            10, 100, {0: MAX + 1}, [(9, 90, True), (1, 10, False)],
+            id="slightly too big: the factor is capped at 0.9",
+        ),
+        pytest.param(
+            100, 100, {0: 2 * MAX, 1: 2 * MAX}, [(25, 25, True)] * 3 + [(25, 25, False)],
+            id="refused twice: shrunk twice",
+        ),
+        pytest.param(
+            5, 5, {0: 10 * MAX}, [(4, 4, True), (1, 1, False)],
+            id="fewer than 8 objects left after shrinking: 4 + 4",
+        ),
     ],
-)
-def test_shrinking(
+)  # fmt: skip
+def test_a_refused_chunk_shrinks_the_chunks_that_follow(
     pods: int, ctrs: int, rejected: dict[int, int], expected: list[tuple[int, int, bool]]
 ) -> None:
     assert sizes(run(SyncSplitter(pods, ctrs, split=True), rejected)) == expected
 
 
-@pytest.mark.parametrize(("more", "updates"), [(False, 0), (True, 1), (False, 3)])
-def test_wrong_answer_to_a_more_chunk(more: bool, updates: int) -> None:
+@pytest.mark.parametrize(
+    ("more", "updates"),
+    [(False, 0), (True, 1), (False, 3)],
+    ids=["more=false, no updates", "more=true, 1 update", "more=false, 3 updates"],
+)
+def test_a_more_chunk_not_answered_with_more_and_no_updates_closes_the_plugin(
+    more: bool, updates: int
+) -> None:
     splitter = SyncSplitter(100, 100, split=True)
     splitter.oversized(2 * MAX, MAX)
     assert splitter.chunk().more

@@ -44,8 +44,19 @@ from isolation.cgroups import (
         ("a-b-c-d.slice", "/a.slice/a-b.slice/a-b-c.slice/a-b-c-d.slice"),
         ("user-1000.slice", "/user.slice/user-1000.slice"),
     ],
+    ids=[
+        "the root slice",
+        "system.slice",
+        "kubepods.slice",
+        "the burstable QoS slice",
+        "a pod slice",
+        "four levels",
+        "a user slice",
+    ],
 )
-def test_expand_slice(slice_name: str, expected: str) -> None:
+def test_a_slice_name_expands_to_the_path_of_its_ancestor_slices(
+    slice_name: str, expected: str
+) -> None:
     assert expand_slice(slice_name) == PurePosixPath(expected)
 
 
@@ -53,8 +64,9 @@ def test_expand_slice(slice_name: str, expected: str) -> None:
     "bad",
     ["", ".slice", "kubepods", "kubepods.scope", "a--b.slice", "-a.slice", "a-.slice",
      "a/b.slice", "--.slice"],
+    ids=lambda bad: bad or "(empty)",
 )  # fmt: skip
-def test_expand_slice_rejects(bad: str) -> None:
+def test_a_malformed_slice_name_is_einval(bad: str) -> None:
     with pytest.raises(CgroupPathError) as info:
         expand_slice(bad)
     assert info.value.errno == errno.EINVAL
@@ -88,8 +100,19 @@ CID = "3b1c0d5e9f8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c"
         ("kubepods.slice:crio:kubepods-besteffort.slice",
          "/kubepods.slice/kubepods-besteffort.slice"),
     ],
+    ids=[
+        "cgroupfs: a kubepods path as it is",
+        "cgroupfs: any other path as it is",
+        "cgroupfs: without the trailing slash",
+        "systemd, containerd: burstable pod",
+        "systemd, CRI-O: guaranteed pod, no QoS slice",
+        "systemd: an empty slice is runc's system.slice",
+        "systemd: a slice as the unit",
+    ],
 )  # fmt: skip
-def test_resolve_cgroups_path(cgroups_path: str, expected: str) -> None:
+def test_cgroups_path_resolves_as_the_cgroupfs_and_systemd_drivers_lay_it_out(
+    cgroups_path: str, expected: str
+) -> None:
     assert resolve_cgroups_path(cgroups_path) == PurePosixPath(expected)
 
 
@@ -97,8 +120,9 @@ def test_resolve_cgroups_path(cgroups_path: str, expected: str) -> None:
     "bad",
     ["", "kubepods.slice:crio", "a.slice:b:c:d", "kubepods.slice:crio:", "bad-.slice:crio:x",
      "/kubepods/../etc", "kubepods/x/.."],
+    ids=lambda bad: bad or "(empty)",
 )  # fmt: skip
-def test_resolve_cgroups_path_rejects(bad: str) -> None:
+def test_a_malformed_cgroups_path_is_einval(bad: str) -> None:
     with pytest.raises(CgroupPathError) as info:
         resolve_cgroups_path(bad)
     assert info.value.errno == errno.EINVAL
@@ -163,8 +187,17 @@ def test_every_weight_round_trips() -> None:
         ("1000 1000", 1000, 1000),
         ("max 1000000", None, 1000000),
     ],
+    ids=[
+        "unlimited",
+        "half a CPU",
+        "1.5 CPUs in 50 ms periods",
+        "the smallest quota and period",
+        "unlimited, the largest period",
+    ],
 )
-def test_parse_cpu_max(text: str, quota: int | None, period: int) -> None:
+def test_cpu_max_parses_and_formats_back_to_the_same_text(
+    text: str, quota: int | None, period: int
+) -> None:
     parsed = parse_cpu_max(text)
     assert parsed == CpuQuota(quota, period)
     assert format_cpu_max(parsed) == text.strip()
@@ -174,8 +207,9 @@ def test_parse_cpu_max(text: str, quota: int | None, period: int) -> None:
     "bad",
     ["", "max", "50000", "50000 100000 7", "abc 100000", "50000 max", "500 100000", "1000 500",
      "1000 2000000"],
+    ids=lambda bad: bad or "(empty)",
 )  # fmt: skip
-def test_parse_cpu_max_rejects(bad: str) -> None:
+def test_cpu_max_outside_the_kernels_syntax_or_range_is_refused(bad: str) -> None:
     with pytest.raises(ValueError):
         parse_cpu_max(bad)
 
@@ -197,8 +231,11 @@ def test_cpu_quota_in_cpus() -> None:
         ("67108864\n", 67108864),
         ("999424\n", 999424),
     ],
+    ids=["unlimited, 4 KiB pages", "unlimited, 64 KiB pages", "64 MiB", "a page-rounded limit"],
 )
-def test_parse_v1_memory_limit(text: str, expected: int | None) -> None:
+def test_v1_memory_limit_reads_the_page_rounded_maximum_as_unlimited(
+    text: str, expected: int | None
+) -> None:
     assert parse_v1_memory_limit(text) == expected
 
 

@@ -32,6 +32,7 @@ from isolation.cgroups import (
     WriteAction,
 )
 from isolation.oom import ProcessControls
+from tests.processes import start_process, stop
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -62,7 +63,7 @@ class Lab:
         return group
 
     def spawn(self, *argv: str) -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(argv or ("sleep", "60"))
+        process = start_process(*argv)
         self.processes.append(process)
         return process
 
@@ -96,9 +97,7 @@ def lab() -> Iterator[Lab]:
         yield state
     finally:
         for process in state.processes:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
+            stop(process)
         try:
             if cgroups.exists(parent) or any(
                 (root / parent.relative_to("/")).is_dir() for root in cgroups.mounts.v1.values()

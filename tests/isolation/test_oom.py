@@ -26,6 +26,7 @@ from isolation.oom import (
     parse_status,
 )
 from qos_model.cpulist import parse_cpu_list
+from tests.processes import start_process, stop
 
 
 def _cap_sys_resource_from_status() -> bool:
@@ -38,12 +39,11 @@ def _cap_sys_resource_from_status() -> bool:
 
 @pytest.fixture
 def sleeper() -> Iterator[subprocess.Popen[bytes]]:
-    process = subprocess.Popen(["sleep", "60"])
+    process = start_process()
     try:
         yield process
     finally:
-        process.kill()
-        process.wait()
+        stop(process)
 
 
 def _exited_pid() -> int:
@@ -133,7 +133,7 @@ def test_apply_to_every_process_of_a_cgroup() -> None:
     cgroups = CgroupFs()
     controls = ProcessControls()
     group = PurePosixPath(f"/nri-qos-test-{secrets.token_hex(4)}")
-    processes = [subprocess.Popen(["sleep", "60"]) for _ in range(2)]
+    processes = [start_process() for _ in range(2)]
     try:
         cgroups.create_group(group)
         for process in processes:
@@ -153,8 +153,7 @@ def test_apply_to_every_process_of_a_cgroup() -> None:
             assert len(denied.failures) == 2
     finally:
         for process in processes:
-            process.kill()
-            process.wait()
+            stop(process)
         with contextlib.suppress(CgroupNotFound):  # create_group itself failed
             cgroups.remove_group(group)
     with pytest.raises(CgroupNotFound):

@@ -19,8 +19,11 @@ from nri_plugin.policy.cpuallocator import (
 )
 from qos_model.cpulist import parse_cpu_list
 from qos_model.topology import Core, Topology
-from tests.policy.conftest import SnapshotLibrary
+
+# re-exported ("as" name) for test_incremental.py, which imports it from here
+from tests.policy.planning import machines
 from tests.policy.sysfs_builder import MachineShape
+from tests.snapshots import SnapshotLibrary
 
 # 1 package, 2 NUMA nodes, 4 CCXs (L3s) of 4 cores per node, SMT siblings n and n+32:
 # node 0 = CPUs 0-15,32-47 with L3 j = cores 4j..4j+3; node 1 = CPUs 16-31,48-63, L3s 4-7.
@@ -219,7 +222,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.description)
-def test_allocation(case: Case, snapshots: SnapshotLibrary) -> None:
+def test_allocation_keeps_cores_and_cache_domains_whole_as_each_example_describes(
+    case: Case, snapshots: SnapshotLibrary
+) -> None:
     topology = machine(case.machine, snapshots)
     reserved = cpus(case.reserved)
     free = free_cpus(topology, reserved, [cpus(case.busy)])
@@ -328,6 +333,7 @@ def test_reason_reads_like_the_allocation() -> None:
             "both preferred and avoided",
         ),
     ],
+    ids=["zero CPUs", "a bool as the count", "a node both preferred and avoided"],
 )
 def test_bad_requests_are_rejected(make: Callable[[], CpuRequest], message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -388,28 +394,6 @@ def test_same_inputs_give_the_same_answer(snapshots: SnapshotLibrary) -> None:
 
 
 # --- properties ------------------------------------------------------------------------------
-
-
-@st.composite
-def machines(draw: st.DrawFn) -> MachineShape:
-    shape = draw(
-        st.builds(
-            MachineShape,
-            packages=st.integers(1, 2),
-            nodes_per_die=st.integers(1, 3),
-            l3_per_node=st.integers(1, 3),
-            l3_spans_die=st.booleans(),
-            cores_per_l3=st.integers(1, 4),
-            threads_per_core=st.integers(1, 2),
-            sibling_layout=st.sampled_from(["split", "adjacent"]),
-            memory_only_nodes=st.integers(0, 1),
-        )
-    )
-    everything = sorted(shape.all_cpus)
-    offline = (
-        draw(st.sets(st.sampled_from(everything[1:]), max_size=4)) if everything[1:] else set()
-    )
-    return replace(shape, offline=frozenset(offline))
 
 
 @st.composite

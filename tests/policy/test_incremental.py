@@ -23,9 +23,8 @@ from nri_plugin.policy.planner import (
     Workload,
     plan_node,
 )
+from tests.policy.planning import Spec, check_invariants, machines, specs_strategy, workload
 from tests.policy.sysfs_builder import MachineShape
-from tests.policy.test_cpuallocator import machines
-from tests.policy.test_planner import Spec, check_invariants, specs_strategy, workload
 
 
 @dataclass(frozen=True)
@@ -122,6 +121,16 @@ def test_incremental_plan_equals_a_full_replan_after_every_step(
         full = plan_node(topo, config, list(live.values()), previous=previous, usage=usage)
         assert planner.plan == full, step
         check_invariants(topo, config, full)
-        assert set(changes) == _changed(before, full), step
-        for cid, (old_plan, new_plan) in changes.items():
+        assert changes.changed_ids() == _changed(before, full), step
+        for cid, (old_plan, new_plan) in changes.changes.items():
             assert old_plan == before.get(cid) and new_plan == full.containers.get(cid)
+        for move in changes.moves:
+            assert not set(move.members) & set(changes.changes)
+            for cid in move.members:
+                # only the CPUs moved, to the pool's new CPUs, with the move's resources
+                assert before[cid] == replace(full.containers[cid], cpus=before[cid].cpus)
+                assert (before[cid].cpus.value, full.containers[cid].cpus.value) == (
+                    move.before,
+                    move.after,
+                )
+                assert full.containers[cid].update().resources == move.resources

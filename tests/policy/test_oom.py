@@ -24,7 +24,8 @@ from nri_plugin.policy.qos import (
     classify,
     oom_priority_range,
 )
-from qos_model.containers import Container, CpuResources, MemoryResources, Pod, Resources
+from qos_model.containers import Container, MemoryResources, Pod, Resources
+from tests.builders import MEMORY_ENHANCEMENT, MiB, kubelet_cpu
 
 SYSTEM, DEDICATED = QosClass.SYSTEM_CORES, QosClass.DEDICATED_CORES
 SHARED, RECLAIMED = QosClass.SHARED_CORES, QosClass.RECLAIMED_CORES
@@ -67,7 +68,9 @@ DEFAULTS = [
 
 
 @pytest.mark.parametrize("case", DEFAULTS, ids=lambda c: c.desc)
-def test_default_bands(case: Case) -> None:
+def test_each_class_kube_qos_and_priority_gets_its_default_oom_score_adj(
+    case: Case,
+) -> None:
     d = decide_oom_score_adj(case.qos_class, case.kube_qos, case.priority)
     assert d.oom_score_adj == case.expected
     assert str(case.expected) in d.reason
@@ -91,15 +94,10 @@ def test_the_classification_feeds_the_mapping() -> None:
     ctr = Container(
         id="c",
         name="app",
-        resources=Resources(
-            cpu=CpuResources(shares=512, quota=50_000, period=100_000),
-            memory=MemoryResources(limit=128 << 20),
-        ),
+        resources=Resources(cpu=kubelet_cpu(500), memory=MemoryResources(limit=128 * MiB)),
         oom_score_adj=500,
     )
-    pod = Pod(
-        id="p", annotations={"katalyst.kubewharf.io/memory_enhancement": '{"oom_priority":"66"}'}
-    )
+    pod = Pod(id="p", annotations={MEMORY_ENHANCEMENT: '{"oom_priority":"66"}'})
     c = classify(pod, ctr, QosConfig())
     d = decide_oom_score_adj(c.qos_class, c.kube_qos, c.oom_priority)
     assert (c.qos_class, c.kube_qos, c.oom_priority, d.oom_score_adj) == (SHARED, B, 66, -166)

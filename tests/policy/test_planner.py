@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,75 +20,10 @@ from nri_plugin.policy.planner import (
     Workload,
     plan_node,
 )
-from nri_plugin.policy.qos import QosClass, QosConfig, classify
-from qos_model.containers import Container, CpuResources, MemoryResources, Pod, Resources
-from qos_model.cpulist import parse_cpu_list
 from qos_model.topology import Topology
+from tests.builders import GiB
+from tests.policy.planning import Spec, check_invariants, machines, specs_strategy, workload
 from tests.policy.sysfs_builder import MachineShape
-from tests.policy.test_cpuallocator import machines
-
-QOS = "katalyst.kubewharf.io/qos_level"
-MEM = "katalyst.kubewharf.io/memory_enhancement"
-CPU = "katalyst.kubewharf.io/cpu_enhancement"
-GiB = 1 << 30
-
-
-@dataclass(frozen=True)
-class Spec:
-    """A container to plan, described the way a user would annotate it."""
-
-    cid: str
-    qos: str
-    millicores: int = 1000
-    pod: str = ""
-    binding: bool = False
-    exclusive: bool = False
-    share: bool = True
-    pool: str = ""
-    memory: int = GiB
-
-
-def workload(spec: Spec, created_at: int = 0, current: frozenset[int] = frozenset()) -> Workload:
-    ann = {QOS: spec.qos}
-    mem: dict[str, str] = {}
-    cpu: dict[str, str] = {}
-    if spec.binding:
-        mem["numa_binding"] = "true"
-    if spec.exclusive:
-        mem["numa_exclusive"] = "true"
-    if not spec.share:
-        cpu["numa_share"] = "false"
-    if spec.pool:
-        cpu["cpuset_pool"] = spec.pool
-    if mem:
-        ann[MEM] = json.dumps(mem)
-    if cpu:
-        ann[CPU] = json.dumps(cpu)
-    pod_id = spec.pod or f"pod-{spec.cid}"
-    pod = Pod(id=pod_id, name=pod_id, namespace="default", annotations=ann)
-    ctr = Container(
-        id=spec.cid,
-        pod_id=pod_id,
-        name=spec.cid,
-        resources=Resources(
-            cpu=CpuResources(
-                shares=max(2, spec.millicores * 1024 // 1000),
-                quota=spec.millicores * 100,
-                period=100_000,
-            ),
-            memory=MemoryResources(limit=spec.memory),
-        ),
-        oom_score_adj=-997,
-    )
-    return Workload(
-        container_id=spec.cid,
-        pod_id=pod_id,
-        name=f"default/{pod_id}/{spec.cid}",
-        classification=classify(pod, ctr, QosConfig()),
-        created_at=created_at,
-        current_cpus=current,
-        memory_limit=spec.memory,
-    )
 
 
 def host(cores: int = 8, threads: int = 1, nodes: int = 1) -> Topology:
@@ -234,48 +168,9 @@ def test_numa_reclaim_report() -> None:
 
 # --- invariants over random hosts and pod sets -------------------------------------------
 
-specs_strategy = st.lists(
-    st.builds(
-        Spec,
-        cid=st.just(""),
-        qos=st.sampled_from(["dedicated_cores", "shared_cores", "reclaimed_cores", "system_cores"]),
-        millicores=st.sampled_from([100, 500, 1000, 1500, 2000, 4000]),
-        pod=st.sampled_from(["", "p1", "p2"]),
-        binding=st.booleans(),
-        exclusive=st.integers(0, 4).map(lambda n: n == 0),
-        share=st.integers(0, 3).map(lambda n: n != 0),
-        pool=st.sampled_from(["", "", "batch"]),
-    ),
-    max_size=12,
-)
-
 
 def _named(specs: list[Spec]) -> list[Spec]:
     return [replace(s, cid=f"c{i:02d}") for i, s in enumerate(specs)]
-
-
-def check_invariants(topo: Topology, config: PlannerConfig, plan: NodePlan) -> None:
-    pools = plan.pools
-    held = [a.taken for a in pools.dedicated.values()]
-    seen: set[int] = set()
-    for cpus in held:
-        assert not cpus & seen, "a CPU in two exclusive sets"
-        seen |= cpus
-    assert not seen & pools.system
-    others = pools.shared | pools.reclaimed | frozenset().union(*pools.named.values())
-    assert not seen & others, "dedicated overlaps a shared or reclaimed pool"
-    assert len(pools.shared) >= config.min_shared_cpus
-    for cid, p in plan.containers.items():
-        assert p.cpus.value, f"{cid} got an empty cpuset"
-        assert p.cpus.value <= topo.online_cpus
-        if p.pool == "dedicated":
-            assert p.cpus.value == pools.dedicated[cid].cpus
-        if p.mems.value is not None:
-            nodes = {topo.node_of(cpu) for cpu in p.cpus.value}
-            assert nodes <= p.mems.value, "memory not where the CPUs are"
-            if p.pool != "dedicated" or p.qos_class is not QosClass.DEDICATED_CORES:
-                assert len(p.mems.value) == 1
-        assert parse_cpu_list(p.cpu_resources().cpus) == p.cpus.value
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -10,22 +10,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nri_plugin.policy.kube_qos import KubeQos, estimate_kube_qos
+from nri_plugin.policy.kube_qos import KubeQos, estimate_kube_qos, kubelet_quota, kubelet_shares
 from nri_plugin.policy.qos import (
     ANNOTATION_CONFIG_SOURCE,
     ANNOTATION_CPU_ENHANCEMENT,
     ANNOTATION_MEMORY_ENHANCEMENT,
-    ANNOTATION_NET_CLASS_ID,
-    ANNOTATION_NETWORK_ENHANCEMENT,
-    ANNOTATION_NUMA_IDS,
-    ANNOTATION_NUMA_NUMBER,
     ANNOTATION_QOS_LEVEL,
-    MAX_NUMA_NODES,
     OOM_PRIORITY_IGNORE,
     OOM_PRIORITY_TOP,
     Classification,
     ClassSource,
-    NetNamespaceType,
     QosClass,
     QosConfig,
     QosConfigError,
@@ -158,7 +152,9 @@ DERIVE = [
 
 
 @pytest.mark.parametrize("case", DERIVE, ids=lambda c: c.desc)
-def test_estimate_kube_qos(case: Derive) -> None:
+def test_kube_qos_is_read_back_from_the_kubelets_oom_score_adj_and_cgroup_values(
+    case: Derive,
+) -> None:
     _, ctr = make(resources=case.resources, oom=case.oom)
     est = estimate_kube_qos(ctr)
     assert (est.kube_qos, est.cpu_request_millicores, est.cpu_limit_millicores) == (
@@ -226,7 +222,9 @@ DERIVED = [
 
 
 @pytest.mark.parametrize("case", DERIVED, ids=lambda c: c.desc)
-def test_derived_class(case: Derived) -> None:
+def test_without_qos_level_the_class_follows_kube_qos_and_the_system_pod_switches(
+    case: Derived,
+) -> None:
     c = run(
         case.pod_annotations,
         config=case.config,
@@ -249,15 +247,15 @@ def test_critical_pod_flag_is_independent_of_the_class() -> None:
 
 @given(st.integers(min_value=3, max_value=262_144 * 1000 // 1024))
 def test_shares_give_back_the_kubelet_request(millicores: int) -> None:
-    shares = millicores * 1024 // 1000  # the kubelet's MilliCPUToShares
-    _, ctr = make(resources=res(shares=max(shares, 2)))
+    shares = kubelet_shares(millicores)
+    _, ctr = make(resources=res(shares=shares))
     expected = millicores if shares > 2 else 0
     assert estimate_kube_qos(ctr).cpu_request_millicores == expected
 
 
 @given(st.integers(min_value=1, max_value=512_000), st.integers(1000, 1_000_000))
 def test_quota_gives_back_the_kubelet_limit(millicores: int, period: int) -> None:
-    quota = max(millicores * period // 1000, 1000)  # the kubelet's MilliCPUToQuota
+    quota = kubelet_quota(millicores, period)
     _, ctr = make(resources=res(quota=quota, period=period))
     limit = estimate_kube_qos(ctr).cpu_limit_millicores
     assert limit == millicores or (quota == 1000 and limit == -(-1000 * 1000 // period))
@@ -322,7 +320,7 @@ SCOPES = [
 
 
 @pytest.mark.parametrize("case", SCOPES, ids=lambda c: c.desc)
-def test_qos_level_scopes(case: Scope) -> None:
+def test_the_most_specific_usable_qos_level_wins_in_either_key_form(case: Scope) -> None:
     c = run(case.pod, case.ctr)
     assert (c.qos_class, c.source) == (case.qos_class, case.source)
     assert warned(c) == case.warnings
@@ -338,17 +336,12 @@ def test_container_without_a_name_skips_the_container_scope() -> None:
 
 # --- enhancements ------------------------------------------------------------------------------
 
-CPU, MEM, NET = (
-    ANNOTATION_CPU_ENHANCEMENT,
-    ANNOTATION_MEMORY_ENHANCEMENT,
-    ANNOTATION_NETWORK_ENHANCEMENT,
-)
+CPU, MEM = ANNOTATION_CPU_ENHANCEMENT, ANNOTATION_MEMORY_ENHANCEMENT
 
 
 def enh(qos: str, **maps: Mapping[str, object] | str) -> dict[str, str]:
     """Pod annotations: a class plus enhancement maps (dicts are JSON-encoded)."""
-    keys = {"cpu": CPU, "mem": MEM, "net": NET, "numa_number": ANNOTATION_NUMA_NUMBER,
-            "numa_ids": ANNOTATION_NUMA_IDS, "net_class_id": ANNOTATION_NET_CLASS_ID}  # fmt: skip
+    keys = {"cpu": CPU, "mem": MEM}
     out = {K: qos}
     for name, value in maps.items():
         out[keys[name]] = value if isinstance(value, str) else json.dumps(value)
@@ -378,8 +371,7 @@ ENHANCEMENTS = [
     Enh('"True" is not "true"', enh(DED, mem={"numa_binding": "True"}), {"numa_binding": False},
         frozenset({(MEM, "numa_binding", "false")})),
     Enh("a JSON boolean is not a string: key ignored", enh(DED, mem={"numa_binding": True}),
-        {"numa_binding": False, "memory_enhancement": {}},
-        frozenset({(MEM, "numa_binding", "key ignored")})),
+        {"numa_binding": False}, frozenset({(MEM, "numa_binding", "key ignored")})),
     Enh('explicit "false"', enh(DED, mem={"numa_binding": "false"}), {"numa_binding": False}),
     Enh("numa_exclusive with binding on dedicated", enh(DED, mem={**BIND,
         "numa_exclusive": "true"}), {"numa_exclusive": True, "numa_binding": True}),
@@ -451,68 +443,12 @@ ENHANCEMENTS = [
         mem={**BIND, "numa_exclusive": "true"}, cpu={"full_pcpus_pairing": "true"}),
         {"full_pcpus_pairing": False, "numa_exclusive": True},
         frozenset({(CPU, "full_pcpus_pairing", "false")})),
-    # flat NUMA constraints
-    Enh("numa_number", enh(DED, mem=BIND, numa_number="2"), {"numa_number": 2}),
-    Enh("numa_number 0 is no constraint", enh(DED, mem=BIND, numa_number="0"),
-        {"numa_number": None}),
-    Enh("numa_number negative", enh(DED, mem=BIND, numa_number="-1"), {"numa_number": None},
-        frozenset({(ANNOTATION_NUMA_NUMBER, "", "none")})),
-    Enh("numa_number too large", enh(DED, mem=BIND, numa_number=str(MAX_NUMA_NODES + 1)),
-        {"numa_number": None}, frozenset({(ANNOTATION_NUMA_NUMBER, "", "none")})),
-    Enh("numa_number on shared is dropped", enh(SHR, mem=BIND, numa_number="2"),
-        {"numa_number": None}, frozenset({(ANNOTATION_NUMA_NUMBER, "", "none")})),
-    Enh("numa_ids sets numa_number", enh(DED, mem=BIND, numa_ids="0-1,3"),
-        {"numa_ids": (0, 1, 3), "numa_number": 3}),
-    Enh("numa_ids wins over a different numa_number", enh(DED, mem=BIND, numa_ids="2",
-        numa_number="2"), {"numa_ids": (2,), "numa_number": 1},
-        frozenset({(ANNOTATION_NUMA_NUMBER, "", "1")})),
-    Enh("numa_ids empty", enh(DED, mem=BIND, numa_ids=""), {"numa_ids": (), "numa_number": None}),
-    Enh("numa_ids reversed range", enh(DED, mem=BIND, numa_ids="3-1"), {"numa_ids": ()},
-        frozenset({(ANNOTATION_NUMA_IDS, "", "none")})),
-    Enh("numa_ids huge range is refused, not expanded", enh(DED, mem=BIND,
-        numa_ids="0-99999999999"), {"numa_ids": ()},
-        frozenset({(ANNOTATION_NUMA_IDS, "", "none")})),
-    Enh("numa_ids with a 5000-digit bound (past Python's int() limit)", enh(DED, mem=BIND,
-        numa_ids="0-" + "9" * 5000), {"numa_ids": ()},
-        frozenset({(ANNOTATION_NUMA_IDS, "", "none")})),
-    Enh("numa_ids with leading zeros", enh(DED, mem=BIND, numa_ids="00-0001"),
-        {"numa_ids": (0, 1)}),
-    Enh("numa_ids with 5000 leading zeros", enh(DED, mem=BIND, numa_ids="0" * 5000 + "2"),
-        {"numa_ids": (2,)}),
-    Enh("numa_number with 5000 leading zeros", enh(DED, mem=BIND, numa_number="0" * 5000 + "2"),
-        {"numa_number": 2}),
-    Enh("numa_ids with spaces", enh(DED, mem=BIND, numa_ids="0, 1"), {"numa_ids": ()},
-        frozenset({(ANNOTATION_NUMA_IDS, "", "none")})),
-    Enh("numa_ids without binding is dropped", enh(DED, numa_ids="0"), {"numa_ids": ()},
-        frozenset({(ANNOTATION_NUMA_IDS, "", "none")})),
-    # network
-    Enh("namespace_type", enh(SHR, net={"namespace_type": "anti_host_ns_preferred"}),
-        {"net_namespace_type": NetNamespaceType.NOT_HOST_PREFERRED}),
-    Enh("namespace_type unknown", enh(SHR, net={"namespace_type": "host"}),
-        {"net_namespace_type": None}, frozenset({(NET, "namespace_type", "none")})),
-    Enh("topology_affinity_restricted", enh(SHR, net={"topology_affinity_restricted": "true"}),
-        {"net_topology_affinity_restricted": True}),
-    Enh("topology_affinity_restricted garbage", enh(SHR,
-        net={"topology_affinity_restricted": "yes"}), {"net_topology_affinity_restricted": False},
-        frozenset({(NET, "topology_affinity_restricted", "false")})),
-    Enh("the network map is kept whole, unknown keys too", enh(SHR, net={"namespace_type":
-        "host_ns", "future_key": "x"}), {"network_enhancement": {"namespace_type": "host_ns",
-        "future_key": "x"}, "net_namespace_type": NetNamespaceType.HOST}),
-    Enh("net_class_id", enh(REC, net_class_id="7"), {"net_class_id": 7}),
-    Enh("net_class_id uint32 max", enh(REC, net_class_id=str((1 << 32) - 1)),
-        {"net_class_id": (1 << 32) - 1}),
-    Enh("net_class_id with leading zeros", enh(REC, net_class_id="000000000000007"),
-        {"net_class_id": 7}),
-    Enh("net_class_id with 5000 digits", enh(REC, net_class_id="1" * 5000),
-        {"net_class_id": None}, frozenset({(ANNOTATION_NET_CLASS_ID, "", "none")})),
-    Enh("net_class_id negative", enh(REC, net_class_id="-1"), {"net_class_id": None},
-        frozenset({(ANNOTATION_NET_CLASS_ID, "", "none")})),
-    Enh("net_class_id beyond uint32", enh(REC, net_class_id="4294967296"), {"net_class_id": None},
-        frozenset({(ANNOTATION_NET_CLASS_ID, "", "none")})),
     # JSON shape
-    Enh("bad JSON", enh(DED, mem="{numa_binding: true}"), {"memory_enhancement": {}},
+    Enh("bad JSON: no enhancement at all", enh(DED, mem="{numa_binding: true}"),
+        {"numa_binding": False, "oom_priority": None},
         frozenset({(MEM, "", "a less specific annotation, else {}")})),
-    Enh("JSON array", enh(DED, mem='["numa_binding"]'), {"memory_enhancement": {}},
+    Enh("JSON array: no enhancement at all", enh(DED, mem='["numa_binding"]'),
+        {"numa_binding": False, "oom_priority": None},
         frozenset({(MEM, "", "a less specific annotation, else {}")})),
     Enh("NaN is not JSON", enh(DED, mem='{"oom_priority": NaN}'), {"oom_priority": None},
         frozenset({(MEM, "", "a less specific annotation, else {}")})),
@@ -523,7 +459,7 @@ ENHANCEMENTS = [
 
 
 @pytest.mark.parametrize("case", ENHANCEMENTS, ids=lambda c: c.desc)
-def test_enhancements(case: Enh) -> None:
+def test_enhancements_are_kept_only_where_katalyst_honours_them(case: Enh) -> None:
     c = run(case.annotations)
     for name, value in case.expect.items():
         assert getattr(c, name) == value, name
@@ -536,11 +472,7 @@ def test_defaults_without_enhancements() -> None:
     assert (c.numa_binding, c.numa_exclusive, c.numa_share, c.full_pcpus_pairing) == (
         False, False, True, False,
     )  # fmt: skip
-    assert (c.cpuset_pool, c.oom_priority, c.numa_number, c.numa_ids) == (None, None, None, ())
-    assert (c.net_namespace_type, c.net_class_id, c.net_topology_affinity_restricted) == (
-        None, None, False,
-    )  # fmt: skip
-    assert dict(c.cpu_enhancement) == dict(c.memory_enhancement) == {}
+    assert (c.cpuset_pool, c.oom_priority, c.warnings) == (None, None, ())
 
 
 def test_enhancement_maps_follow_the_scopes_and_are_not_merged() -> None:
@@ -550,22 +482,13 @@ def test_enhancement_maps_follow_the_scopes_and_are_not_merged() -> None:
         f"{MEM}/container.app": json.dumps({"oom_priority": "120"}),
     }
     c = run(pod)
-    assert (c.oom_priority, c.numa_binding) == (120, False)
-    assert dict(c.memory_enhancement) == {"oom_priority": "120"}
+    assert (c.oom_priority, c.numa_binding) == (120, False)  # the pod map's binding is not merged
 
 
 def test_bad_scoped_map_falls_back_to_the_pod_map() -> None:
     c = run({K: SHR, CPU: '{"cpuset_pool": "batch"}', f"{CPU}/container.app": "{"})
     assert c.cpuset_pool == "batch"
     assert warned(c) == {(f"{CPU}/container.app", "", "a less specific annotation, else {}")}
-
-
-def test_scoped_flat_keys() -> None:
-    c = run(
-        enh(DED, mem=BIND)
-        | {f"{ANNOTATION_NUMA_IDS}/container.app": "1", ANNOTATION_NUMA_IDS: "0-3"}
-    )
-    assert (c.numa_ids, c.numa_number) == ((1,), 1)
 
 
 def test_oom_priority_is_checked_against_the_final_class() -> None:
@@ -589,10 +512,9 @@ def test_bad_config_is_refused(namespaces: object) -> None:
 
 # --- hypothesis: never raises, and the invariants hold ------------------------------------------
 
-KNOWN_KEYS = [K, CPU, MEM, NET, ANNOTATION_NUMA_NUMBER, ANNOTATION_NUMA_IDS,
-              ANNOTATION_NET_CLASS_ID, ANNOTATION_CONFIG_SOURCE]  # fmt: skip
+KNOWN_KEYS = [K, CPU, MEM, ANNOTATION_CONFIG_SOURCE]
 ENH_KEYS = ["numa_binding", "numa_exclusive", "oom_priority", "numa_share", "cpuset_pool",
-            "full_pcpus_pairing", "namespace_type", "topology_affinity_restricted"]  # fmt: skip
+            "full_pcpus_pairing"]  # fmt: skip
 INTERESTING = ["true", "false", "True", "", "0", "-300", "300", "299", "-1", "0-3", "3-1",
                "0-99999999999", "dedicated_cores", "system_cores", "reclaimed_cores",
                "shared_cores", "reclaim", "host_ns", "file", "api", "1e9", "+5", "٣"]  # fmt: skip
@@ -671,10 +593,6 @@ def test_classify_never_raises_and_keeps_its_invariants(
     assert not c.numa_binding or c.qos_class is not SYSTEM
     assert c.numa_share or c.qos_class in (SHARED, DEDICATED)
     assert c.cpuset_pool is None or (c.cpuset_pool and c.qos_class in (SHARED, SYSTEM))
-    assert all(0 <= i < MAX_NUMA_NODES for i in c.numa_ids)
-    assert not c.numa_ids or c.numa_number == len(c.numa_ids)
-    assert c.net_class_id is None or 0 <= c.net_class_id < 1 << 32
-    assert all(isinstance(v, str) for v in c.memory_enhancement.values())
     if c.source in (ClassSource.ANNOTATION, ClassSource.CONTAINER_OVERRIDE):
         assert c.qos_class.value in {**pod_ann, **ctr_ann}.values()
     if c.source is ClassSource.SYSTEM_POD:

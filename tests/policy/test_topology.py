@@ -21,8 +21,8 @@ from qos_model.topology import (
     Topology,
     TopologyError,
 )
-from tests.policy.conftest import SnapshotLibrary
 from tests.policy.sysfs_builder import MachineShape, write_sysfs
+from tests.snapshots import SnapshotLibrary
 
 KIB = 1024
 
@@ -65,7 +65,9 @@ SNAPSHOT_FACTS = [
 
 
 @pytest.mark.parametrize("facts", SNAPSHOT_FACTS, ids=lambda facts: facts.name)
-def test_snapshot_counts(facts: SnapshotFacts, snapshots: SnapshotLibrary) -> None:
+def test_each_recorded_machine_is_discovered_with_its_known_counts(
+    facts: SnapshotFacts, snapshots: SnapshotLibrary
+) -> None:
     topology = snapshots.topology(facts.name)
     assert len(topology.online_cpus) == facts.cpus
     assert topology.online_cpus == frozenset(range(facts.cpus))
@@ -336,6 +338,14 @@ def test_missing_die_id_means_die_0(tmp_path: Path) -> None:
         ("node/node0/distance", "10 20 30\n", "3 distances for 2 nodes"),
         ("node/node1/meminfo", "Node 1 MemFree: 5 kB\n", "no 'Node 1 MemTotal"),
         ("cpu/cpu0/cache/index3/level", "three\n", "expected an integer"),
+    ],
+    ids=[
+        "cpu/cpu1/topology/core_id",
+        "cpu/online",
+        "node/node0/cpulist",
+        "node/node0/distance",
+        "node/node1/meminfo",
+        "cpu/cpu0/cache/index3/level",
     ],
 )
 def test_malformed_file_is_named_in_the_error(

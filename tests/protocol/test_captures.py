@@ -7,11 +7,15 @@ from google.protobuf.json_format import MessageToDict
 
 from nri_plugin.protocol import mux, services, ttrpc, ttrpc_pb2
 from nri_plugin.protocol.connection import NriConnection, RequestReceived, ResponseReceived, Role
-from tests.captures import SESSIONS, TO_PLUGIN, TO_RUNTIME, CapturedMessage, Session, has_map
-
-
-def _ids(sessions: list[Session]) -> list[str]:
-    return [s.id for s in sessions]
+from tests.captures import (
+    SESSIONS,
+    TO_PLUGIN,
+    TO_RUNTIME,
+    CapturedMessage,
+    Session,
+    has_map,
+    session_id,
+)
 
 
 def test_all_runtimes_are_covered() -> None:
@@ -25,7 +29,7 @@ def _method_for(session: Session, index: int) -> tuple[str, str]:
     return str(d["service"]), str(d["method"])
 
 
-@pytest.mark.parametrize("session", SESSIONS, ids=_ids(SESSIONS))
+@pytest.mark.parametrize("session", SESSIONS, ids=session_id)
 def test_every_message_decodes_like_the_reference(session: Session) -> None:
     """Envelope and payload of every recorded message decode with our schema to exactly
     what the reference decoder (upstream's api.proto) produced."""
@@ -66,7 +70,7 @@ def test_every_message_decodes_like_the_reference(session: Session) -> None:
         assert ours == expected, f"message {i} ({method}) differs"
 
 
-@pytest.mark.parametrize("session", SESSIONS, ids=_ids(SESSIONS))
+@pytest.mark.parametrize("session", SESSIONS, ids=session_id)
 @pytest.mark.parametrize("direction", [TO_PLUGIN, TO_RUNTIME])
 def test_connection_reassembles_records_as_read(session: Session, direction: str) -> None:
     """Feed each recorded read() as it happened (frames split across reads, several
@@ -116,13 +120,13 @@ def _reencode(msg: CapturedMessage) -> bytes:
     return ttrpc.encode_response(msg.stream_id, env_r.payload)
 
 
-@pytest.mark.parametrize("session", SESSIONS, ids=_ids(SESSIONS))
+@pytest.mark.parametrize("session", SESSIONS, ids=session_id)
 def test_envelopes_reencode_byte_for_byte(session: Session) -> None:
     for msg in session.messages:
         assert _reencode(msg) == msg.raw
 
 
-@pytest.mark.parametrize("session", SESSIONS, ids=_ids(SESSIONS))
+@pytest.mark.parametrize("session", SESSIONS, ids=session_id)
 def test_payloads_without_maps_reencode_byte_for_byte(session: Session) -> None:
     """Protobuf content re-serialized by us equals Go's bytes wherever no map is involved
     (Go writes map entries in random order, so those are compared decoded, above)."""
@@ -147,7 +151,7 @@ def test_payloads_without_maps_reencode_byte_for_byte(session: Session) -> None:
     assert checked >= 10
 
 
-@pytest.mark.parametrize("session", SESSIONS, ids=_ids(SESSIONS))
+@pytest.mark.parametrize("session", SESSIONS, ids=session_id)
 def test_mux_framing_matches_go_writer(session: Session) -> None:
     """Our mux encoder cuts every message into the same frames Go did (4096 + rest)."""
     for msg in session.messages:

@@ -89,8 +89,11 @@ def test_tv2_configure_request_payloads() -> None:
             "6d6574686f64204e6f537563684d6574686f64",
         ),
     ],
+    ids=["ConfigureResponse", "empty response", "UNIMPLEMENTED status"],
 )
-def test_tv3_plugin_replies(stream: int, make: object, expected: str) -> None:
+def test_tv3_plugin_replies_are_byte_for_byte_what_go_sends(
+    stream: int, make: object, expected: str
+) -> None:
     conn = NriConnection(Role.PLUGIN)
     assert make(conn, stream) == h(expected)  # type: ignore[operator]
 
@@ -143,8 +146,10 @@ def test_tv5_mux_split_rule() -> None:
     assert len(data) == 16 + 20_089
 
 
-@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 8192, 8193])
-def test_mux_split_boundaries(size: int) -> None:
+@pytest.mark.parametrize(
+    "size", [0, 1, 4095, 4096, 4097, 8192, 8193], ids=lambda size: f"{size} bytes"
+)
+def test_mux_sends_at_most_4096_bytes_in_the_first_frame_and_reads_back_the_rest(size: int) -> None:
     data = mux.encode_message(2, bytes(range(256)) * (size // 256) + bytes(size % 256))
     reader = mux.MuxReader([2])
     chunks = reader.feed(data)

@@ -15,7 +15,7 @@ from nri_plugin.protocol import convert, services, ttrpc, ttrpc_pb2
 from nri_plugin.protocol import nri_pb2 as pb
 from nri_plugin.protocol.fields import CPU_FIELDS, MEMORY_FIELDS, Kind, ResourceField
 from qos_model import containers as model
-from tests.captures import SESSIONS, Session
+from tests.captures import SESSIONS, Session, session_id
 
 WIRE_INTS = {
     "OptionalInt64": st.integers(-(1 << 63), (1 << 63) - 1),
@@ -120,7 +120,7 @@ def _linux_resources(message: Message) -> Iterator[pb.LinuxResources]:
             yield from _linux_resources(item)
 
 
-@pytest.mark.parametrize("session", SESSIONS, ids=[s.id for s in SESSIONS])
+@pytest.mark.parametrize("session", SESSIONS, ids=session_id)
 def test_captured_cpu_and_memory_reencode_byte_for_byte(session: Session) -> None:
     """Every LinuxResources a real runtime or plugin sent: its cpu and memory, read into
     the model and written back, are Go's bytes again (no map involved in either)."""
