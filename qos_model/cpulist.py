@@ -14,7 +14,23 @@ class CpuListError(ValueError):
 
 
 def parse_cpu_list(text: str) -> frozenset[int]:
-    """Parse "0-3,8" (whitespace and a trailing newline allowed; "" is the empty set)."""
+    """Parse "0-3,8" (whitespace and a trailing newline allowed; "" is the empty set).
+
+    Remembered: a node's containers report a handful of distinct lists (their pools'), a
+    thousand times over at every Synchronize."""
+    found = _PARSED.get(text)
+    if found is None:
+        found = _parse(text)
+        if len(_PARSED) >= 4096:
+            _PARSED.clear()
+        _PARSED[text] = found
+    return found
+
+
+_PARSED: dict[str, frozenset[int]] = {}
+
+
+def _parse(text: str) -> frozenset[int]:
     result: set[int] = set()
     for part in text.strip().split(","):
         part = part.strip()

@@ -59,6 +59,7 @@ from nri_plugin.policy.planner import (
     place_dedicated,
     pool_cpus_decision,
     pool_of,
+    reported_claims,
 )
 from nri_plugin.policy.qos import QosClass
 from qos_model.containers import Resources
@@ -207,7 +208,7 @@ class Planner:
         self._usage = usage
         for w in workloads:
             self._insert(w)
-        claims = Counter(cpu for w in self._workloads.values() for cpu in w.current_cpus)
+        claims = reported_claims(self._workloads.values())
         step = self._step(set(self._workloads), dedicated_dirty=True, adopt=True, claims=claims)
         changes = dict(step.changes)
         for cid, plan in before.items():

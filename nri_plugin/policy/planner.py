@@ -330,6 +330,14 @@ def _place_once(
     return DedicatedPlacement(allocations, refused, numa, tuple(warnings), taken)
 
 
+def reported_claims(workloads: Iterable[Workload]) -> Counter[int]:
+    """How many containers report each CPU that a dedicated container reports (what
+    adoption after a restart checks: an exclusive set is reported by exactly one)."""
+    workloads = list(workloads)
+    held = frozenset().union(*(w.current_cpus for w in workloads if is_dedicated(w)))
+    return Counter(cpu for w in workloads for cpu in w.current_cpus & held)
+
+
 def layout_pools(
     topology: Topology,
     config: PlannerConfig,
@@ -396,7 +404,7 @@ def plan_node(
     allocations (None after a restart: then each dedicated container's current cpuset is
     adopted when it is still a valid exclusive set)."""
     ordered = sorted(workloads, key=lambda w: w.order)
-    claims = Counter(cpu for w in ordered for cpu in w.current_cpus)
+    claims = reported_claims(ordered)
     placement = place_dedicated(
         topology, config, [w for w in ordered if is_dedicated(w)], previous, claims
     )

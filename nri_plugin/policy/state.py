@@ -109,27 +109,45 @@ def restore_original(container: Container) -> Container:
     raw = container.annotations.get(ORIGINAL_ANNOTATION)
     if not raw:
         return container
-    try:
-        original = json.loads(raw)
-    except ValueError:
+    oom, shares = _originals(raw)
+    res = container.resources
+    cpu = res.cpu if res is not None else None
+    restore_shares = shares is not None and cpu is not None and cpu.shares != shares
+    if (oom is None or oom == container.oom_score_adj) and not restore_shares:
         return container
-    if not isinstance(original, dict):
-        return container
-    restored = container
-    oom = original.get("oom_score_adj")
-    if isinstance(oom, int) and not isinstance(oom, bool):
-        restored = replace(restored, oom_score_adj=oom)
-    shares = original.get("cpu_shares")
-    res = restored.resources
-    if (
-        isinstance(shares, int)
-        and not isinstance(shares, bool)
-        and res is not None
-        and res.cpu is not None
-    ):
-        cpu = replace(res.cpu, shares=shares)
-        restored = restored.with_resources(replace(res, cpu=cpu))
-    return restored
+    if restore_shares:
+        assert res is not None and cpu is not None
+        res = replace(res, cpu=replace(cpu, shares=shares))
+    return replace(
+        container,
+        oom_score_adj=container.oom_score_adj if oom is None else oom,
+        resources=res,
+    )
+
+
+def _originals(raw: str) -> tuple[int | None, int | None]:
+    """(oom_score_adj, cpu_shares) from our annotation; None where absent or not an int.
+    Remembered: the same few texts repeat on every container of a Synchronize."""
+    found = _ORIGINALS.get(raw)
+    if found is None:
+        try:
+            original = json.loads(raw)
+        except (ValueError, RecursionError):
+            original = None
+        if not isinstance(original, dict):
+            original = {}
+        found = (_int(original.get("oom_score_adj")), _int(original.get("cpu_shares")))
+        if len(_ORIGINALS) >= 1024:
+            _ORIGINALS.clear()
+        _ORIGINALS[raw] = found
+    return found
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+_ORIGINALS: dict[str, tuple[int | None, int | None]] = {}
 
 
 def originals_annotation(container: Container) -> str:
