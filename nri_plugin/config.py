@@ -17,8 +17,8 @@ from typing import Any
 from nri_plugin.plugin import DEFAULT_SOCKET, PluginSettings, PluginSetupError
 from nri_plugin.policy.engine import EngineConfig
 from nri_plugin.policy.oom import OomBands
-from nri_plugin.policy.planner import PlannerConfig
 from nri_plugin.policy.qos import QosConfig
+from nri_plugin.policy.workload import PlannerConfig
 from qos_model.cpulist import CpuListError, parse_cpu_list
 
 

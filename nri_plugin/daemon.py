@@ -30,8 +30,8 @@ from nri_plugin.plugin import NotConnected, NriPlugin, PluginSetupError
 from nri_plugin.policy.api import PolicyBase, RecordingPolicy
 from nri_plugin.policy.engine import Engine, EngineConfig
 from nri_plugin.policy.intents import ContainerRef
-from nri_plugin.policy.planner import PlannerConfigError, UsageSample
 from nri_plugin.policy.qos_policy import QosPolicy
+from nri_plugin.policy.workload import PlannerConfigError, UsageSample
 from nri_plugin.protocol.errors import RpcError
 from nri_plugin.status import StatusServer
 from nri_plugin.usage import UsageMeter
@@ -108,7 +108,7 @@ async def rebalance_loop(
             if intents.updates:
                 log.info(
                     "online usage moved the pools: updating %d container(s)",
-                    len(intents.updates),
+                    len(intents.all_updates()),
                 )
                 await plugin.update_containers(intents.updates)
         except (NotConnected, RpcError, TimeoutError, ConnectionError) as exc:

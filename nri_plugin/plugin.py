@@ -41,7 +41,7 @@ from nri_plugin.protocol import convert, services
 from nri_plugin.protocol import nri_pb2 as pb
 from nri_plugin.protocol.connection import BadRequest, RequestReceived, ResponseReceived, Role
 from nri_plugin.protocol.errors import Code, ProtocolError, RpcError
-from qos_model.containers import Update
+from qos_model.containers import BulkUpdate, Update, flat_updates
 from qos_model.runtime import RuntimeInfo
 
 log = logging.getLogger("nri_qos.plugin")
@@ -246,7 +246,7 @@ class NriPlugin:
         out-of-band work (e.g. rebalancing on usage) sees a consistent policy state."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
-    async def update_containers(self, updates: Sequence[Update]) -> None:
+    async def update_containers(self, updates: Sequence[Update | BulkUpdate]) -> None:
         """Ask the runtime to change running containers (never call from a policy hook)."""
         session = self._session
         if session is None or not self.configured.is_set():
@@ -481,7 +481,7 @@ class _Session:
         payload = message.SerializeToString()
         return await self.channel.call(services.RUNTIME_SERVICE, method, payload, timeout)
 
-    async def update_containers(self, updates: Sequence[Update]) -> None:
+    async def update_containers(self, updates: Sequence[Update | BulkUpdate]) -> None:
         request = pb.UpdateContainersRequest()
         convert.updates_to_pb(updates, request.update)
         # The runtime serializes this with event processing; allow for one event ahead.
@@ -497,11 +497,11 @@ class _Session:
             raise RpcError(reply.code, reply.message)
         metrics.update_containers.labels("ok").inc()
 
-    async def _send_deferred(self, updates: Sequence[Update]) -> None:
+    async def _send_deferred(self, updates: Sequence[Update | BulkUpdate]) -> None:
         try:
             await self.update_containers(updates)
         except (RpcError, TimeoutError, ConnectionError) as exc:
-            ids = ", ".join(u.container_id for u in updates)
+            ids = ", ".join(u.container_id for u in flat_updates(updates))
             log.warning("UpdateContainers for %s failed: %s", ids, exc or type(exc).__name__)
 
 

@@ -12,7 +12,7 @@ fields hold plain dicts: treat them as read-only.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from enum import IntEnum
 from typing import Any
@@ -143,6 +143,29 @@ class Update:
     container_id: str
     resources: Resources
     ignore_failure: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BulkUpdate:
+    """The same resources for many existing containers: a pool's members when the pool's
+    CPUs move (hundreds on a dense node, so one value instead of one Update each)."""
+
+    container_ids: tuple[str, ...]
+    resources: Resources
+
+    def updates(self) -> list[Update]:
+        return [Update(cid, self.resources) for cid in self.container_ids]
+
+
+def flat_updates(updates: Iterable[Update | BulkUpdate]) -> list[Update]:
+    """One Update per container."""
+    out: list[Update] = []
+    for u in updates:
+        if isinstance(u, BulkUpdate):
+            out.extend(u.updates())
+        else:
+            out.append(u)
+    return out
 
 
 NO_ADJUSTMENT = Adjustment()

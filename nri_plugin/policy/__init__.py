@@ -7,10 +7,11 @@ signals as plain values; the output is typed `Intents` that the plumbing carries
 
 Modules: `api` (the hooks a policy implements), `engine` (events in, plan + diff + intents
 out), `state` (the container table), `qos` / `kube_qos` (classification), `oom` (bands),
-`topology` lives in `qos_model`, `cpuallocator` (exclusive sets), `planner` (the full plan
-and its building blocks), `incremental` (the plan kept up to date per event), `plan` (the
-per-container plan and its generic diff), `intents`, `numa_reclaim`, `qos_policy` (the
-engine behind the hooks).
+`cpuallocator` (exclusive sets), `workload` (the planner's inputs), `dedicated` (the
+dedicated pass), `cores` (core cuts), `planner` (the full plan and its building blocks),
+`incremental` (the plan kept up to date per event), `plan` (the per-container plan and its
+generic diff), `intents`, `numa_reclaim`, `qos_policy` (the engine behind the hooks). The
+topology value lives in `qos_model`.
 """
 
 from nri_plugin.policy.api import Observation, PolicyBase, RecordingPolicy

@@ -48,14 +48,7 @@ from nri_plugin.policy.plan import (
     diff_plans,
     plan_fields,
 )
-from nri_plugin.policy.planner import (
-    DEDICATED,
-    RECLAIMED,
-    NodePlan,
-    PlannerConfig,
-    UsageSample,
-    Workload,
-)
+from nri_plugin.policy.planner import NodePlan
 from nri_plugin.policy.qos import Classification, QosConfig, classify
 from nri_plugin.policy.state import (
     ORIGINAL_ANNOTATION,
@@ -64,7 +57,9 @@ from nri_plugin.policy.state import (
     originals_annotation,
     restore_original,
 )
+from nri_plugin.policy.workload import DEDICATED, RECLAIMED, PlannerConfig, UsageSample, Workload
 from qos_model.containers import (
+    BulkUpdate,
     Container,
     ContainerState,
     Pod,
@@ -327,7 +322,7 @@ class Engine:
         that moved. `skip`: the container being created (its plan travels in the
         adjustment); `skip_runtime`: the container being updated (its update travels in
         the reply). A pool move's members all get the move's resources."""
-        updates: list[Update] = []
+        updates: list[Update | BulkUpdate] = []
         host: list[HostIntent] = []
         for cid, (_old, new) in step.changes.items():
             fields = diff.get(cid)
@@ -340,11 +335,14 @@ class Engine:
                 record = self.table.get(cid)
                 if record is not None:
                     host.append(self._oom_intent(Phase.POST_UPDATE, record.container, new))
+        moved = 0
         for move in step.moves:
-            updates.extend(Update(cid, move.resources) for cid in move.members)
+            updates.append(BulkUpdate(move.members, move.resources))
+            moved += len(move.members)
         notes: tuple[Note, ...] = ()
         if updates:
-            notes = (Note("pool", "node", f"pools moved: updating {len(updates)} container(s)"),)
+            count = len(updates) - len(step.moves) + moved
+            notes = (Note("pool", "node", f"pools moved: updating {count} container(s)"),)
         return Intents(updates=tuple(updates), host=tuple(host), notes=notes)
 
     def _oom_intent(

@@ -35,33 +35,37 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from nri_plugin.policy.cpuallocator import CpuAllocation
+from nri_plugin.policy.dedicated import (
+    DedicatedPlacement,
+    NumaState,
+    place_dedicated,
+    reported_claims,
+)
 from nri_plugin.policy.plan import ContainerPlan
 from nri_plugin.policy.planner import (
+    DecisionMemo,
+    NodePlan,
+    Pools,
+    bound_picks,
+    bound_placed,
+    container_plan,
+    layout_pools,
+    pool_cpus_decision,
+    pool_of,
+)
+from nri_plugin.policy.qos import QosClass
+from nri_plugin.policy.workload import (
     DEDICATED,
     RECLAIMED,
     SHARED,
-    DecisionMemo,
-    DedicatedPlacement,
-    NodePlan,
-    NumaState,
     PlannerConfig,
-    Pools,
     UsageSample,
     Workload,
     allocatable_cpus,
     binds_numa,
-    bound_picks,
-    bound_placed,
-    container_plan,
     demand_of,
     is_dedicated,
-    layout_pools,
-    place_dedicated,
-    pool_cpus_decision,
-    pool_of,
-    reported_claims,
 )
-from nri_plugin.policy.qos import QosClass
 from qos_model.containers import Resources
 from qos_model.topology import Topology
 

@@ -8,6 +8,7 @@ sample) yields one `Intents` value, which the plumbing carries out after the eve
   our placement of the container being updated);
 * `updates` — live containers whose plan moved, sent in one UpdateContainers call after
   the reply (never from inside the event: the runtime holds its NRI lock while relaying it);
+  the members of a pool that moved all get the same resources, as one `BulkUpdate`;
 * `host` — `HostIntent`s, one per host domain action, applied by that domain's controller
   (`nri_plugin.control`) after the reply, off the request path;
 * `notes` — what was decided or could not be honoured, for the log and the decision
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import ClassVar
 
-from qos_model.containers import Adjustment, Container, Update
+from qos_model.containers import Adjustment, BulkUpdate, Container, Update, flat_updates
 
 
 class Phase(StrEnum):
@@ -89,20 +90,24 @@ class Note:
 class Intents:
     adjustment: Adjustment | None = None
     reply_updates: tuple[Update, ...] = ()
-    updates: tuple[Update, ...] = ()
+    updates: tuple[Update | BulkUpdate, ...] = ()
     host: tuple[HostIntent, ...] = ()
     notes: tuple[Note, ...] = ()
 
     def is_empty(self) -> bool:
         return self == NO_INTENTS
 
+    def all_updates(self) -> list[Update]:
+        """`updates`, one Update per container."""
+        return flat_updates(self.updates)
+
     def __add__(self, other: Intents) -> Intents:
-        """Both sets of intents; a later update of a container replaces an earlier one."""
-        later = {u.container_id for u in other.updates}
+        """Both sets of intents: an event's own and its consequences (the engine never
+        updates one container twice in one event)."""
         return Intents(
             adjustment=other.adjustment if other.adjustment is not None else self.adjustment,
             reply_updates=self.reply_updates + other.reply_updates,
-            updates=tuple(u for u in self.updates if u.container_id not in later) + other.updates,
+            updates=self.updates + other.updates,
             host=self.host + other.host,
             notes=self.notes + other.notes,
         )

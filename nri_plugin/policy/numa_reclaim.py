@@ -19,8 +19,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from nri_plugin.policy.planner import NodePlan, Workload
+from nri_plugin.policy.planner import NodePlan
 from nri_plugin.policy.qos import QosClass
+from nri_plugin.policy.workload import Workload
 from qos_model.topology import Topology
 
 MILLICORES_PER_CPU = 1000

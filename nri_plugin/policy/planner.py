@@ -41,99 +41,46 @@ only what an event can change and still equal `plan_node` after every step:
   again on the next event.
 
 This module holds the reference `plan_node` and the building blocks both planners share:
-`place_dedicated`, `layout_pools`, `pool_of`, `pool_cpus_decision`, `bound_picks`,
-`bound_placed`, `container_plan`.
+`layout_pools`, `pool_of`, `pool_cpus_decision`, `bound_picks`, `bound_placed`,
+`container_plan`; the dedicated pass is `dedicated.place_dedicated`, the inputs are in
+`workload`, core cutting in `cores`.
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
-from nri_plugin.policy.cpuallocator import AllocationError, CpuAllocation, CpuRequest, allocate_cpus
+from nri_plugin.policy.cores import bottom_cores, top_cores
+from nri_plugin.policy.cpuallocator import CpuAllocation
+from nri_plugin.policy.dedicated import (
+    DedicatedPlacement,
+    NumaState,
+    place_dedicated,
+    reported_claims,
+)
 from nri_plugin.policy.kube_qos import MILLI_PER_CPU, KubeQos
-from nri_plugin.policy.oom import DEFAULT_OOM_BANDS, OomBands, decide_oom_score_adj
+from nri_plugin.policy.oom import OomBands, decide_oom_score_adj
 from nri_plugin.policy.plan import ContainerPlan, Decision
 from nri_plugin.policy.qos import Classification, QosClass
+from nri_plugin.policy.workload import (
+    DEDICATED,
+    RECLAIMED,
+    RECLAIMED_SHARES,
+    SHARED,
+    SYSTEM,
+    PlannerConfig,
+    PlanWarning,
+    UsageSample,
+    Workload,
+    allocatable_cpus,
+    binds_numa,
+    demand_of,
+    is_dedicated,
+)
 from qos_model.cpulist import format_cpu_list
 from qos_model.topology import Topology
-
-SHARED = "shared"
-RECLAIMED = "reclaimed"
-SYSTEM = "system"
-DEDICATED = "dedicated"
-RECLAIMED_SHARES = 2  # the kernel's minimum CFS weight (cgroup v1 cpu.shares)
-
-
-class PlannerConfigError(ValueError):
-    """A planner config that cannot work on this host; the message says why."""
-
-
-@dataclass(frozen=True, slots=True)
-class PlannerConfig:
-    reserved_cpus: frozenset[int] = frozenset()
-    min_shared_cpus: int = 1
-    reclaimed_min_cpus: int = 1
-    reclaimed_overlap_shared: bool = False
-    # Online demand (requests or measured usage) counts this much more when sizing the
-    # reclaimed pool, so bursts have room before the pool is resized.
-    shared_headroom: float = 0.2
-    dedicated_full_pcpus: bool = True
-    include_isolated_cpus: bool = False
-    oom_bands: OomBands = DEFAULT_OOM_BANDS
-
-    def check(self, topology: Topology) -> None:
-        unknown = self.reserved_cpus - topology.online_cpus
-        if unknown:
-            raise PlannerConfigError(
-                f"reserved_cpus {format_cpu_list(unknown)} are not online CPUs of this host "
-                f"(online: {format_cpu_list(topology.online_cpus)})"
-            )
-        if self.min_shared_cpus < 1:
-            raise PlannerConfigError("min_shared_cpus must be at least 1")
-        if self.reclaimed_min_cpus < 0:
-            raise PlannerConfigError("reclaimed_min_cpus must be 0 or more")
-        if self.shared_headroom < 0:
-            raise PlannerConfigError("shared_headroom must be 0 or more")
-        usable = allocatable_cpus(topology, self) - self.reserved_cpus
-        if len(usable) < self.min_shared_cpus:
-            raise PlannerConfigError(
-                f"only {len(usable)} CPUs are left after reserving "
-                f"{format_cpu_list(self.reserved_cpus)}; min_shared_cpus is "
-                f"{self.min_shared_cpus}"
-            )
-
-
-@dataclass(frozen=True, slots=True)
-class Workload:
-    """A container as the planner sees it."""
-
-    container_id: str
-    pod_id: str
-    name: str
-    classification: Classification
-    created_at: int = 0  # ordering; ties broken by container id
-    current_cpus: frozenset[int] = frozenset()  # what the runtime reports it has now
-    memory_limit: int | None = None  # bytes, for the NUMA reclaim report
-
-    @property
-    def order(self) -> tuple[int, str]:
-        return (self.created_at, self.container_id)
-
-
-@dataclass(frozen=True, slots=True)
-class UsageSample:
-    """Measured CPU use of the online (shared and system) containers, in cores."""
-
-    online_cores: float
-
-
-@dataclass(frozen=True, slots=True)
-class PlanWarning:
-    container_id: str
-    message: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,61 +110,6 @@ class NodePlan:
     online_demand_millicores: int = 0
 
 
-@dataclass(slots=True)
-class NumaState:
-    """Book-keeping for NUMA binding and numa_share: false, in creation order."""
-
-    bound_load: dict[int, int] = field(default_factory=dict)  # node -> millicores bound
-    bound_pods: dict[int, set[str]] = field(default_factory=dict)  # node -> pod ids bound
-    owners: dict[int, str] = field(default_factory=dict)  # node -> pod that refused sharing
-
-    def avoid_for(self, pod_id: str, numa_share: bool) -> frozenset[int]:
-        owned = {n for n, owner in self.owners.items() if owner != pod_id}
-        if numa_share:
-            return frozenset(owned)
-        used = {n for n, pods in self.bound_pods.items() if pods - {pod_id}}
-        return frozenset(owned | used)
-
-    def bind(self, node: int, pod_id: str, millicores: int, numa_share: bool) -> None:
-        self.bound_load[node] = self.bound_load.get(node, 0) + millicores
-        self.bound_pods.setdefault(node, set()).add(pod_id)
-        if not numa_share:
-            self.owners.setdefault(node, pod_id)
-
-    def copy(self) -> NumaState:
-        return NumaState(
-            dict(self.bound_load),
-            {node: set(pods) for node, pods in self.bound_pods.items()},
-            dict(self.owners),
-        )
-
-
-def allocatable_cpus(topology: Topology, config: PlannerConfig) -> frozenset[int]:
-    if config.include_isolated_cpus:
-        return topology.online_cpus
-    return topology.online_cpus - topology.isolated_cpus
-
-
-def _cpu_count(c: Classification) -> int:
-    return max(1, math.ceil((c.cpu_millicores or MILLI_PER_CPU) / MILLI_PER_CPU))
-
-
-def demand_of(c: Classification) -> int:
-    """Millicores a container asks for: its request, else its limit, else nothing."""
-    return c.cpu_request_millicores or c.cpu_limit_millicores or 0
-
-
-def is_dedicated(w: Workload) -> bool:
-    return w.classification.qos_class is QosClass.DEDICATED_CORES
-
-
-def binds_numa(w: Workload) -> bool:
-    """Bound to one NUMA node when it runs in a pool (shared, named, reclaimed, or a
-    refused dedicated container in the shared pool)."""
-    c = w.classification
-    return c.numa_binding and c.qos_class is not QosClass.SYSTEM_CORES
-
-
 def pool_of(w: Workload, allocated: bool, reserved: frozenset[int]) -> str:
     """The pool a container runs in; `allocated`: it holds an exclusive set."""
     c = w.classification
@@ -230,112 +122,6 @@ def pool_of(w: Workload, allocated: bool, reserved: frozenset[int]) -> str:
     if c.cpuset_pool and c.qos_class is not QosClass.SYSTEM_CORES:
         return f"{SHARED}:{c.cpuset_pool}"
     return SHARED
-
-
-@dataclass(frozen=True, slots=True)
-class DedicatedPlacement:
-    """The outcome of the dedicated pass: who holds which exclusive set, who was refused
-    and why, and the NUMA book-keeping that pool containers then bind against."""
-
-    allocations: Mapping[str, CpuAllocation]
-    refused: Mapping[str, str]
-    numa: NumaState
-    warnings: tuple[PlanWarning, ...]
-    taken: frozenset[int] = frozenset()  # every CPU the allocations hold
-
-
-def place_dedicated(
-    topology: Topology,
-    config: PlannerConfig,
-    dedicated: Sequence[Workload],
-    previous: Mapping[str, CpuAllocation] | None,
-    claims: Counter[int] | None = None,
-) -> DedicatedPlacement:
-    """Exclusive sets for `dedicated` (creation order), settled to a fixpoint.
-
-    `previous` None adopts what the runtime reports (`claims` counts, over every
-    container, who reports each CPU: an exclusive set is reported by exactly one). The
-    pass is then repeated with its own result as `previous` until it no longer changes,
-    so repeating it on the next event changes nothing."""
-    allocatable = allocatable_cpus(topology, config)
-    reserved = config.reserved_cpus & allocatable
-    free = allocatable - reserved
-    placement = _place_once(topology, config, dedicated, free, reserved, previous, claims)
-    for _ in range(4):  # settles in one or two rounds; bounded all the same
-        again = _place_once(
-            topology, config, dedicated, free, reserved, placement.allocations, None
-        )
-        if again.allocations == placement.allocations and again.refused == placement.refused:
-            return again
-        placement = again
-    return placement
-
-
-def _place_once(
-    topology: Topology,
-    config: PlannerConfig,
-    dedicated: Sequence[Workload],
-    free: frozenset[int],
-    reserved: frozenset[int],
-    previous: Mapping[str, CpuAllocation] | None,
-    claims: Counter[int] | None,
-) -> DedicatedPlacement:
-    """Exclusive sets, in two passes: first every container keeps what it holds, then
-    the rest are allocated in creation order, so a newcomer can never take CPUs from a
-    running container, whatever the order of their ids or timestamps."""
-    numa = NumaState()
-    warnings: list[PlanWarning] = []
-    allocations: dict[str, CpuAllocation] = {}
-    refused: dict[str, str] = {}
-    usable = free
-    pending: list[Workload] = []
-    for w in dedicated:
-        request = _request(config, w, numa)
-        kept = _keep(topology, w, request, free, previous)
-        if (
-            kept is not None
-            and previous is None
-            and (
-                (claims is not None and any(claims[cpu] > 1 for cpu in kept.cpus))
-                or not _shape_fits(topology, kept.cpus, request, usable)
-            )
-        ):
-            kept = None
-        if kept is None or len(free - kept.taken) < config.min_shared_cpus:
-            pending.append(w)
-            continue
-        free = free - kept.taken
-        allocations[w.container_id] = kept
-        _record_numa(topology, numa, w, kept)
-    for w in pending:
-        request = _request(config, w, numa)
-        try:
-            allocation = allocate_cpus(topology, free, request, reserved=reserved)
-        except AllocationError as exc:
-            refused[w.container_id] = f"no exclusive CPUs: {exc}"
-            warnings.append(PlanWarning(w.container_id, refused[w.container_id]))
-            continue
-        left = free - allocation.taken
-        if len(left) < config.min_shared_cpus:
-            refused[w.container_id] = (
-                f"{request.describe()} would leave {len(left)} CPU(s) for all other "
-                f"containers (min_shared_cpus is {config.min_shared_cpus})"
-            )
-            warnings.append(PlanWarning(w.container_id, refused[w.container_id]))
-            continue
-        free = left
-        allocations[w.container_id] = allocation
-        _record_numa(topology, numa, w, allocation)
-    taken = frozenset().union(*(a.taken for a in allocations.values()))
-    return DedicatedPlacement(allocations, refused, numa, tuple(warnings), taken)
-
-
-def reported_claims(workloads: Iterable[Workload]) -> Counter[int]:
-    """How many containers report each CPU that a dedicated container reports (what
-    adoption after a restart checks: an exclusive set is reported by exactly one)."""
-    workloads = list(workloads)
-    held = frozenset().union(*(w.current_cpus for w in workloads if is_dedicated(w)))
-    return Counter(cpu for w in workloads for cpu in w.current_cpus & held)
 
 
 def layout_pools(
@@ -369,7 +155,7 @@ def layout_pools(
         size = max(1, math.ceil(named_demand / MILLI_PER_CPU))
         members = f"{SHARED}:{pool_name}"
         if len(shared) - size >= config.min_shared_cpus:
-            carved = _bottom_cores(topology, shared, size)
+            carved = bottom_cores(topology, shared, size)
             named[pool_name] = carved
             shared = shared - carved
             reasons[members] = f"{size} CPU(s) for the requests of {count} container(s)"
@@ -445,127 +231,6 @@ def plan_node(
     return NodePlan(pools, plans, placement.warnings, demand)
 
 
-def _request(config: PlannerConfig, w: Workload, numa: NumaState) -> CpuRequest:
-    c = w.classification
-    return CpuRequest(
-        count=_cpu_count(c),
-        numa_binding=c.numa_binding,
-        numa_exclusive=c.numa_exclusive,
-        full_pcpus=config.dedicated_full_pcpus or c.full_pcpus_pairing,
-        avoid_nodes=numa.avoid_for(w.pod_id, c.numa_share),
-    )
-
-
-def _record_numa(
-    topology: Topology, numa: NumaState, w: Workload, allocation: CpuAllocation
-) -> None:
-    c = w.classification
-    if c.numa_binding:
-        for node in allocation.mems:
-            numa.bind(node, w.pod_id, c.cpu_millicores or 0, c.numa_share)
-    elif not c.numa_share:
-        for node in {topology.node_of(cpu) for cpu in allocation.cpus}:
-            numa.owners.setdefault(node, w.pod_id)
-
-
-def _keep(
-    topology: Topology,
-    w: Workload,
-    request: CpuRequest,
-    free: frozenset[int],
-    previous: Mapping[str, CpuAllocation] | None,
-) -> CpuAllocation | None:
-    """The allocation a container already holds, if it still fits its request."""
-    if previous is not None:
-        # Held CPUs are not re-judged against NUMA constraints that arrived later: those
-        # newcomers were placed around this container, not the other way round.
-        held = previous.get(w.container_id)
-        if held is None or not held.taken <= free or not _size_fits(len(held.cpus), request):
-            return None
-        return held
-    cpus = w.current_cpus
-    if not cpus or not cpus <= free or not _size_fits(len(cpus), request):
-        return None
-    nodes = frozenset(topology.node_of(cpu) for cpu in cpus)
-    if (request.numa_binding and len(nodes) != 1) or nodes & request.avoid_nodes:
-        return None
-    return CpuAllocation(
-        cpus=cpus,
-        mems=nodes,
-        idle_siblings=frozenset(),
-        reason=f"kept CPUs {format_cpu_list(cpus)} it already had (exclusive, still free)",
-    )
-
-
-def _shape_fits(
-    topology: Topology, cpus: frozenset[int], request: CpuRequest, usable: frozenset[int]
-) -> bool:
-    """Could the allocator have produced `cpus` for `request`? (Adoption after a restart.)"""
-    if request.numa_exclusive:
-        nodes = {topology.node_of(cpu) for cpu in cpus}
-        return len(nodes) == 1 and cpus == topology.node(nodes.pop()).cpus & usable
-    if request.full_pcpus:
-        partial = {
-            topology.core_of(cpu).first_cpu
-            for cpu in cpus
-            if not topology.core_of(cpu).cpus & topology.online_cpus <= cpus
-        }
-        return len(partial) <= 1
-    return True
-
-
-def _size_fits(size: int, request: CpuRequest) -> bool:
-    # numa_exclusive hands over a whole node, so its count is a minimum
-    return size >= request.count if request.numa_exclusive else size == request.count
-
-
-def _cores_in(topology: Topology, cpus: frozenset[int]) -> tuple[frozenset[int], ...]:
-    """`cpus` grouped by physical core, cores in ascending order of their first CPU.
-
-    Runs for every pool on every event: the core order is computed once per topology and
-    the answer remembered per CPU set (pools take few distinct shapes)."""
-
-    def group() -> tuple[frozenset[int], ...]:
-        order = topology.derived("cores by first cpu", _core_order(topology))
-        return tuple(core & cpus for core in order if not core.isdisjoint(cpus))
-
-    return topology.derived(("cores in", cpus), group)
-
-
-def _core_order(topology: Topology) -> Callable[[], tuple[frozenset[int], ...]]:
-    return lambda: tuple(c.cpus for c in sorted(topology.cores, key=lambda c: c.first_cpu))
-
-
-def _take_cores(cores: Iterable[frozenset[int]], count: int) -> frozenset[int]:
-    taken: set[int] = set()
-    for core in cores:
-        if len(taken) >= count:
-            break
-        need = count - len(taken)
-        taken.update(sorted(core)[:need])
-    return frozenset(taken)
-
-
-def _top_cores(topology: Topology, cpus: frozenset[int], count: int) -> frozenset[int]:
-    """`count` CPUs from the highest-numbered whole cores (reclaimed pool)."""
-    return _cores_taken(topology, cpus, count, top=True)
-
-
-def _bottom_cores(topology: Topology, cpus: frozenset[int], count: int) -> frozenset[int]:
-    return _cores_taken(topology, cpus, count, top=False)
-
-
-def _cores_taken(topology: Topology, cpus: frozenset[int], count: int, top: bool) -> frozenset[int]:
-    """Whole cores from one end of `cpus`, remembered: pools are cut on every event and
-    take few distinct shapes."""
-
-    def take() -> frozenset[int]:
-        cores = _cores_in(topology, cpus)
-        return _take_cores(reversed(cores) if top else cores, count)
-
-    return topology.derived(("cores taken", cpus, count, top), take)
-
-
 def _split_shared_reclaimed(
     topology: Topology,
     config: PlannerConfig,
@@ -581,19 +246,19 @@ def _split_shared_reclaimed(
         f"{demand_millicores}m ({demand_cpus} CPUs), floor {config.reclaimed_min_cpus}"
     )
     if config.reclaimed_overlap_shared:
-        reclaimed = _top_cores(topology, rest, want)
+        reclaimed = top_cores(topology, rest, want)
         reasons[RECLAIMED] = f"{want} CPU(s), overlapping the shared pool: {because}"
         reasons[SHARED] = "every CPU outside system and dedicated (reclaimed overlaps it)"
         return rest, reclaimed
     room = len(rest) - config.min_shared_cpus
     if want <= room:
-        reclaimed = _top_cores(topology, rest, want)
+        reclaimed = top_cores(topology, rest, want)
         reasons[RECLAIMED] = f"{want} idle CPU(s): {because}"
         reasons[SHARED] = f"{len(rest) - want} CPU(s) left after the reclaimed pool"
         return rest - reclaimed, reclaimed
     # Not enough room for a disjoint floor: keep the floor, overlapping the shared pool.
     floor = min(len(rest), config.reclaimed_min_cpus)
-    reclaimed = _top_cores(topology, rest, floor)
+    reclaimed = top_cores(topology, rest, floor)
     reasons[RECLAIMED] = (
         f"{floor} CPU(s), the floor, overlapping the shared pool because the shared pool "
         f"must keep {config.min_shared_cpus}: {because}"

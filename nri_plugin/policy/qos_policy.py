@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from nri_plugin.policy.api import PolicyBase
 from nri_plugin.policy.engine import Engine, EngineConfig
 from nri_plugin.policy.intents import NO_INTENTS, Intents, Note, Severity
-from nri_plugin.policy.planner import UsageSample
+from nri_plugin.policy.workload import UsageSample
 from qos_model.containers import Container, Pod, Resources
 from qos_model.runtime import RuntimeInfo
 

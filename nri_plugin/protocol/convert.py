@@ -281,18 +281,26 @@ def update_to_pb(upd: model.Update, out: pb.ContainerUpdate | None = None) -> pb
     return msg
 
 
-def updates_to_pb(updates: Iterable[model.Update], field: object) -> None:
+def updates_to_pb(updates: Iterable[model.Update | model.BulkUpdate], field: object) -> None:
     """Append `updates` to a repeated ContainerUpdate field of a response message.
 
-    When a pool moves, hundreds of updates carry the very same resources: each distinct
+    When a pool moves, hundreds of containers get the very same resources: each distinct
     Resources value is converted once and copied."""
     converted: dict[int, pb.LinuxResources] = {}
-    for upd in updates:
+
+    def add(container_id: str, resources: model.Resources, ignore_failure: bool) -> None:
+        encoded = converted.get(id(resources))
+        if encoded is None:
+            encoded = converted[id(resources)] = resources_to_pb(resources)
         msg = field.add()  # type: ignore[attr-defined]
-        msg.container_id = upd.container_id
-        resources = converted.get(id(upd.resources))
-        if resources is None:
-            resources = converted[id(upd.resources)] = resources_to_pb(upd.resources)
-        msg.linux.resources.CopyFrom(resources)
+        msg.container_id = container_id
+        msg.linux.resources.CopyFrom(encoded)
         msg.linux.resources.SetInParent()
-        msg.ignore_failure = upd.ignore_failure
+        msg.ignore_failure = ignore_failure
+
+    for upd in updates:
+        if isinstance(upd, model.BulkUpdate):
+            for container_id in upd.container_ids:
+                add(container_id, upd.resources, False)
+        else:
+            add(upd.container_id, upd.resources, upd.ignore_failure)

@@ -12,8 +12,9 @@ from dataclasses import dataclass, replace
 
 from hypothesis import strategies as st
 
-from nri_plugin.policy.planner import NodePlan, PlannerConfig, Workload
+from nri_plugin.policy.planner import NodePlan
 from nri_plugin.policy.qos import QosClass, QosConfig, classify
+from nri_plugin.policy.workload import PlannerConfig, Workload
 from qos_model.containers import Container, MemoryResources, Pod, Resources
 from qos_model.cpulist import parse_cpu_list
 from qos_model.topology import Topology

@@ -9,11 +9,11 @@ import pytest
 
 from nri_plugin.policy.engine import Engine, EngineConfig
 from nri_plugin.policy.intents import Phase, SetOomScoreAdj, Severity
-from nri_plugin.policy.planner import PlannerConfig, UsageSample
 from nri_plugin.policy.qos_policy import QosPolicy
 from nri_plugin.policy.state import ORIGINAL_ANNOTATION
+from nri_plugin.policy.workload import PlannerConfig, UsageSample
 from nri_plugin.protocol.versions import infer_runtime
-from qos_model.containers import Container, ContainerState, CpuResources, Resources
+from qos_model.containers import BulkUpdate, Container, ContainerState, CpuResources, Resources
 from qos_model.cpulist import format_cpu_list, parse_cpu_list
 from tests.builders import container, pod
 from tests.policy.sysfs_builder import MachineShape
@@ -67,17 +67,17 @@ def test_a_new_container_gets_its_plan_in_the_adjustment_and_others_move_after_t
     assert len(db_cpus) == 2 and db_cpus <= shared_before
     # the shared container must leave the dedicated CPUs: an update after the reply,
     # never in the reply itself; the diff names the field that moved
-    assert [u.container_id for u in db.intents.updates] == ["ctr-web"]
+    assert [u.container_id for u in db.intents.all_updates()] == ["ctr-web"]
     assert not db.intents.reply_updates
-    moved = db.intents.updates[0].resources.cpu
+    moved = db.intents.all_updates()[0].resources.cpu
     assert moved is not None and not parse_cpu_list(moved.cpus) & db_cpus
     assert [c.field for c in db.diff["ctr-web"]] == ["cpus"]
     assert any(n.kind == "pool" for n in db.intents.notes)
 
     # the dedicated container goes away: the shared pool grows back
     gone = e.container_stopped(pod("db", "dedicated_cores"), container("db", 2000))
-    assert [u.container_id for u in gone.intents.updates] == ["ctr-web"]
-    back = gone.intents.updates[0].resources.cpu
+    assert [u.container_id for u in gone.intents.all_updates()] == ["ctr-web"]
+    back = gone.intents.all_updates()[0].resources.cpu
     assert back is not None and parse_cpu_list(back.cpus) == shared_before
     assert "ctr-db" not in gone.plan.containers
 
@@ -158,7 +158,7 @@ def test_update_answers_with_our_cpus_and_resizes_dedicated() -> None:
     (update,) = step.intents.reply_updates
     assert update.container_id == db.id and update.resources.cpu is not None
     assert len(parse_cpu_list(update.resources.cpu.cpus)) == 4  # not the kubelet's 0-7
-    assert db.id not in {u.container_id for u in step.intents.updates}
+    assert db.id not in {u.container_id for u in step.intents.all_updates()}
     record = e.table.get(db.id)
     assert record is not None and record.classification.cpu_limit_millicores == 4000
 
@@ -181,7 +181,7 @@ def test_rising_online_usage_shrinks_the_reclaimed_pool_with_batched_updates() -
     e.container_created(pod("batch", "reclaimed_cores"), container("batch", 500, oom=1000))
     assert len(e.plan.pools.reclaimed) == 6
     step = e.usage_sampled(UsageSample(online_cores=5.0))
-    assert {u.container_id for u in step.intents.updates} == {"ctr-web", "ctr-batch"}
+    assert {u.container_id for u in step.intents.all_updates()} == {"ctr-web", "ctr-batch"}
     assert len(e.plan.pools.reclaimed) == 2  # 5 cores + 20% -> 6 online CPUs
     again = e.usage_sampled(UsageSample(online_cores=5.0))
     assert again.intents.updates == () and again.diff == {}  # nothing moved: nothing sent
@@ -195,7 +195,7 @@ def test_removing_a_pod_forgets_its_containers() -> None:
     e.container_created(pod("db", "dedicated_cores"), container("db", 2000))
     step = e.pod_removed(pod("db", "dedicated_cores"))
     assert set(step.plan.containers) == {"ctr-web", "ctr-side"}
-    assert {u.container_id for u in step.intents.updates} == {"ctr-web", "ctr-side"}
+    assert {u.container_id for u in step.intents.all_updates()} == {"ctr-web", "ctr-side"}
     assert len(e.table) == 2
 
 
@@ -242,3 +242,20 @@ def test_a_config_that_cannot_work_on_this_host_is_refused_at_construction() -> 
     topo = MachineShape(cores_per_l3=2).expected_topology()
     with pytest.raises(ValueError, match="reserved_cpus"):
         Engine(topo, EngineConfig(planner=PlannerConfig(reserved_cpus=frozenset({9}))))
+
+
+def test_a_pools_members_move_as_one_bulk_update_with_the_same_resources() -> None:
+    e = engine()
+    for name in ("a", "b", "c"):
+        e.container_created(pod(name, "shared_cores"), container(name, 500))
+    step = e.container_created(pod("db", "dedicated_cores"), container("db", 2000))
+    (bulk,) = step.intents.updates
+    assert isinstance(bulk, BulkUpdate) and bulk.container_ids == ("ctr-a", "ctr-b", "ctr-c")
+    for u in step.intents.all_updates():
+        assert u.resources == e.plan.containers[u.container_id].update().resources
+    assert {cid: [c.field for c in d] for cid, d in step.diff.items()} == {
+        "ctr-a": ["cpus"],
+        "ctr-b": ["cpus"],
+        "ctr-c": ["cpus"],
+    }
+    assert "updating 3 container(s)" in " ".join(n.message for n in step.intents.notes)

@@ -16,13 +16,8 @@ from hypothesis import strategies as st
 
 from nri_plugin.policy.incremental import Planner
 from nri_plugin.policy.plan import ContainerPlan
-from nri_plugin.policy.planner import (
-    NodePlan,
-    PlannerConfig,
-    UsageSample,
-    Workload,
-    plan_node,
-)
+from nri_plugin.policy.planner import NodePlan, plan_node
+from nri_plugin.policy.workload import PlannerConfig, UsageSample, Workload
 from tests.policy.planning import Spec, check_invariants, machines, specs_strategy, workload
 from tests.policy.sysfs_builder import MachineShape
 

@@ -11,14 +11,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nri_plugin.policy.numa_reclaim import reclaimable_by_numa
-from nri_plugin.policy.planner import (
+from nri_plugin.policy.planner import NodePlan, plan_node
+from nri_plugin.policy.workload import (
     RECLAIMED_SHARES,
-    NodePlan,
     PlannerConfig,
     PlannerConfigError,
     UsageSample,
     Workload,
-    plan_node,
 )
 from qos_model.topology import Topology
 from tests.builders import GiB

@@ -149,3 +149,15 @@ def test_captured_container_survives_the_model() -> None:
                 assert convert.pod_from_pb(convert.pod_to_pb(pod)) == pod
                 checked += 1
     assert checked > 0
+
+
+@given(st.lists(st.text(max_size=8), max_size=5), resources)
+def test_a_bulk_update_encodes_as_one_update_per_container(
+    ids: list[str], res: model.Resources
+) -> None:
+    bulk = pb.UpdateContainersRequest()
+    convert.updates_to_pb([model.BulkUpdate(tuple(ids), res)], bulk.update)
+    single = pb.UpdateContainersRequest()
+    for cid in ids:
+        single.update.add().CopyFrom(convert.update_to_pb(model.Update(cid, res)))
+    assert bulk.SerializeToString() == single.SerializeToString()
