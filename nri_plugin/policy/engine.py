@@ -158,8 +158,10 @@ class Engine:
         """New settings (runtime-provided config at Configure). Raises ValueError when
         they cannot work on this host; the Synchronize that follows re-plans with them."""
         config.planner.check(self.topology)
+        usage = self.planner.usage  # the last measurement still holds under new settings
         self.config = config
         self.planner = Planner(self.topology, config.planner)
+        self.planner.set_usage(usage)
         self.table.clear()
 
     # --- runtime events -------------------------------------------------------------------

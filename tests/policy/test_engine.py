@@ -231,9 +231,11 @@ def test_runtime_provided_config_is_applied_or_refused_with_a_note() -> None:
     assert refused.notes[0].severity is Severity.WARNING
     assert "min_shared_cpus" in refused.notes[0].message
     assert policy.engine.config == EngineConfig()
+    policy.engine.usage_sampled(UsageSample(online_cores=2.5))
     applied = policy.configure(runtime, "3")
     assert [n.message for n in applied.notes] == ["applied the runtime-provided config"]
     assert policy.engine.config.planner.reclaimed_min_cpus == 3
+    assert policy.engine.planner.usage == UsageSample(online_cores=2.5)  # still measured
     assert policy.configure(runtime, "3").notes == ()  # the same again changes nothing
     assert policy.engine.runtime == runtime
 
