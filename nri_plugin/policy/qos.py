@@ -126,6 +126,9 @@ _OOM_PRIORITY_BASE: Final[Mapping[QosClass, int]] = MappingProxyType(
 )
 
 
+_CLASS_NAMES: Final = ", ".join(c.value for c in QosClass)
+
+
 def oom_priority_range(qos_class: QosClass) -> tuple[int, int]:
     """The inclusive Katalyst OOM priority range of a class; its low end is the default."""
     base = _OOM_PRIORITY_BASE[qos_class]
@@ -221,17 +224,19 @@ class _Lookup:
     """The scoped view of one container's annotations (see the module docstring)."""
 
     def __init__(self, pod: Pod, container: Container) -> None:
-        self._sources = (pod.annotations, container.annotations)
+        self._pod = pod.annotations
+        self._container = container.annotations
         self._name = container.name
 
     def candidates(self, key: str) -> Iterator[_Found]:
         for k, container_scoped in _scoped_keys(key, self._name):
-            seen: set[str] = set()
-            for source in self._sources:
-                value = source.get(k)
-                if value is not None and value not in seen:
-                    seen.add(value)
-                    yield _Found(k, value, container_scoped)
+            # the pod's value first; the container's copy of it (CRI-O) only if it differs
+            on_pod = self._pod.get(k)
+            on_container = self._container.get(k)
+            if on_pod is not None:
+                yield _Found(k, on_pod, container_scoped)
+            if on_container is not None and on_container != on_pod:
+                yield _Found(k, on_container, container_scoped)
 
     def first(self, key: str) -> _Found | None:
         return next(self.candidates(key), None)
@@ -444,7 +449,7 @@ def classify(pod: Pod, container: Container, config: QosConfig) -> Classificatio
     if annotated is None:
         annotated = _derived_class(pod, estimate, static_pod, cpu_integral, config)
     qos_class, source, reason = annotated
-    allowed = ", ".join(c.value for c in QosClass)
+    allowed = _CLASS_NAMES
     for bad in unusable:
         warn.add(bad.key, bad.value, f"{qos_class} ({source})", f"not one of {allowed}")
 
