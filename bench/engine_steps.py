@@ -3,7 +3,7 @@
 
 No socket, no protobuf, no runtime: `nri_plugin.policy.engine.Engine` on a recorded
 topology (`--sysfs`, default the 112-CPU `server`) with the mixed Katalyst population of
-`nri_latency.py` (1,000 live containers). Measures, in milliseconds:
+`population.py` (1,000 live containers). Measures, in milliseconds:
 
 - Synchronize of the 1,000 containers as a restarted plugin sees them (each reports the
   CPUs and oom_score_adj a first engine gave it, so nothing needs to change);
@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-import nri_latency  # noqa: E402
+import population as bench_population  # noqa: E402
 
 from nri_plugin.policy.engine import Engine  # noqa: E402
 from nri_plugin.protocol.versions import infer_runtime  # noqa: E402
@@ -52,8 +52,8 @@ def _stats(values: list[float]) -> dict[str, float]:
     }
 
 
-def _pair(i: int, spec: nri_latency.Spec) -> tuple[Pod, Container]:
-    return nri_latency._pod(i, spec), nri_latency._container(i, spec)
+def _pair(i: int, spec: bench_population.Spec) -> tuple[Pod, Container]:
+    return bench_population.demo_pod(i, spec), bench_population.demo_container(i, spec)
 
 
 def _engine(topology: Any) -> Engine:
@@ -86,11 +86,11 @@ def _as_running(engine: Engine, container: Container, annotations: dict[str, str
 def measure(snapshot: str, samples: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="nri-engine-bench-") as tmp:
         topology = SnapshotLibrary(Path(tmp)).topology(snapshot)
-    population = nri_latency.Population.build("mixed", samples)
+    mix = bench_population.Population.build("mixed", samples)
     pods: list[Pod] = []
     first = _engine(topology)
     running: list[tuple[Container, dict[str, str]]] = []
-    for i, spec in enumerate(population.live[:LIVE]):
+    for i, spec in enumerate(mix.live[:LIVE]):
         pod, container = _pair(i, spec)
         step = first.container_created(pod, container)
         assert step.intents.adjustment is not None
@@ -109,10 +109,10 @@ def measure(snapshot: str, samples: int) -> dict[str, Any]:
     creates: list[float] = []
     stops: list[float] = []
     moved = 0
-    for n, spec in enumerate(population.pairs[LIVE]):
+    for n, spec in enumerate(mix.pairs[LIVE]):
         pod, container = (
-            nri_latency._pod(500_000 + n, spec),
-            nri_latency._container(500_000 + n, spec),
+            bench_population.demo_pod(500_000 + n, spec),
+            bench_population.demo_container(500_000 + n, spec),
         )
         started = time.perf_counter()
         step = engine.container_created(pod, container)
@@ -122,13 +122,13 @@ def measure(snapshot: str, samples: int) -> dict[str, Any]:
         engine.container_stopped(pod, container)
         stops.append((time.perf_counter() - started) * 1000)
 
-    dedicated = next(s for s in population.pairs[LIVE] if s.qos_level == "dedicated_cores")
+    dedicated = next(s for s in mix.pairs[LIVE] if s.qos_level == "dedicated_cores")
     moves: list[float] = []
     members = 0
     for n in range(50):
         pod, container = (
-            nri_latency._pod(900_000 + n, dedicated),
-            nri_latency._container(900_000 + n, dedicated),
+            bench_population.demo_pod(900_000 + n, dedicated),
+            bench_population.demo_container(900_000 + n, dedicated),
         )
         started = time.perf_counter()
         step = engine.container_created(pod, container)
@@ -139,8 +139,8 @@ def measure(snapshot: str, samples: int) -> dict[str, Any]:
         "topology": snapshot,
         "live": LIVE,
         "synchronize_ms": _stats(sync),
-        "create_ms": _stats(creates[nri_latency.WARMUP :]),
-        "stop_ms": _stats(stops[nri_latency.WARMUP :]),
+        "create_ms": _stats(creates[bench_population.WARMUP :]),
+        "stop_ms": _stats(stops[bench_population.WARMUP :]),
         "creates_that_moved_a_pool": f"{moved}/{len(creates)}",
         "pool_move_ms": _stats(moves),
         "pool_move_members": members,
