@@ -56,6 +56,7 @@ WARMUP = 20
 SEED = 20261122
 MIB = 1 << 20
 GIB = 1 << 30
+SHARED_SLOT = "shared-plain"  # the plain shared_cores slot of the mix
 NODE_MEMORY = 374 * GIB  # the kubelet's memory capacity, for Burstable oom_score_adj
 
 
@@ -77,7 +78,7 @@ class Spec:
     from_api: bool = False  # kubernetes.io/config.source: api (the mixed population)
 
 
-UNIFORM = Spec(kind="shared", qos_level="shared_cores")
+UNIFORM = Spec(kind=SHARED_SLOT, qos_level="shared_cores")
 
 
 def _kubelet(
@@ -126,7 +127,7 @@ MIX: tuple[tuple[str, int], ...] = (
     ("system", 1),
     ("dedicated/numa", 1),
     ("dedicated", 1),
-    ("shared", 49),
+    (SHARED_SLOT, 49),
     ("shared/pool", 10),
     ("shared/numa", 3),
     ("reclaimed", 35),
@@ -156,7 +157,7 @@ def mixed_spec(kind: str, rng: random.Random) -> Spec:
             memory_limit=mem,
             memory_enhancement=NUMA_BINDING if kind == "dedicated/numa" else None,
         )
-    if kind == "shared":
+    if kind == SHARED_SLOT:
         request, mem = rng.choice((50, 100, 100, 150)), rng.choice((64, 128, 256, 512)) * MIB
         style = rng.random()
         if style < 0.2:  # Guaranteed

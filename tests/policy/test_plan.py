@@ -17,6 +17,7 @@ from nri_plugin.policy.plan import (
     plan_fields,
 )
 from nri_plugin.policy.qos import QosClass
+from nri_plugin.policy.workload import SHARED
 
 
 def plan(**changes: object) -> ContainerPlan:
@@ -25,7 +26,7 @@ def plan(**changes: object) -> ContainerPlan:
         pod_id="p1",
         name="default/p1/c1",
         qos_class=QosClass.SHARED_CORES,
-        pool="shared",
+        pool=SHARED,
         cpus=Decision(frozenset({0, 1}), "shared_cores: the shared pool"),
         mems=Decision(None, "not NUMA-bound: every memory node"),
         cpu_shares=Decision(None, "kept the weight the kubelet set"),

@@ -14,6 +14,7 @@ from nri_plugin.policy.numa_reclaim import reclaimable_by_numa
 from nri_plugin.policy.planner import NodePlan, plan_node
 from nri_plugin.policy.workload import (
     RECLAIMED_SHARES,
+    SHARED,
     PlannerConfig,
     PlannerConfigError,
     UsageSample,
@@ -103,7 +104,7 @@ def test_without_reclaimed_containers_the_shared_pool_keeps_the_idle_cpus() -> N
 
 def test_dedicated_that_would_starve_everyone_else_falls_back_to_shared() -> None:
     p = plan_of(host(4), [Spec("big", "dedicated_cores", 4000), Spec("web", "shared_cores")])
-    assert p.containers["big"].pool == "shared"
+    assert p.containers["big"].pool == SHARED
     assert "would leave 0 CPU(s)" in p.containers["big"].cpus.reason
     assert [w.container_id for w in p.warnings] == ["big"]
 
