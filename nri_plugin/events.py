@@ -1,9 +1,10 @@
 """A bounded log of decisions and problems, for people asking "why?".
 
-The policy records here what it decided and what it could not honour (a bad annotation,
-a refused dedicated allocation, an oom_score_adj the host would not take). The debug API
-and CLI (a later issue) serve it; until then the lab prints it. Bounded, so a node that
-runs for months does not grow without limit.
+The engine's notes (what it decided, and what it could not honour: a bad annotation, a
+refused dedicated allocation) and the controllers' outcomes (an oom_score_adj the host
+would not take) land here, stamped with the time, through `control.executor.HostExecutor`.
+The status socket serves it (the debug API next). Bounded, so a node that runs for months
+does not grow without limit.
 """
 
 from __future__ import annotations
