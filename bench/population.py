@@ -30,7 +30,6 @@ measured create/remove pairs; one container per pod):
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,9 +37,6 @@ from dataclasses import dataclass, field
 from nri_plugin.policy.kube_qos import CFS_PERIOD_US, kubelet_quota, kubelet_shares
 from nri_plugin.policy.qos import (
     ANNOTATION_CONFIG_SOURCE,
-    ANNOTATION_CPU_ENHANCEMENT,
-    ANNOTATION_MEMORY_ENHANCEMENT,
-    ANNOTATION_QOS_LEVEL,
 )
 from qos_model.containers import (
     Container,
@@ -50,6 +46,7 @@ from qos_model.containers import (
     Pod,
     Resources,
 )
+from tests.builders import annotations as katalyst_annotations
 
 LEVELS = (0, 100, 1000)  # live containers at which CreateContainer is measured
 WARMUP = 20
@@ -233,19 +230,15 @@ class Population:
 
 
 def demo_pod(i: int, spec: Spec) -> Pod:
-    annotations = {ANNOTATION_QOS_LEVEL: spec.qos_level}
-    if spec.cpu_enhancement:
-        annotations[ANNOTATION_CPU_ENHANCEMENT] = json.dumps(dict(spec.cpu_enhancement))
-    if spec.memory_enhancement:
-        annotations[ANNOTATION_MEMORY_ENHANCEMENT] = json.dumps(dict(spec.memory_enhancement))
-    if spec.from_api:
-        annotations[ANNOTATION_CONFIG_SOURCE] = "api"
+    source = {ANNOTATION_CONFIG_SOURCE: "api"} if spec.from_api else {}
     return Pod(
         id=f"pod-{i:05d}",
         name=f"bench-{i}",
         namespace=spec.namespace,
         uid=f"uid-{i:05d}",
-        annotations=annotations,
+        annotations=katalyst_annotations(
+            spec.qos_level, spec.cpu_enhancement, spec.memory_enhancement, **source
+        ),
         cgroup_parent=f"{spec.qos_dir}/pod-{i:05d}",
     )
 

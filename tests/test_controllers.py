@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 from pathlib import Path
@@ -142,7 +141,7 @@ async def test_the_executor_applies_host_intents_off_the_loop_and_records_notes(
 
 @pytest.mark.root
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to write another process's oom_score_adj")
-async def test_the_oom_controller_writes_a_real_process() -> None:
+def test_the_oom_controller_writes_a_real_process() -> None:
     sleeper = subprocess.Popen(["sleep", "30"])
     try:
         ref = ContainerRef("ctr-x", "default/x/x", "pod-x", "", sleeper.pid)
@@ -154,4 +153,15 @@ async def test_the_oom_controller_writes_a_real_process() -> None:
     finally:
         sleeper.kill()
         sleeper.wait()
-    await asyncio.sleep(0)
+
+
+def test_a_failing_required_controller_is_an_error_an_optional_one_a_warning() -> None:
+    class RequiredBroken(Broken):
+        mode = Mode.REQUIRED
+
+    broken = BrokenIntent(phase=Phase.POST_UPDATE, container=REF, reason="test")
+    for controller, severity in ((RequiredBroken(), Severity.ERROR), (Broken(), Severity.WARNING)):
+        controllers = Controllers([controller])
+        controllers.start()
+        (note,) = controllers.apply([broken])
+        assert note.severity is severity and "Input/output error" in note.message

@@ -151,20 +151,11 @@ class Controllers:
         except Exception as exc:
             status.failed += 1
             status.last_error = f"{type(exc).__name__}: {exc}"
-            severity = Severity.WARNING
-            if controller.mode is Mode.REQUIRED:
-                log.error(
-                    "%s controller, %s of %s failed",
-                    controller.name,
-                    intent.phase,
-                    subject,
-                    exc_info=exc,
-                )
             return Note(
                 "host",
                 subject,
                 f"{controller.name} {intent.phase} failed: {status.last_error}",
-                severity,
+                Severity.ERROR if controller.mode is Mode.REQUIRED else Severity.WARNING,
             )
         status.applied += 1
         return Note("host", subject, outcome) if outcome else None

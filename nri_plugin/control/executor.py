@@ -53,7 +53,9 @@ class HostExecutor:
 
     def record(self, notes: Sequence[Note]) -> None:
         for note in notes:
-            if note.severity is Severity.WARNING:
+            if note.severity is Severity.ERROR:
+                log.error("%s: %s", note.subject, note.message)
+            elif note.severity is Severity.WARNING:
                 log.warning("%s: %s", note.subject, note.message)
             else:
                 log.debug("%s %s: %s", note.kind, note.subject, note.message)

@@ -364,18 +364,15 @@ class Planner:
             members = tuple(sorted(self._members.get(pool, set()) - touched))
             if not members or old is None:
                 continue
-            resources = self._fresh(members[0]).update().resources
+            representative = self.get(members[0])
+            assert representative is not None, members[0]
+            resources = representative.update().resources
             out.append(
                 PoolMove(
                     pool, _cpus(old, pool) or frozenset(), new.pool_cpus(pool), members, resources
                 )
             )
         return tuple(out)
-
-    def _fresh(self, cid: str) -> ContainerPlan:
-        plan = self.get(cid)
-        assert plan is not None, cid
-        return plan
 
     def _build(self, cid: str, pools: Pools) -> ContainerPlan:
         workload = self._workloads[cid]

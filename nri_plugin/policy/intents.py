@@ -74,6 +74,7 @@ class SetOomScoreAdj(HostIntent):
 class Severity(StrEnum):
     INFO = "info"
     WARNING = "warning"
+    ERROR = "error"  # a Required controller failed: isolation the user counts on is missing
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,9 +94,6 @@ class Intents:
     updates: tuple[Update | BulkUpdate, ...] = ()
     host: tuple[HostIntent, ...] = ()
     notes: tuple[Note, ...] = ()
-
-    def is_empty(self) -> bool:
-        return self == NO_INTENTS
 
     def all_updates(self) -> list[Update]:
         """`updates`, one Update per container."""

@@ -173,7 +173,3 @@ def _domains(cls: type[ContainerPlan]) -> tuple[tuple[str, str], ...]:
 
 
 _DOMAINS: dict[type, tuple[tuple[str, str], ...]] = {}
-
-
-def domains_of(changes: tuple[FieldChange, ...]) -> frozenset[str]:
-    return frozenset(c.domain for c in changes)

@@ -64,9 +64,6 @@ class ContainerTable:
         self._records.clear()
         self._by_pod.clear()
 
-    def pod_of(self, record: ContainerRecord) -> Pod:
-        return self.pods.get(record.pod_id) or Pod(id=record.pod_id)
-
     def name_for(self, container: Container) -> str:
         pod = self.pods.get(container.pod_id)
         if pod is None:
