@@ -21,3 +21,24 @@ class HostError(Exception):
         name = errno_codes.errorcode.get(self.errno, str(self.errno))
         where = f": {self.path}" if self.path else ""
         return f"{self.message} [{name}{where}]"
+
+
+class RefusedAction(Exception):
+    """We chose not to act (the target is not provably the container's): not a failure
+    to retry, a decision to report. The message says why."""
+
+
+# Errnos after which the same operation may succeed later: the kernel was busy or out of
+# something, or the operation timed out. ENOENT/ESRCH (gone), EACCES/EPERM and EINVAL
+# (refused for good) are not retried.
+TRANSIENT_ERRNOS = frozenset(
+    {
+        errno_codes.EIO,
+        errno_codes.ENOSPC,
+        errno_codes.EAGAIN,
+        errno_codes.EBUSY,
+        errno_codes.EINTR,
+        errno_codes.ENOMEM,
+        errno_codes.ETIMEDOUT,
+    }
+)

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from isolation.cgroups import CgroupError, CgroupFs
-from isolation.oom import OomAdjOutcome, ProcessControls, ProcfsError
+from isolation.cgroups import CgroupError, CgroupFs, CgroupNotFound, CgroupUnsupported
+from isolation.errors import HostError
+from isolation.oom import OomAdjOutcome, OomAdjResult, ProcessControls, ProcfsError
+from isolation.ownership import ForeignCgroup, own_group
 
 log = logging.getLogger("nri_qos.host")
 
@@ -49,45 +51,70 @@ class LinuxHost:
             )
         return ""
 
-    def set_oom_score_adj(self, cgroups_path: str, pid: int | None, value: int, who: str) -> str:
+    def set_oom_score_adj(
+        self, cgroups_path: str, container_id: str, pid: int | None, value: int, who: str
+    ) -> str:
         """Apply `value` to every process of the container; a one-line outcome.
 
-        `who` names the container in the warning a person reads."""
-        pids = self._pids(cgroups_path, pid)
+        Only processes that are in the container's own cgroup at the time of the write are
+        touched (`isolation.ownership`): a cgroups_path that is not provably the
+        container's raises `ForeignCgroup`. One process failing does not stop the others;
+        if any failed for a reason that may pass (EIO, ENOSPC...), a HostError with that
+        errno is raised after all were tried, so the caller can retry the whole (idempotent)
+        operation. `who` names the container in the warning a person reads."""
+        group = own_group(cgroups_path, container_id)
+        pids = self._pids(group, pid)
         if not pids:
             self.outcomes["no_process"] += 1
             return f"oom_score_adj {value}: no process found for {who}"
-        results = self.procs.apply_oom_score_adj(pids, value)
-        counts = Counter(r.outcome for r in results)
-        for outcome, n in counts.items():
-            self.outcomes[outcome.value] += n
-        if counts[OomAdjOutcome.NEEDS_CAP_SYS_RESOURCE]:
+        results: list[OomAdjResult] = []
+        failed: list[ProcfsError] = []
+        for each in pids:
+            try:
+                results.append(self.procs.set_oom_score_adj(each, value, group))
+            except ProcfsError as exc:
+                failed.append(exc)
+        counts = Counter(r.outcome.value for r in results)
+        if failed:
+            counts["failed"] = len(failed)
+        self.outcomes.update(counts)
+        if counts[OomAdjOutcome.NEEDS_CAP_SYS_RESOURCE.value]:
             log.warning(
                 "%s: oom_score_adj %d refused for %d process(es): lowering it needs "
                 "CAP_SYS_RESOURCE, which nri-qos does not have (run it as root with the "
                 "capability, e.g. AmbientCapabilities=CAP_SYS_RESOURCE)",
                 who,
                 value,
-                counts[OomAdjOutcome.NEEDS_CAP_SYS_RESOURCE],
+                counts[OomAdjOutcome.NEEDS_CAP_SYS_RESOURCE.value],
             )
-        summary = ", ".join(f"{n} {o.value}" for o, n in sorted(counts.items(), key=str))
+        summary = ", ".join(f"{n} {o}" for o, n in sorted(counts.items()))
+        if failed:
+            first = failed[0]
+            raise HostError(
+                first.path,
+                first.errno,
+                f"oom_score_adj {value} on {len(pids)} process(es) of {group}: {summary} "
+                f"(first failure: {first.message})",
+            )
         return f"oom_score_adj {value} on {len(pids)} process(es): {summary}"
 
-    def cpu_usage_ns(self, cgroups_path: str) -> int | None:
-        """Total CPU time of the container's cgroup; None when it cannot be read."""
-        if not cgroups_path:
-            return None
+    def cpu_usage_ns(self, cgroups_path: str, container_id: str) -> int | None:
+        """Total CPU time of the container's own cgroup; None when it cannot be read (or
+        the path is not the container's: host-wide usage must not count as its own)."""
         try:
-            return self.cgroupfs.cpu_usage_ns(self.cgroupfs.resolve(cgroups_path))
-        except (CgroupError, ValueError):
+            return self.cgroupfs.cpu_usage_ns(own_group(cgroups_path, container_id))
+        except (CgroupError, ForeignCgroup):
             return None
 
-    def _pids(self, cgroups_path: str, pid: int | None) -> list[int]:
-        if cgroups_path:
-            try:
-                pids = self.cgroupfs.list_pids(self.cgroupfs.resolve(cgroups_path))
-            except (CgroupError, ProcfsError):
-                pids = []
-            if pids:
-                return pids
-        return [pid] if pid else []
+    def _pids(self, group: PurePosixPath, pid: int | None) -> list[int]:
+        """The group's processes; the runtime's pid when the group cannot be listed (it is
+        checked to be in the group at the time of the write, like every other)."""
+        try:
+            pids = self.cgroupfs.list_pids(group)
+        except CgroupNotFound:
+            return []  # the container is gone: nothing to do
+        except CgroupUnsupported:
+            pids = []
+        if pids:
+            return pids
+        return [pid] if pid and pid > 0 else []

@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path, PurePosixPath
 
+from isolation import inflight
 from isolation.cgroups import CgroupFs, normalize_group
 from isolation.errors import HostError
+from isolation.ownership import in_group
 from qos_model.cpulist import parse_cpu_list
 
 DEFAULT_PROCFS_ROOT = Path("/proc")
@@ -53,6 +55,7 @@ class OomAdjOutcome(Enum):
     PROCESS_GONE = "process_gone"
     NEEDS_CAP_SYS_RESOURCE = "needs_cap_sys_resource"
     PERMISSION_DENIED = "permission_denied"
+    NOT_IN_GROUP = "not_in_group"  # the pid left the container's group (or was reused)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +129,7 @@ class ProcessControls:
 
     def _read(self, pid: int | str, name: str) -> str:
         path = self._path(pid, name)
+        inflight.touching(path)
         try:
             return path.read_text()
         except OSError as exc:
@@ -143,8 +147,16 @@ class ProcessControls:
         """The kernel's current badness score (0..2000) that the OOM killer ranks by."""
         return int(self._read(pid, "oom_score"))
 
-    def set_oom_score_adj(self, pid: int, value: int) -> OomAdjResult:
-        """Write ``value`` (-1000..1000); expected refusals come back as the outcome."""
+    def set_oom_score_adj(
+        self, pid: int, value: int, group: PurePosixPath | None = None
+    ) -> OomAdjResult:
+        """Write ``value`` (-1000..1000); expected refusals come back as the outcome.
+
+        With ``group``, the write happens only if the process is in that cgroup at the
+        time of the write: ``/proc/<pid>`` is opened first and both its ``cgroup`` and
+        ``oom_score_adj`` are reached through that directory, so a pid that exits and is
+        reused by another process in between fails with ESRCH instead of being written.
+        """
         if not OOM_SCORE_ADJ_MIN <= value <= OOM_SCORE_ADJ_MAX:
             raise ValueError(
                 f"oom_score_adj {value} is outside {OOM_SCORE_ADJ_MIN}..{OOM_SCORE_ADJ_MAX}"
@@ -153,16 +165,52 @@ class ProcessControls:
         if self.dry_run:
             return OomAdjResult(pid, value, OomAdjOutcome.PLANNED)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+            proc = os.open(self.procfs / _check_pid(pid), os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
             return self._refused(pid, value, path, exc, opened=False)
         try:
-            os.write(fd, str(value).encode())
-        except OSError as exc:
-            return self._refused(pid, value, path, exc, opened=True)
+            if group is not None:
+                moved = self._left_group(proc, pid, value, group)
+                if moved is not None:
+                    return moved
+            inflight.touching(path)
+            try:
+                fd = os.open("oom_score_adj", os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC, dir_fd=proc)
+            except OSError as exc:
+                return self._refused(pid, value, path, exc, opened=False)
+            try:
+                os.write(fd, str(value).encode())
+            except OSError as exc:
+                return self._refused(pid, value, path, exc, opened=True)
+            finally:
+                os.close(fd)
         finally:
-            os.close(fd)
+            os.close(proc)
         return OomAdjResult(pid, value, OomAdjOutcome.APPLIED)
+
+    def _left_group(
+        self, proc: int, pid: int, value: int, group: PurePosixPath
+    ) -> OomAdjResult | None:
+        """None when the process (through its open /proc dir) is in ``group``."""
+        path = self._path(pid, "cgroup")
+        inflight.touching(path)
+        try:
+            fd = os.open("cgroup", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc)
+            try:
+                text = os.read(fd, 1 << 16).decode(errors="replace")
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            return self._refused(pid, value, path, exc, opened=False)
+        if in_group(text, group):
+            return None
+        return OomAdjResult(
+            pid,
+            value,
+            OomAdjOutcome.NOT_IN_GROUP,
+            None,
+            f"process {pid} is no longer in {group}; left alone",
+        )
 
     def _refused(
         self, pid: int, value: int, path: Path, exc: OSError, *, opened: bool
@@ -194,8 +242,10 @@ class ProcessControls:
             path, code, f"writing {value} to {path} failed: {os.strerror(code)}"
         ) from exc
 
-    def apply_oom_score_adj(self, pids: Iterable[int], value: int) -> tuple[OomAdjResult, ...]:
-        return tuple(self.set_oom_score_adj(pid, value) for pid in pids)
+    def apply_oom_score_adj(
+        self, pids: Iterable[int], value: int, group: PurePosixPath | None = None
+    ) -> tuple[OomAdjResult, ...]:
+        return tuple(self.set_oom_score_adj(pid, value, group) for pid in pids)
 
     def apply_oom_score_adj_to_group(
         self, cgroups: CgroupFs, group: str | PurePosixPath, value: int
@@ -208,7 +258,7 @@ class ProcessControls:
         """
         normalized = normalize_group(group)
         pids = cgroups.list_pids(normalized)
-        return OomGroupReport(normalized, value, self.apply_oom_score_adj(pids, value))
+        return OomGroupReport(normalized, value, self.apply_oom_score_adj(pids, value, normalized))
 
     # ----------------------------------------------------------------- placement
 

@@ -14,10 +14,22 @@ Rules:
 - A request `NriConnection` refuses (`BadRequest`) is answered with its error here: the
   refusal is the protocol's, not the owner's. The owner is told, to count it.
 - The first close wins and says why (an `Ending` and a sentence): every pending call
-  fails with `ChannelClosed`, the writer is closed and reading stops. After it, writes
+  fails with `ChannelClosed`, the writer is closed (aborted, unsent bytes dropped, when
+  the peer is not reading them) and reading stops. After it, writes
   are dropped (nobody reads them) and new calls raise `ChannelClosed`.
 - Handler tasks outlive close, since one may be waiting and must notice its peer is
   gone; `wait_closed()` cancels those still running.
+- Memory stays bounded whatever the peer does (`ChannelLimits`). At most `max_handlers`
+  requests are handled at once, and none is started while the transport holds more than
+  `write_high_water` unsent bytes (its reply would only add to them); requests read
+  meanwhile wait in order in a backlog. When that backlog is full (`max_handlers`
+  requests or `max_waiting_bytes`) reading pauses until it moves. So reading goes on
+  while our own writes are blocked, and replies to our calls are settled as they are
+  read: two channels flooding each other within that bound drain each other instead of
+  both waiting (beyond it, both stall and close). Waiting is on events (a handler
+  ending, the transport draining), never a timer loop. Paused for longer than
+  `stall_timeout`, or past `write_buffer_max` unsent bytes at any time, the channel
+  closes with an ending that names the bound.
 """
 
 from __future__ import annotations
@@ -25,7 +37,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass
 from enum import Enum
 from functools import partial
 from typing import Any
@@ -37,7 +51,7 @@ from nri_plugin.protocol.connection import (
     ResponseReceived,
     Role,
 )
-from nri_plugin.protocol.errors import RemoteProtocolError
+from nri_plugin.protocol.errors import LocalProtocolError, RemoteProtocolError
 
 READ_SIZE = 1 << 16
 log = logging.getLogger("nri_qos.channel")
@@ -58,6 +72,44 @@ class Ending(Enum):
     CORRUPT = "corrupt"  # the peer's bytes broke the protocol
     READ_FAILED = "read failed"
     WRITE_FAILED = "write failed"
+    # A bound of ChannelLimits was exceeded (the peer misbehaves, or we are stuck):
+    UNREAD_REPLIES = "unread replies"  # the peer stopped reading for stall_timeout
+    WRITE_BUFFER_FULL = "write buffer full"  # more than write_buffer_max unsent bytes
+    HANDLERS_STALLED = "handlers stalled"  # max_handlers busy for stall_timeout
+
+
+# Endings after which unsent bytes are thrown away rather than flushed: the peer is not
+# reading them, and a graceful close would keep them (and the socket) until it does.
+_ABORTING = frozenset({Ending.UNREAD_REPLIES, Ending.WRITE_BUFFER_FULL})
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelLimits:
+    """Per-connection bounds. The defaults are far above what a real runtime does (it
+    sends one request at a time per plugin and reads every reply at once, so a healthy
+    connection never pauses), and far below what would hurt a node."""
+
+    max_handlers: int = 256  # requests handled at once, and requests waiting for a slot
+    max_waiting_bytes: int = 16 << 20  # payload bytes of the requests waiting
+    write_high_water: int = 1 << 20  # unsent bytes above which no request is started
+    write_buffer_max: int = 64 << 20  # unsent bytes above which the channel closes
+    stall_timeout: float = 30.0  # seconds reading may stay paused before closing
+
+    def validate(self) -> None:
+        if self.max_handlers < 1 or self.max_waiting_bytes < 1 or self.stall_timeout <= 0:
+            raise ValueError("max_handlers, max_waiting_bytes must be >= 1, stall_timeout > 0")
+        if not 0 < self.write_high_water <= self.write_buffer_max:
+            raise ValueError("need 0 < write_high_water <= write_buffer_max")
+
+
+@dataclass(slots=True)
+class ChannelStats:
+    """High-water marks, for tests, benchmarks and the status view."""
+
+    peak_handlers: int = 0  # most requests handled at once
+    peak_waiting: int = 0  # most requests waiting for a slot
+    peak_write_buffer: int = 0  # most unsent bytes seen after a write
+    pauses: int = 0  # times reading paused for back-pressure
 
 
 class NriChannel:
@@ -73,6 +125,7 @@ class NriChannel:
         on_bad_request: Callable[[BadRequest], None] | None = None,
         on_close: Callable[[Ending, str], None] | None = None,
         tap: Callable[[bytes], None] | None = None,
+        limits: ChannelLimits | None = None,
     ) -> None:
         self.conn = NriConnection(role)
         self._reader, self._writer = reader, writer
@@ -81,13 +134,34 @@ class NriChannel:
         self._peer = "runtime" if role is Role.PLUGIN else "plugin"
         self._pending: dict[int, asyncio.Future[ResponseReceived]] = {}
         self._handlers: set[asyncio.Task[None]] = set()
+        self._backlog: deque[RequestReceived] = deque()  # read, not yet handled
+        self._backlog_bytes = 0
+        self._backlog_moved = asyncio.Event()  # a waiting request was started
+        self._handler_ended = asyncio.Event()
+        self._pumper: asyncio.Task[None] | None = None  # starts the backlog when it can
         self._reader_task: asyncio.Task[None] | None = None
+        self.limits = limits if limits is not None else ChannelLimits()
+        self.limits.validate()
+        # The transport pauses our writer (and drain() waits) above the high-water mark,
+        # and resumes it at a quarter of it: that is what the read loop waits on.
+        writer.transport.set_write_buffer_limits(high=self.limits.write_high_water)
+        self.stats = ChannelStats()
         self.ending: Ending | None = None
         self.close_reason = ""
 
     @property
     def closed(self) -> bool:
         return self.ending is not None
+
+    @property
+    def outstanding(self) -> int:
+        """Requests read and not yet finished: being handled, or waiting for a slot."""
+        return len(self._handlers) + len(self._backlog)
+
+    @property
+    def write_buffer_size(self) -> int:
+        """Bytes written and not yet taken by the socket."""
+        return self._writer.transport.get_write_buffer_size()
 
     def start(self) -> asyncio.Task[None]:
         """Start reading; the returned task ends (without raising) when the channel closes."""
@@ -146,7 +220,22 @@ class NriChannel:
         except (OSError, RuntimeError) as exc:
             self._close(Ending.WRITE_FAILED, f"write failed: {exc}")
             return False
-        return True
+        return self._check_write_buffer()
+
+    def _check_write_buffer(self) -> bool:
+        """The hard cap: reading pauses above the high-water mark, so only replies of
+        requests already read (and our own calls) can get the buffer this far."""
+        size = self.write_buffer_size
+        self.stats.peak_write_buffer = max(self.stats.peak_write_buffer, size)
+        limit = self.limits.write_buffer_max
+        if size <= limit:
+            return True
+        self._close(
+            Ending.WRITE_BUFFER_FULL,
+            f"{size} bytes written to the {self._peer} are unsent (limit {limit}): "
+            f"the {self._peer} is not reading",
+        )
+        return False
 
     def respond(self, stream_id: int, payload: bytes = b"") -> bool:
         return self.write(self.conn.send_response(stream_id, payload))
@@ -169,6 +258,9 @@ class NriChannel:
     async def _read_loop(self) -> None:
         try:
             while not self.closed:
+                await self._throttle()
+                if self.closed:
+                    return
                 try:
                     data = await self._reader.read(READ_SIZE)
                 except OSError as exc:
@@ -184,21 +276,7 @@ class NriChannel:
                     events = self.conn.receive_data(data)
                 except RemoteProtocolError as exc:
                     return self._close(Ending.CORRUPT, f"protocol error: {exc}")
-                for event in events:
-                    if self.closed:
-                        return
-                    if isinstance(event, RequestReceived):
-                        task = asyncio.create_task(self._serve(event))
-                        self._handlers.add(task)
-                        task.add_done_callback(self._handler_done)
-                    elif isinstance(event, ResponseReceived):
-                        reply = self._pending.pop(event.stream_id, None)
-                        if reply is not None and not reply.done():
-                            reply.set_result(event)
-                    else:
-                        if self._on_bad_request is not None:
-                            self._on_bad_request(event)
-                        self.respond_error(event.stream_id, event.code, event.message)
+                self._dispatch(events)
         except asyncio.CancelledError:
             if not self.closed:
                 raise
@@ -206,13 +284,131 @@ class NriChannel:
         finally:
             self.close("stopped reading")  # only if cancelled by someone else, or a bug
 
+    def _dispatch(self, events: list[RequestReceived | ResponseReceived | BadRequest]) -> None:
+        """Act on one read's events in order. Replies and refusals are settled at once (a
+        handler may be waiting for a reply); a request waits in the backlog, in order,
+        while `max_handlers` are busy or replies are not being taken."""
+        for event in events:
+            if self.closed:
+                return
+            if isinstance(event, RequestReceived):
+                self._backlog.append(event)
+                self._backlog_bytes += len(event.payload)
+                self.stats.peak_waiting = max(self.stats.peak_waiting, len(self._backlog))
+                self._pump()
+            elif isinstance(event, ResponseReceived):
+                reply = self._pending.pop(event.stream_id, None)
+                if reply is not None and not reply.done():
+                    reply.set_result(event)
+            else:
+                self._refuse(event)
+
+    def _refuse(self, event: BadRequest) -> None:
+        """Answer a request the protocol refused; whatever its id, the connection stays."""
+        if self._on_bad_request is not None:
+            self._on_bad_request(event)
+        try:
+            self.respond_error(event.stream_id, event.code, event.message)
+        except LocalProtocolError as exc:  # not reachable from the wire; never fatal
+            log.error("could not refuse the request on stream %d: %s", event.stream_id, exc)
+
+    def _start_handler(self, event: RequestReceived) -> None:
+        task = asyncio.create_task(self._serve(event))
+        self._handlers.add(task)
+        self.stats.peak_handlers = max(self.stats.peak_handlers, len(self._handlers))
+        task.add_done_callback(self._handler_done)
+
     def _handler_done(self, task: asyncio.Task[None]) -> None:
-        """A handler's failure has nobody to go to: log it rather than lose it."""
+        """Free its slot (the read loop starts the backlog). A handler's failure has
+        nobody to go to: log it rather than lose it."""
         self._handlers.discard(task)
+        self._handler_ended.set()
         if not task.cancelled():
             exc = task.exception()
             if exc is not None and not isinstance(exc, ChannelClosed):
                 log.error("request handler failed", exc_info=exc)
+
+    # --- back-pressure ---------------------------------------------------------------------
+
+    def _slots_full(self) -> bool:
+        return len(self._handlers) >= self.limits.max_handlers
+
+    def _writes_blocked(self) -> bool:
+        transport = self._writer.transport
+        return not transport.is_closing() and self.write_buffer_size > self.limits.write_high_water
+
+    def _backlog_full(self) -> bool:
+        limits = self.limits
+        return (
+            len(self._backlog) >= limits.max_handlers
+            or self._backlog_bytes >= limits.max_waiting_bytes
+        )
+
+    def _start_ready(self) -> None:
+        """Start waiting requests, in order, while a slot is free and replies are being
+        taken (a request started now would only add to unsent replies)."""
+        started = False
+        while self._backlog and not self.closed:
+            if self._slots_full() or self._writes_blocked():
+                break
+            event = self._backlog.popleft()
+            self._backlog_bytes -= len(event.payload)
+            self._start_handler(event)
+            started = True
+        if started:
+            self._backlog_moved.set()
+
+    def _pump(self) -> None:
+        """Start what can start now; what must wait is started by one pump task, so the
+        backlog moves as soon as it can even while the read loop waits for bytes."""
+        self._start_ready()
+        if not self._backlog or self.closed:
+            return
+        if self._pumper is None or self._pumper.done():
+            self._pumper = asyncio.create_task(self._pump_later(), name="nri-channel-backlog")
+
+    async def _pump_later(self) -> None:
+        while self._backlog and not self.closed:
+            if self._slots_full():
+                self._handler_ended.clear()
+                await self._handler_ended.wait()
+            elif self._writes_blocked():
+                await self._drained()
+            self._start_ready()
+
+    async def _throttle(self) -> None:
+        """Before the next read: while the backlog is full, wait for it to move; close
+        when it does not for `stall_timeout`."""
+        if not self._backlog_full():
+            return
+        self.stats.pauses += 1
+        try:
+            async with asyncio.timeout(self.limits.stall_timeout):
+                while self._backlog_full() and not self.closed:
+                    self._backlog_moved.clear()
+                    await self._backlog_moved.wait()
+        except TimeoutError:
+            self._close(*self._stall())
+
+    async def _drained(self) -> None:
+        """Wait for the transport to resume writing. If the connection is lost meanwhile,
+        return: the next read sees how it ended."""
+        with contextlib.suppress(OSError, RuntimeError):
+            await self._writer.drain()
+
+    def _stall(self) -> tuple[Ending, str]:
+        seconds = self.limits.stall_timeout
+        if not self._writes_blocked():
+            return Ending.HANDLERS_STALLED, (
+                f"{len(self._handlers)} requests from the {self._peer} still being handled "
+                f"after {seconds:g}s (limit {self.limits.max_handlers}), "
+                f"{len(self._backlog)} more waiting"
+            )
+        return Ending.UNREAD_REPLIES, (
+            f"the {self._peer} has not read our replies for {seconds:g}s "
+            f"({self.write_buffer_size} bytes unsent, reading paused above "
+            f"{self.limits.write_high_water})"
+        )
 
     # --- closing -------------------------------------------------------------------------
 
@@ -224,12 +420,17 @@ class NriChannel:
         if self.ending is not None:
             return
         self.ending, self.close_reason = ending, reason
+        self._backlog.clear()
+        self._backlog_bytes = 0
         pending, self._pending = self._pending, {}
         for reply in pending.values():
             if not reply.done():
                 reply.set_exception(ChannelClosed(reason))
         with contextlib.suppress(OSError, RuntimeError):
-            self._writer.close()
+            if ending in _ABORTING:
+                self._writer.transport.abort()
+            else:
+                self._writer.close()
         task = self._reader_task
         if task is not None and task is not asyncio.current_task(task.get_loop()):
             task.cancel()
@@ -239,8 +440,8 @@ class NriChannel:
     async def wait_closed(self) -> None:
         """After close(): cancel the handlers still running, wait for them and the reader."""
         current = asyncio.current_task()
-        for task in self._handlers:
-            if task is not current:
+        for task in (*self._handlers, self._pumper):
+            if task is not None and task is not current:
                 task.cancel()
-        tasks = [t for t in (self._reader_task, *self._handlers) if t is not None]
+        tasks = [t for t in (self._reader_task, self._pumper, *self._handlers) if t is not None]
         await asyncio.gather(*(t for t in tasks if t is not current), return_exceptions=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -19,6 +20,22 @@ from nri_plugin import __version__
 from nri_plugin.config import Config, ConfigError, load_config
 from nri_plugin.plugin import NRI_VERSION, PluginSetupError
 
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_SETUP = 2
+EXIT_INTERRUPTED = 130
+
+RUN_EPILOG = """\
+exit codes:
+  0    stopped by SIGTERM/SIGINT, or (pre-installed plugin) the runtime closed its socket
+  1    an unexpected internal error (a bug: the traceback is logged)
+  2    a setup problem, reported (stderr, and the log) as what is wrong and how to fix
+       it: bad command line, unreadable or invalid config, a [host] root without
+       procfs, sysfs or cgroup mounts, an unreadable CPU topology, an unusable
+       --status-socket or log target, or (with --no-wait) no runtime socket
+  130  interrupted (Ctrl-C) before the daemon was up
+"""
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -27,7 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command")
 
-    run = sub.add_parser("run", help="connect to the runtime and serve (the daemon)")
+    run = sub.add_parser(
+        "run",
+        help="connect to the runtime and serve (the daemon)",
+        description="Connect to the container runtime's NRI socket and serve until stopped.",
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument(
         "--socket", type=Path, help="runtime NRI socket (default /var/run/nri/nri.sock)"
     )
@@ -93,20 +116,34 @@ def _run_config(args: argparse.Namespace) -> Config:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from nri_plugin import preflight
     from nri_plugin.daemon import run_daemon, setup_logging
 
     config = _run_config(args)
-    setup_logging(config.log.level, config.log.target)
-    return asyncio.run(
-        run_daemon(config, wait_for_runtime=not args.no_wait, status_socket=args.status_socket)
-    )
+    target = setup_logging(config.log.level, config.log.target)
+    try:
+        preflight.check_all(
+            config,
+            status_socket=args.status_socket,
+            inherited_fd=os.environ.get("NRI_PLUGIN_SOCKET"),
+        )
+        return asyncio.run(
+            run_daemon(config, wait_for_runtime=not args.no_wait, status_socket=args.status_socket)
+        )
+    except (ConfigError, PluginSetupError) as exc:
+        if target != "stderr":  # a runtime-launched plugin has no stderr: log it too
+            logging.getLogger("nri_qos").error("cannot start: %s", exc)
+        raise
+    except Exception:
+        logging.getLogger("nri_qos").exception("nri-qos stopped on an unexpected error")
+        return EXIT_ERROR
 
 
 def _cmd_version() -> int:
     print(f"nri-qos {__version__}")
     print(f"NRI protocol: speaks up to {NRI_VERSION}; runtimes with NRI v0.4.0 and newer")
     print(f"python {sys.version.split()[0]}")
-    return 0
+    return EXIT_OK
 
 
 def _cmd_lab(args: argparse.Namespace) -> int:
@@ -129,10 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_lab(args)
     except (ConfigError, PluginSetupError) as exc:
         print(f"nri-qos: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_SETUP
     except KeyboardInterrupt:
-        return 130
-    return 2
+        return EXIT_INTERRUPTED
+    return EXIT_SETUP
 
 
 if __name__ == "__main__":

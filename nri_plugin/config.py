@@ -8,12 +8,14 @@ quietly run a node with the default policy.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from nri_plugin.control.executor import HostLimits
 from nri_plugin.plugin import DEFAULT_SOCKET, PluginSettings, PluginSetupError
 from nri_plugin.policy.engine import EngineConfig
 from nri_plugin.policy.oom import OomBands
@@ -49,6 +51,7 @@ class Config:
     qos: QosSettings = field(default_factory=QosSettings)
     # Every host path (sysfs, cgroupfs, procfs) hangs off this root.
     host_root: Path = Path("/")
+    host_limits: HostLimits = field(default_factory=HostLimits)
 
 
 _PLUGIN_KEYS: dict[str, tuple[str, Callable[[Any], object]]] = {
@@ -60,6 +63,21 @@ _PLUGIN_KEYS: dict[str, tuple[str, Callable[[Any], object]]] = {
     "registration_timeout_ms": ("registration_timeout", lambda v: float(v) / 1000),
     "backoff_initial_ms": ("backoff_initial", lambda v: float(v) / 1000),
     "backoff_max_ms": ("backoff_max", lambda v: float(v) / 1000),
+    "max_requests_in_flight": ("max_requests_in_flight", int),
+    "write_high_water_bytes": ("write_high_water", int),
+    "write_buffer_max_bytes": ("write_buffer_max", int),
+    "stall_timeout_ms": ("stall_timeout", lambda v: float(v) / 1000),
+    "sync_max_chunks": ("sync_max_chunks", int),
+    "sync_max_objects": ("sync_max_objects", int),
+}
+# [host] keys besides root: the limits of host work (`control.executor.HostLimits`).
+_HOST_KEYS: dict[str, tuple[str, Callable[[Any], object]]] = {
+    "io_deadline_ms": ("deadline", lambda v: float(v) / 1000),
+    "io_retries": ("retries", int),
+    "io_retry_delay_ms": ("retry_delay", lambda v: float(v) / 1000),
+    "quarantine_ms": ("quarantine", lambda v: float(v) / 1000),
+    "quarantine_max_ms": ("quarantine_max", lambda v: float(v) / 1000),
+    "max_blocked_threads": ("max_stuck", int),
 }
 _LOG_LEVELS = {"debug", "info", "warning", "error"}
 _KIND_NAMES = {
@@ -78,6 +96,9 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    except RecursionError:  # arrays nested thousands deep (runtime-provided text is input)
+        raise ConfigError(f"{source}: not valid TOML: nested too deeply") from None
+    _check_finite(raw, source, "")
     unknown = set(raw) - {"plugin", "log", "policy", "host"}
     if unknown:
         raise ConfigError(
@@ -95,20 +116,62 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     if name != "qos" and policy:
         raise ConfigError(f"{source}: policy {name!r} takes no settings, got {sorted(policy)}")
     qos = _qos_settings(policy, source) if name == "qos" else QosSettings()
-    host = _table(raw, "host", source)
-    if set(host) - {"root"}:
-        raise ConfigError(f"{source}: [host] has only the key 'root'")
-    root = Path(str(host.get("root", "/")))
-    return Config(plugin=plugin, log=log, policy_name=name, qos=qos, host_root=root)
+    host = dict(_table(raw, "host", source))
+    root_text = host.pop("root", "/")
+    if not isinstance(root_text, str) or not root_text.startswith("/"):
+        raise ConfigError(
+            f'{source}: [host] root = {root_text!r} must be an absolute path, e.g. "/" or "/host"'
+        )
+    root = Path(root_text)
+    limits = _host_limits(host, source)
+    return Config(
+        plugin=plugin, log=log, policy_name=name, qos=qos, host_root=root, host_limits=limits
+    )
+
+
+def _host_limits(table: dict[str, Any], source: str) -> HostLimits:
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in _HOST_KEYS:
+            raise ConfigError(
+                f"{source}: [host] {key} is unknown; allowed: root, {', '.join(sorted(_HOST_KEYS))}"
+            )
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ConfigError(f"{source}: [host] {key} must be a number >= 0, got {value!r}")
+        attr, convert = _HOST_KEYS[key]
+        kwargs[attr] = convert(value)
+    limits = HostLimits(**kwargs)
+    if limits.deadline <= 0 or limits.max_stuck < 1:
+        raise ConfigError(
+            f"{source}: [host] io_deadline_ms must be > 0 and max_blocked_threads >= 1"
+        )
+    return limits
+
+
+def _check_finite(value: object, source: str, key: str) -> None:
+    """No setting takes nan or inf (TOML allows both); every comparison with nan is false,
+    so one would pass every range check and poison every later decision."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{source}: {key or 'a value'} = {value!r} must be a finite number")
+    if isinstance(value, dict):
+        for name, item in value.items():
+            _check_finite(item, source, f"{key}.{name}" if key else str(name))
+    elif isinstance(value, list):
+        for item in value:
+            _check_finite(item, source, key)
 
 
 def load_config(path: Path | None) -> Config:
     if path is None:
         return Config()
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {exc.start}): a TOML file must be UTF-8"
+        ) from None
     return parse_config(text, str(path))
 
 
@@ -147,7 +210,12 @@ def _log_config(table: dict[str, Any], source: str) -> LogConfig:
     level = str(table.get("level", "info")).lower()
     if level not in _LOG_LEVELS:
         raise ConfigError(f"{source}: [log] level = {level!r}; use one of {sorted(_LOG_LEVELS)}")
-    return LogConfig(level=level, target=str(table.get("target", "auto")))
+    target = table.get("target", "auto")
+    if not isinstance(target, str) or not target:
+        raise ConfigError(
+            f'{source}: [log] target = {target!r}; use "auto", "stderr", "syslog" or a file path'
+        )
+    return LogConfig(level=level, target=target)
 
 
 def _qos_settings(table: dict[str, Any], source: str) -> QosSettings:

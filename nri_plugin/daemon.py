@@ -8,6 +8,7 @@ its socket on an inherited fd (NRI_PLUGIN_SOCKET) and no stdout/stderr.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import logging
 import logging.handlers
@@ -19,8 +20,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from isolation.errors import HostError
 from isolation.host import LinuxHost
 from isolation.sysfs import discover_topology
+from nri_plugin import logsafe
 from nri_plugin.config import Config, parse_config
 from nri_plugin.control.base import Controllers, ControllerStartError
 from nri_plugin.control.executor import HostExecutor
@@ -35,12 +38,13 @@ from nri_plugin.policy.workload import PlannerConfigError, UsageSample
 from nri_plugin.protocol.errors import RpcError
 from nri_plugin.status import StatusServer
 from nri_plugin.usage import UsageMeter
-from nri_plugin.views import policy_view
+from nri_plugin.views import host_view, policy_view
 from qos_model.topology import TopologyError
 
 log = logging.getLogger("nri_qos.daemon")
 
 LAUNCHED_LOG_FILE = Path("/var/log/nri-qos.log")
+SYSLOG_SOCKET = Path("/dev/log")
 
 
 @dataclass(slots=True)
@@ -73,7 +77,7 @@ def build_services(config: Config) -> Services:
     except PlannerConfigError as exc:
         raise PluginSetupError(f"[policy] does not fit this host: {exc}") from None
     host = LinuxHost.at(config.host_root)
-    executor = HostExecutor(Controllers([OomController(host)]), events)
+    executor = HostExecutor(Controllers([OomController(host)]), events, config.host_limits)
     return Services(QosPolicy(engine, runtime_config), executor, host)
 
 
@@ -92,6 +96,7 @@ async def rebalance_loop(
     outside any event, as the protocol requires."""
     meter = UsageMeter()
     while True:
+        await plugin.configured.wait()  # nothing to sample while no runtime is connected
         await asyncio.sleep(interval)
         if not plugin.configured.is_set():
             continue
@@ -99,7 +104,7 @@ async def rebalance_loop(
             refs = await plugin.in_policy_thread(policy.engine.online_containers)
 
             def read(refs: list[ContainerRef] = refs) -> dict[str, int | None]:
-                return {r.id: host.cpu_usage_ns(r.cgroups_path) for r in refs}
+                return {r.id: host.cpu_usage_ns(r.cgroups_path, r.id) for r in refs}
 
             counters = await executor.run(read)
             usage = UsageSample(online_cores=meter.sample(time.monotonic(), counters))
@@ -112,35 +117,61 @@ async def rebalance_loop(
                 )
                 await plugin.update_containers(intents.updates)
         except (NotConnected, RpcError, TimeoutError, ConnectionError) as exc:
+            _reraise_if_cancelled()
             log.warning("rebalance: %s", exc or type(exc).__name__)
         except Exception:
+            _reraise_if_cancelled()
             log.exception("rebalance failed; will retry")
+
+
+def _reraise_if_cancelled() -> None:
+    """A cancel that lands while a call fails (the connection closing under a stopping
+    daemon) can surface as that call's error; swallowing it would keep the loop alive
+    through shutdown."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def launched_by_runtime() -> bool:
     return "NRI_PLUGIN_SOCKET" in os.environ
 
 
-def setup_logging(level: str, target: str) -> None:
+def setup_logging(level: str, target: str) -> str:
     """Log to stderr, unless the runtime launched us (it connects stderr to nothing):
-    then syslog if /dev/log exists, else a file."""
+    then syslog if /dev/log exists, else a file. Returns the target used.
+
+    Every record goes through `nri_plugin.logsafe`'s filters: repeated warnings are rate
+    limited and long values cut. A target that cannot be opened is a PluginSetupError."""
     if target == "auto":
         target = "stderr"
         if launched_by_runtime():
-            target = "syslog" if Path("/dev/log").exists() else str(LAUNCHED_LOG_FILE)
+            target = "syslog" if SYSLOG_SOCKET.exists() else str(LAUNCHED_LOG_FILE)
     handler: logging.Handler
-    if target == "stderr":
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    elif target == "syslog":
-        handler = logging.handlers.SysLogHandler(address="/dev/log")
-        handler.setFormatter(logging.Formatter("nri-qos[%(process)d]: %(levelname)s %(message)s"))
-    else:
-        handler = logging.FileHandler(target)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    try:
+        if target == "stderr":
+            handler = logging.StreamHandler(sys.stderr)
+            fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+        elif target == "syslog":
+            if not SYSLOG_SOCKET.exists():  # the handler would connect lazily, and fail then
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+            handler = logging.handlers.SysLogHandler(address=str(SYSLOG_SOCKET))
+            fmt = "nri-qos[%(process)d]: %(levelname)s %(message)s"
+        else:
+            handler = logging.FileHandler(target)
+            fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    except OSError as exc:
+        where = f"{SYSLOG_SOCKET} (is syslog running?)" if target == "syslog" else target
+        raise PluginSetupError(
+            f"[log] target = {target!r}: cannot open {where}: {exc.strerror or exc}; "
+            'choose "stderr", "syslog" or a file in an existing, writable directory'
+        ) from None
+    handler.setFormatter(logging.Formatter(fmt))
+    logsafe.install(handler)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    return target
 
 
 def sd_notify(state: str) -> bool:
@@ -159,11 +190,32 @@ def sd_notify(state: str) -> bool:
     return True
 
 
+async def report_status(plugin: NriPlugin) -> None:
+    """Tell systemd (STATUS=, shown by `systemctl status`) whether we serve a runtime.
+
+    READY at once: a runtime that is down must not fail the unit's start-up. Then one
+    STATUS= per change, waiting on the plugin's events in between (no polling)."""
+    sd_notify("READY=1\nSTATUS=waiting for the container runtime")
+    while True:
+        await plugin.configured.wait()
+        rt = plugin.runtime
+        sd_notify(f"STATUS=serving {rt.name} {rt.version}" if rt else "STATUS=serving")
+        await plugin.disconnected.wait()
+        sd_notify("STATUS=runtime connection lost; reconnecting")
+
+
 async def run_daemon(
     config: Config, wait_for_runtime: bool = True, status_socket: Path | None = None
 ) -> int:
-    """Serve until SIGTERM/SIGINT (external) or until the inherited socket closes."""
-    services = build_services(config)
+    """Serve until SIGTERM/SIGINT (external) or until the inherited socket closes.
+
+    Returns 0; a problem the user must fix raises PluginSetupError (the CLI exits 2)."""
+    try:
+        services = build_services(config)
+    except HostError as exc:
+        raise PluginSetupError(
+            f"the host under [host] root = {str(config.host_root)!r} cannot be used: {exc}"
+        ) from None
     policy, executor = services.policy, services.executor
     try:
         executor.start()
@@ -172,25 +224,24 @@ async def run_daemon(
     plugin = NriPlugin(policy, config.plugin, on_intents=executor.submit)
     status = None
     if status_socket is not None:
-        status = StatusServer(status_socket, plugin, lambda: policy_view(policy), executor.events)
-        await status.start()
+        status = StatusServer(
+            status_socket,
+            plugin,
+            lambda: policy_view(policy),
+            executor.events,
+            host_view=lambda: host_view(executor),
+        )
+        try:
+            await status.start()
+        except PluginSetupError:
+            plugin.close()
+            executor.close()
+            raise
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, plugin.stop)
 
-    async def report_status() -> None:
-        # READY at once: a runtime that is down must not fail the unit's start-up; the
-        # connection state goes to STATUS= (shown by `systemctl status`).
-        sd_notify("READY=1\nSTATUS=waiting for the container runtime")
-        while True:
-            await plugin.configured.wait()
-            rt = plugin.runtime
-            sd_notify(f"STATUS=serving {rt.name} {rt.version}" if rt else "STATUS=serving")
-            while plugin.configured.is_set():
-                await asyncio.sleep(1)
-            sd_notify("STATUS=runtime connection lost; reconnecting")
-
-    ready = asyncio.create_task(report_status())
+    ready = asyncio.create_task(report_status(plugin))
     background = [ready]
     interval = config.qos.rebalance_interval
     if isinstance(policy, QosPolicy) and services.host is not None and interval > 0:

@@ -17,22 +17,64 @@ from nri_plugin.protocol import convert
 from nri_plugin.protocol import nri_pb2 as pb
 from nri_plugin.protocol.services import Method
 from nri_plugin.protocol.versions import Event, event_mask, infer_runtime, valid_event_mask
-from qos_model.runtime import RuntimeInfo
+from qos_model.runtime import V0_4, RuntimeInfo
+
+
+class SyncOverflow(Exception):
+    """A split Synchronize went past a SyncCollector bound; the partial state is dropped.
+
+    Not a policy failure: the runtime is sending more than any node has, or never ends
+    the exchange. The plugin closes the connection (the runtime starts over after a
+    reconnect) rather than keep accumulating. `limit` names the bound, for the metric.
+    """
+
+    def __init__(self, limit: str, message: str) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
+# A runtime splits Synchronize at ~4 MiB a chunk (~2,000 containers with their pods, as
+# observed), so a node of 1,000 containers fits in one chunk and 64 chunks are 100,000+
+# containers; the bound keeps a runtime that never sends the last chunk to 256 MiB of
+# wire data at the very most.
+MAX_SYNC_CHUNKS = 64
+MAX_SYNC_OBJECTS = 200_000  # pods + containers of one (split) Synchronize
 
 
 @dataclass(slots=True)
 class SyncCollector:
-    """Accumulates split Synchronize chunks (`more=true`) until the final one."""
+    """Accumulates split Synchronize chunks (`more=true`) until the final one, within
+    bounds: at most `max_chunks` chunks and `max_objects` pods + containers in all."""
 
     pods: list[pb.PodSandbox] = field(default_factory=list)
     containers: list[pb.Container] = field(default_factory=list)
     chunks: int = 0
+    max_chunks: int = MAX_SYNC_CHUNKS
+    max_objects: int = MAX_SYNC_OBJECTS
 
     def add(self, request: pb.SynchronizeRequest) -> bool:
-        """Add a chunk; True when it was the last one."""
+        """Add a chunk; True when it was the last one. Raises SyncOverflow (after
+        dropping what was collected) when the chunk would exceed a bound."""
+        chunks = self.chunks + 1
+        objects = (
+            len(self.pods) + len(self.containers) + len(request.pods) + len(request.containers)
+        )
+        if chunks > self.max_chunks:
+            self.reset()
+            raise SyncOverflow(
+                "sync_chunks",
+                f"split Synchronize went past {self.max_chunks} chunks without a final one",
+            )
+        if objects > self.max_objects:
+            self.reset()
+            raise SyncOverflow(
+                "sync_objects",
+                f"split Synchronize went past {self.max_objects} pods and containers "
+                f"({objects} after chunk {chunks})",
+            )
         self.pods.extend(request.pods)
         self.containers.extend(request.containers)
-        self.chunks += 1
+        self.chunks = chunks
         return not request.more
 
     def reset(self) -> None:
@@ -85,16 +127,32 @@ def subscription_mask(wanted: frozenset[Event], runtime: RuntimeInfo) -> int:
     return mask or Event.CREATE_CONTAINER.bit
 
 
+# Who we say is on the other end when its ConfigureRequest could not be decoded: the
+# oldest NRI we support, so the subscription below is one every runtime accepts.
+UNKNOWN_RUNTIME = RuntimeInfo(
+    "unknown",
+    "unknown",
+    V0_4,
+    "the ConfigureRequest could not be decoded; assuming the oldest supported NRI",
+)
+
+
 def fail_open(method: Method, request: Message | None, policy: PolicyBase) -> Outcome:
-    """The reply that changes nothing, for when the handler was late or failed.
+    """The reply that changes nothing, for when the handler was late or failed, or the
+    request could not be decoded (`request` None).
 
     Mostly an empty response of the right type, with two exceptions that keep the
     connection alive: a Synchronize chunk marked `more` must still be answered
     `more=true` (else the runtime drops us for not handling split sync), and Configure
-    must still subscribe to the policy's valid, non-zero event mask.
+    must still subscribe to the policy's valid, non-zero event mask (0 would mean every
+    event, and make us a validator on NRI v0.10+). Configure also names the runtime, so
+    the session counts as configured: the runtime goes on to send events either way.
     """
-    if isinstance(request, pb.ConfigureRequest):
-        runtime = _runtime_of(request)
+    if method.response is pb.ConfigureResponse:
+        if isinstance(request, pb.ConfigureRequest):
+            runtime = _runtime_of(request)
+        else:
+            runtime = UNKNOWN_RUNTIME
         mask = subscription_mask(wanted_events(policy), runtime)
         return Outcome(pb.ConfigureResponse(events=mask), runtime=runtime, events=mask)
     reply = method.response()
@@ -172,8 +230,12 @@ def handle(policy: PolicyBase, method: Method, request: Message, sync: SyncColle
         )
         return Outcome(method.response(), intents)
     if isinstance(request, pb.StateChangeEvent):
+        try:
+            event = Event(request.event)
+        except ValueError:  # a newer runtime's event, or garbage: nothing we act on
+            return Outcome(method.response())
         container_pb = request.container if request.HasField("container") else None
-        intents = notify(policy, Event(request.event), request.pod, container_pb)
+        intents = notify(policy, event, request.pod, container_pb)
         return Outcome(method.response(), intents)
     if method.notification and method.event is not None:
         has_container = "container" in request.DESCRIPTOR.fields_by_name and request.HasField(

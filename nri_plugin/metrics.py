@@ -33,8 +33,16 @@ class Metrics:
         )
         self.protocol_errors = Counter(
             "nri_qos_protocol_errors",
-            "Malformed or refused traffic from the runtime",
+            "Malformed or refused traffic from the runtime, and replies too large to send",
             ["kind"],
+            registry=r,
+        )
+        self.overload = Counter(
+            "nri_qos_connection_overload",
+            "Runtime connections closed because the runtime went past a per-connection "
+            "bound (unread_replies, write_buffer, requests_in_flight, sync_chunks, "
+            "sync_objects)",
+            ["limit"],
             registry=r,
         )
         self.connections = Counter(

@@ -9,6 +9,9 @@ Responsibilities, in the order a connection lives them:
   and count it — a pod start is never blocked or failed by us,
 - send UpdateContainers only after the reply that produced the updates is written
   (a call from inside an event deadlocks the runtime's NRI lock),
+- bound what a misbehaving runtime can cost (requests in flight, unsent replies, a split
+  Synchronize that never ends): past a bound, close with the reason, a log line and
+  `nri_qos_connection_overload{limit}`, and start over like after any connection end,
 - on EOF or corruption drop all per-connection state and, for an external plugin,
   reconnect with capped exponential back-off; the runtime re-sends Configure and a full
   Synchronize, from which the policy rebuilds.
@@ -18,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import random
 import re
@@ -33,14 +35,14 @@ from typing import Any, TypeVar
 from google.protobuf.message import Message
 
 from nri_plugin import dispatch
-from nri_plugin.channel import Ending, NriChannel
+from nri_plugin.channel import ChannelLimits, Ending, NriChannel
 from nri_plugin.metrics import Metrics
 from nri_plugin.policy.api import PolicyBase
 from nri_plugin.policy.intents import Intents
 from nri_plugin.protocol import convert, services
 from nri_plugin.protocol import nri_pb2 as pb
 from nri_plugin.protocol.connection import BadRequest, RequestReceived, ResponseReceived, Role
-from nri_plugin.protocol.errors import Code, ProtocolError, RpcError
+from nri_plugin.protocol.errors import Code, MessageTooLarge, ProtocolError, RpcError
 from qos_model.containers import BulkUpdate, Update, flat_updates
 from qos_model.runtime import RuntimeInfo
 
@@ -93,6 +95,25 @@ class PluginSettings:
     registration_timeout: float = 5.0
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
+    # Bounds on what one runtime connection may cost (memory, stuck work); past one the
+    # connection is closed with the reason and a reconnect starts over. A runtime sends
+    # one request at a time, reads every reply at once, and splits Synchronize at ~4 MiB:
+    # a real node never comes near these (see ChannelLimits and dispatch.SyncCollector).
+    max_requests_in_flight: int = 256
+    write_high_water: int = 1 << 20
+    write_buffer_max: int = 64 << 20
+    stall_timeout: float = 30.0
+    sync_max_chunks: int = dispatch.MAX_SYNC_CHUNKS
+    sync_max_objects: int = dispatch.MAX_SYNC_OBJECTS
+
+    @property
+    def channel_limits(self) -> ChannelLimits:
+        return ChannelLimits(
+            max_handlers=self.max_requests_in_flight,
+            write_high_water=self.write_high_water,
+            write_buffer_max=self.write_buffer_max,
+            stall_timeout=self.stall_timeout,
+        )
 
     def validate(self) -> None:
         if not _NAME_RE.match(self.name):
@@ -107,6 +128,12 @@ class PluginSettings:
             )
         if not 0 < self.deadline_fraction <= 1 or self.handler_budget <= 0:
             raise PluginSetupError("handler_budget must be > 0 and deadline_fraction in (0, 1]")
+        try:
+            self.channel_limits.validate()
+        except ValueError as exc:
+            raise PluginSetupError(f"connection limits: {exc}") from None
+        if self.sync_max_chunks < 1 or self.sync_max_objects < 1:
+            raise PluginSetupError("sync_max_chunks and sync_max_objects must be >= 1")
 
 
 class Backoff:
@@ -180,20 +207,30 @@ class NriPlugin:
         self._session: _Session | None = None
         self._stopping = asyncio.Event()
         self.configured = asyncio.Event()  # set while a runtime connection is configured
+        # set when a connection ends (cleared when the next one starts): what waits for a
+        # disconnect awaits this instead of polling `configured`
+        self.disconnected = asyncio.Event()
 
     @property
     def runtime(self) -> RuntimeInfo | None:
         return self._session.runtime if self._session else None
 
+    @property
+    def channel(self) -> NriChannel | None:
+        """The current connection, for its bounds and high-water marks (status, tests)."""
+        return self._session.channel if self._session else None
+
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> SessionEnd:
         """Serve one runtime connection until it ends."""
         session = _Session(self, reader, writer)
         self._session = session
+        self.disconnected.clear()
         try:
             return await session.run()
         finally:
             self._session = None
             self.configured.clear()
+            self.disconnected.set()
             await asyncio.get_running_loop().run_in_executor(
                 self._executor, self.policy.disconnected
             )
@@ -281,9 +318,13 @@ class _Session:
             self._received,
             on_bad_request=self._refused,
             on_close=self._closed,
+            limits=plugin.settings.channel_limits,
         )
         self.conn = self.channel.conn
-        self.sync = dispatch.SyncCollector()
+        settings = plugin.settings
+        self.sync = dispatch.SyncCollector(
+            max_chunks=settings.sync_max_chunks, max_objects=settings.sync_max_objects
+        )
         self.runtime: RuntimeInfo | None = None
         self.request_timeout = 0.0  # seconds, from Configure (v0.7+)
         self.tasks: set[asyncio.Task[None]] = set()  # deferred updates; the channel has handlers
@@ -362,13 +403,18 @@ class _Session:
         log.warning("refusing request on stream %d: %s", event.stream_id, event.message)
 
     def _closed(self, ending: Ending, reason: str) -> None:
-        """The first reason the connection ended is the session's; a broken stream counts."""
+        """The first reason the connection ended is the session's; a broken stream counts,
+        and so does a bound the runtime made us hit (said once, here)."""
         self.end_reason = reason
+        metrics = self.plugin.metrics
         if ending is Ending.TRUNCATED:
-            self.plugin.metrics.protocol_errors.labels("truncated").inc()
+            metrics.protocol_errors.labels("truncated").inc()
         elif ending is Ending.CORRUPT:
-            self.plugin.metrics.protocol_errors.labels("corrupt").inc()
+            metrics.protocol_errors.labels("corrupt").inc()
             log.error("runtime sent corrupt data, dropping the connection (%s)", reason)
+        elif ending in _OVERLOAD_LIMITS:
+            metrics.overload.labels(_OVERLOAD_LIMITS[ending]).inc()
+            log.error("closing the runtime connection: %s", reason)
 
     # --- serving ---------------------------------------------------------------------------
 
@@ -380,34 +426,61 @@ class _Session:
         return max(0.001, min(s.handler_budget, remaining * s.deadline_fraction))
 
     async def _serve(self, event: RequestReceived, received: float) -> None:
-        plugin = self.plugin
-        metrics = plugin.metrics
+        """Answer one request, whatever happens on the way: a policy that is late or
+        raises, a payload that does not decode, a reply too large to send, or a bug of
+        ours all end in a reply that changes nothing. The one exception is a split
+        Synchronize past its bounds, which ends the connection."""
         method = services.lookup(event.service, event.method)
         if method is None or event.service != services.PLUGIN_SERVICE:
-            # Go's wording; NRI v0.12 runtimes fall back to StateChange on this code.
-            what = (
-                f"method {event.method}"
-                if event.service == services.PLUGIN_SERVICE
-                else f"service {event.service}"
-            )
-            self._write(self.conn.send_error(event.stream_id, Code.UNIMPLEMENTED, what))
+            self._unimplemented(event)
             return
         name = method.name
-        metrics.requests.labels(name).inc()
+        self.plugin.metrics.requests.labels(name).inc()
+        try:
+            decision = await self._decide(method, event)
+        except dispatch.SyncOverflow as exc:
+            self._sync_overflowed(exc, event.stream_id)
+            return
+        except Exception as exc:
+            decision = self._internal_error(method, event.stream_id, exc)
+        if not self._answer(event.stream_id, method, decision):
+            self._answer_last_resort(event.stream_id, method)
+        self.plugin.metrics.request_seconds.labels(name).observe(time.monotonic() - received)
+        try:
+            self._after_configure(decision.outcome, decision.request)
+            self._carry_out(decision.outcome.intents)
+        except Exception:
+            log.exception("%s: acting on the reply failed", name)
+        if name == "Shutdown":
+            self.close("runtime sent Shutdown")
+        if decision.late is not None:
+            await self._late(name, decision.late)
+
+    def _unimplemented(self, event: RequestReceived) -> None:
+        """Go's wording; NRI v0.12 runtimes fall back to StateChange on this code."""
+        what = (
+            f"method {event.method}"
+            if event.service == services.PLUGIN_SERVICE
+            else f"service {event.service}"
+        )
+        self._write(self.conn.send_error(event.stream_id, Code.UNIMPLEMENTED, what))
+
+    async def _decide(self, method: services.Method, event: RequestReceived) -> _Decision:
+        """Run the policy under the request's budget; fail open when it is late or fails."""
+        plugin = self.plugin
+        name = method.name
         budget = self._budget(event.timeout_nano)
         loop = asyncio.get_running_loop()
         job = loop.run_in_executor(plugin._executor, self._handle, method, event.payload)
-        request: Message | None = None
-        try:
-            done, _ = await asyncio.wait({job}, timeout=budget)
-            if not done:
-                raise TimeoutError
-            request, outcome = job.result()
-        except TimeoutError:
-            # The call goes on in the policy thread and its state change stands: carry out
-            # what it asked of others when it ends (its own reply is gone).
-            job.add_done_callback(functools.partial(self._late, name))
-            metrics.fail_open.labels(name, "deadline").inc()
+        # If this handler is cancelled (the connection ended) while the policy thread still
+        # works, nobody awaits the job: mark its outcome seen, or asyncio would log a
+        # failed one as "never retrieved", with a traceback, for a request long gone.
+        job.add_done_callback(_mark_seen)
+        done, _ = await asyncio.wait({job}, timeout=budget)
+        if not done:
+            # The call goes on in the policy thread and its state change stands: what it
+            # asks of others is carried out when it ends (its own reply is gone).
+            plugin.metrics.fail_open.labels(name, "deadline").inc()
             log.warning(
                 "%s: policy did not answer within %.0f ms; replying with no change "
                 "(the runtime's deadline is %.0f ms)",
@@ -416,28 +489,120 @@ class _Session:
                 event.timeout_nano / 1e6,
             )
             request = _decode_quietly(method, event.payload)
-            outcome = dispatch.fail_open(method, request, plugin.policy)
+            return _Decision(request, dispatch.fail_open(method, request, plugin.policy), job)
+        try:
+            request, outcome = job.result()
         except _HandlerFailed as exc:
-            request = exc.request
-            reason = "decode" if request is None else "error"
-            metrics.fail_open.labels(name, reason).inc()
+            self._log_failure(name, event.stream_id, exc)
+            return _Decision(exc.request, dispatch.fail_open(method, exc.request, plugin.policy))
+        return _Decision(request, outcome)
+
+    def _log_failure(self, name: str, stream_id: int, exc: _HandlerFailed) -> None:
+        """An undecodable request is the runtime's input, not our bug: one line, the
+        traceback only at DEBUG. A policy that raised keeps its traceback."""
+        metrics = self.plugin.metrics
+        if exc.request is None:
+            metrics.fail_open.labels(name, "decode").inc()
+            log.warning(
+                "%s on stream %d: %s; replying with no change",
+                name,
+                stream_id,
+                exc.message,
+                exc_info=exc.__cause__ if log.isEnabledFor(logging.DEBUG) else None,
+            )
+        else:
+            metrics.fail_open.labels(name, "error").inc()
             log.error("%s: %s; replying with no change", name, exc.message, exc_info=exc.__cause__)
-            outcome = dispatch.fail_open(method, request, plugin.policy)
-        self._after_configure(outcome, request)
-        self._write(self.conn.send_response(event.stream_id, outcome.reply.SerializeToString()))
-        metrics.request_seconds.labels(name).observe(time.monotonic() - received)
-        self._carry_out(outcome.intents)
-        if name == "Shutdown":
-            self.close("runtime sent Shutdown")
+
+    def _internal_error(self, method: services.Method, stream_id: int, exc: Exception) -> _Decision:
+        """A bug between the socket and the policy: still answer, with no change."""
+        self.plugin.metrics.fail_open.labels(method.name, "internal").inc()
+        log.error(
+            "%s on stream %d: internal error; replying with no change",
+            method.name,
+            stream_id,
+            exc_info=exc,
+        )
+        return _Decision(None, dispatch.fail_open(method, None, self.plugin.policy))
+
+    def _answer(self, stream_id: int, method: services.Method, decision: _Decision) -> bool:
+        """Write the reply; False when nothing could be written (then answer otherwise).
+
+        A reply over ttrpc's 4 MiB limit would be refused by the runtime, and an error
+        fails a pod start in containerd: the runtime gets the fail-open reply instead
+        (always small), or RESOURCE_EXHAUSTED in Go's words if even that did not fit."""
+        try:
+            payload = decision.outcome.reply.SerializeToString()
+            try:
+                data = self.conn.send_response(stream_id, payload)
+            except MessageTooLarge as exc:
+                data = self._too_large(stream_id, method, decision.request, exc)
+        except Exception:
+            log.exception("%s on stream %d: encoding the reply failed", method.name, stream_id)
+            return False
+        self._write(data)
+        return True
+
+    def _too_large(
+        self,
+        stream_id: int,
+        method: services.Method,
+        request: Message | None,
+        exc: MessageTooLarge,
+    ) -> bytes:
+        metrics = self.plugin.metrics
+        metrics.protocol_errors.labels("reply_too_large").inc()
+        fallback = dispatch.fail_open(method, request, self.plugin.policy).reply
+        try:
+            data = self.conn.send_response(stream_id, fallback.SerializeToString())
+        except MessageTooLarge:
+            log.error(
+                "%s: the reply is %d bytes, over ttrpc's %d-byte limit, and so is the "
+                "reply with no change; answering RESOURCE_EXHAUSTED",
+                method.name,
+                exc.length,
+                exc.limit,
+            )
+            return self.conn.send_error(stream_id, exc.code, str(exc))
+        metrics.fail_open.labels(method.name, "reply_too_large").inc()
+        log.error(
+            "%s: the reply is %d bytes, over ttrpc's %d-byte limit; replying with no change",
+            method.name,
+            exc.length,
+            exc.limit,
+        )
+        return data
+
+    def _answer_last_resort(self, stream_id: int, method: services.Method) -> None:
+        """When building the reply itself failed: the fail-open reply, else an error."""
+        try:
+            reply = dispatch.fail_open(method, None, self.plugin.policy).reply
+            self._write(self.conn.send_response(stream_id, reply.SerializeToString()))
+        except Exception:
+            log.exception("%s on stream %d: no reply could be built", method.name, stream_id)
+            self._write(self.conn.send_error(stream_id, Code.INTERNAL, "internal error"))
+
+    def _sync_overflowed(self, exc: dispatch.SyncOverflow, stream_id: int | None) -> None:
+        """Too much Synchronize: refuse it and close; the runtime starts over on reconnect."""
+        self.plugin.metrics.overload.labels(exc.limit).inc()
+        reason = f"{exc}; the partial state was dropped"
+        log.error("closing the runtime connection: %s", reason)
+        if stream_id is not None:
+            self._write(self.conn.send_error(stream_id, Code.RESOURCE_EXHAUSTED, str(exc)))
+        self.close(reason)
 
     def _handle(self, method: services.Method, payload: bytes) -> tuple[Message, dispatch.Outcome]:
         """Runs in the policy thread: decode, call the policy, build the reply."""
         try:
             request = services.decode(method.request, payload, method.name)
         except ProtocolError as exc:
+            if method.request is pb.SynchronizeRequest:
+                self.sync.reset()  # a split exchange cannot be completed any more
             raise _HandlerFailed(None, str(exc)) from exc
         try:
             return request, dispatch.handle(self.plugin.policy, method, request, self.sync)
+        except dispatch.SyncOverflow:
+            raise
         except Exception as exc:
             raise _HandlerFailed(request, f"policy raised {type(exc).__name__}: {exc}") from exc
 
@@ -455,11 +620,21 @@ class _Session:
             except Exception:
                 log.exception("carrying out intents failed")
 
-    def _late(self, name: str, job: asyncio.Future[tuple[Message, dispatch.Outcome]]) -> None:
-        """A policy call that missed its deadline ended: carry out its other intents."""
-        if job.cancelled() or job.exception() is not None or self.channel.closed:
+    async def _late(self, name: str, job: _Job) -> None:
+        """A policy call that missed its deadline: the request was answered, but it stays
+        outstanding (and counts against the connection's bound on requests in flight)
+        until the policy thread is done with it; then carry out its other intents."""
+        try:
+            _, outcome = await asyncio.shield(job)
+        except dispatch.SyncOverflow as exc:
+            if not self.channel.closed:
+                self._sync_overflowed(exc, None)
             return
-        _, outcome = job.result()
+        except _HandlerFailed as exc:
+            log.warning("%s: the late policy call failed too: %s", name, exc.message)
+            return
+        if self.channel.closed:
+            return
         log.info("%s: the late policy call ended; carrying out its other intents", name)
         self._carry_out(outcome.intents)
 
@@ -505,11 +680,36 @@ class _Session:
             log.warning("UpdateContainers for %s failed: %s", ids, exc or type(exc).__name__)
 
 
+_Job = asyncio.Future[tuple[Message, dispatch.Outcome]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Decision:
+    """What to answer a request with, and what to do after."""
+
+    request: Message | None  # None when it could not be decoded
+    outcome: dispatch.Outcome
+    late: _Job | None = None  # the policy call still running after a fail-open reply
+
+
+# Channel endings that mean the runtime made us hit a bound, as metric labels.
+_OVERLOAD_LIMITS = {
+    Ending.UNREAD_REPLIES: "unread_replies",
+    Ending.WRITE_BUFFER_FULL: "write_buffer",
+    Ending.HANDLERS_STALLED: "requests_in_flight",
+}
+
+
 class _HandlerFailed(Exception):
     def __init__(self, request: Message | None, message: str) -> None:
         super().__init__(message)
         self.request = request
         self.message = message
+
+
+def _mark_seen(job: asyncio.Future[Any]) -> None:
+    if not job.cancelled():
+        job.exception()
 
 
 def _decode_quietly(method: services.Method, payload: bytes) -> Message | None:

@@ -9,6 +9,7 @@ the pool has the size it has), which the plan keeps once per pool.
 
 from __future__ import annotations
 
+from nri_plugin.control.executor import HostExecutor
 from nri_plugin.policy.api import PolicyBase, RecordingPolicy
 from nri_plugin.policy.engine import Engine
 from nri_plugin.policy.plan import ContainerPlan
@@ -96,3 +97,32 @@ def reasons(plan: NodePlan, p: ContainerPlan) -> dict[str, str]:
     if detail:
         out["cpus"] = f"{out['cpus']} ({detail})"
     return out
+
+
+def host_view(executor: HostExecutor) -> dict[str, object]:
+    """Host work as people need it: each controller's state, files host I/O is stuck on,
+    what is quarantined until when, and the counters."""
+    status = executor.status()
+    return {
+        "controllers": [
+            {
+                "name": c.name,
+                "mode": str(c.mode),
+                "enabled": c.enabled,
+                "reason": c.reason,
+                "applied": c.applied,
+                "failed": c.failed,
+                "refused": c.refused,
+                "last_error": c.last_error,
+            }
+            for c in executor.controllers.status()
+        ],
+        "stalled": status.stalled,
+        "stuck": [
+            {"path": s.path, "job": s.label, "seconds": round(s.seconds, 1)} for s in status.stuck
+        ],
+        "quarantined": status.quarantined,
+        "queued": status.queued,
+        "retries_pending": status.retries_pending,
+        "counts": status.counts,
+    }

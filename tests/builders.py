@@ -121,15 +121,18 @@ class FakeHost:
     methods), recording every oom_score_adj write and serving CPU time that grows at a
     rate the test sets."""
 
+    # (cgroups_path, pid, value) of every oom_score_adj write
     oom_writes: list[tuple[str, int | None, int]] = field(default_factory=list)
     usage_ns: dict[str, int] = field(default_factory=dict)
 
     def missing(self) -> str:
         return ""
 
-    def set_oom_score_adj(self, cgroups_path: str, pid: int | None, value: int, who: str) -> str:
+    def set_oom_score_adj(
+        self, cgroups_path: str, container_id: str, pid: int | None, value: int, who: str
+    ) -> str:
         self.oom_writes.append((cgroups_path, pid, value))
         return f"oom_score_adj {value} on 1 process(es): 1 applied"
 
-    def cpu_usage_ns(self, cgroups_path: str) -> int | None:
+    def cpu_usage_ns(self, cgroups_path: str, container_id: str) -> int | None:
         return self.usage_ns.get(cgroups_path)

@@ -4,7 +4,9 @@ Unlike the embedded runtime (a full emulation), this is a thin wrapper over an
 `NriChannel` in the runtime role that lets a test send requests, await exact replies and
 see the plugin's own calls, so protocol corner cases can be staged precisely. Every event
 (the plugin's requests, the replies to our calls, requests the channel refused) lands in
-one inbox in the order it arrived; every mux frame read is recorded raw.
+one inbox in the order it arrived; every mux frame read is recorded raw, and every reply
+on the plugin's service conn is kept as it came (`raw_reply`), also those the channel
+drops because we never made that call (stream id 0, even or reused ids sent raw).
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from dataclasses import dataclass
 
 from google.protobuf.message import Message
 
-from nri_plugin.channel import NriChannel
+from nri_plugin.channel import ChannelLimits, NriChannel
 from nri_plugin.metrics import Metrics
-from nri_plugin.protocol import mux, ttrpc
+from nri_plugin.protocol import mux, ttrpc, ttrpc_pb2
 from nri_plugin.protocol import nri_pb2 as pb
 from nri_plugin.protocol.connection import (
     BadRequest,
@@ -40,27 +42,41 @@ class RawReply:
 
 
 class ScriptedRuntime:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        limits: ChannelLimits | None = None,
+    ) -> None:
         self.inbox: asyncio.Queue[RequestReceived | ResponseReceived | BadRequest] = asyncio.Queue()
         self.raw_frames: list[tuple[int, bytes]] = []  # every mux frame received (conn, payload)
+        self.served_replies: list[ttrpc.Frame] = []  # every reply on the plugin's service conn
         self._buf = bytearray()
+        self._replies = ttrpc.FrameReader()
+        self._replied = asyncio.Event()
+        self._writer = writer
+        self.ended = asyncio.Event()  # set when the connection closed, for whatever reason
         self.channel = NriChannel(
             Role.RUNTIME,
             reader,
             writer,
             self._queue,
             on_bad_request=self._queue_soon,
+            on_close=lambda ending, reason: self.ended.set(),
             tap=self._record_frames,
+            limits=limits,
         )
         self.conn = self.channel.conn  # for its stats; send through this class
         self.channel.start()
 
     @classmethod
-    async def pair(cls) -> tuple[ScriptedRuntime, asyncio.StreamReader, asyncio.StreamWriter]:
+    async def pair(
+        cls, limits: ChannelLimits | None = None
+    ) -> tuple[ScriptedRuntime, asyncio.StreamReader, asyncio.StreamWriter]:
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         r1, w1 = await asyncio.open_unix_connection(sock=a)
         r2, w2 = await asyncio.open_unix_connection(sock=b)
-        return cls(r1, w1), r2, w2
+        return cls(r1, w1, limits), r2, w2
 
     # Arrival order: the channel starts a request's task, settles a reply's future and
     # reports a refusal in the order they were read; each lands in the inbox from the
@@ -82,8 +98,56 @@ class ScriptedRuntime:
             conn, length = mux.HEADER.unpack_from(self._buf)
             if len(self._buf) < 8 + length:
                 break
-            self.raw_frames.append((conn, bytes(self._buf[8 : 8 + length])))
+            payload = bytes(self._buf[8 : 8 + length])
+            self.raw_frames.append((conn, payload))
             del self._buf[: 8 + length]
+            if conn == mux.PLUGIN_SERVICE_CONN:
+                self._record_replies(payload)
+
+    def _record_replies(self, payload: bytes) -> None:
+        for frame in self._replies.feed(payload):
+            if isinstance(frame, ttrpc.Frame) and frame.type is ttrpc.MessageType.RESPONSE:
+                self.served_replies.append(frame)
+                self._replied.set()
+
+    async def raw_reply(
+        self, stream_id: int, since: int = 0, wait: float = 5.0
+    ) -> ttrpc_pb2.Response:
+        """The first reply on `stream_id` as it came off the wire, among those after the
+        first `since` (what `send_raw_request` returned: a reused id has older replies)."""
+        async with asyncio.timeout(wait):
+            while True:
+                for frame in self.served_replies[since:]:
+                    if frame.stream_id == stream_id:
+                        return ttrpc.decode_response(frame)
+                self._replied.clear()
+                await self._replied.wait()
+
+    def send_raw_request(
+        self, stream_id: int, method: str, payload: bytes = b"", timeout: float = 2.0
+    ) -> int:
+        """A request on any stream id, bypassing our own id bookkeeping: for ids the
+        protocol forbids. Its reply arrives only through `raw_reply(stream_id, since)`
+        with the mark returned here."""
+        since = len(self.served_replies)
+        message = ttrpc.encode_request(
+            stream_id, PLUGIN_SERVICE, method, payload, int(timeout * 1e9)
+        )
+        self.send_raw(mux.encode_message(mux.PLUGIN_SERVICE_CONN, message))
+        return since
+
+    def stop_reading(self) -> None:
+        """Take no more bytes from the socket, like a runtime that stopped reading
+        replies: the plugin's writes pile up in the socket and then in its transport."""
+        self._read_transport().pause_reading()
+
+    def resume_reading(self) -> None:
+        self._read_transport().resume_reading()
+
+    def _read_transport(self) -> asyncio.ReadTransport:
+        transport = self._writer.transport
+        assert isinstance(transport, asyncio.ReadTransport)
+        return transport
 
     async def next_event(
         self, timeout: float = 5.0

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from nri_plugin.channel import ChannelClosed, Ending, NriChannel
+from nri_plugin.channel import ChannelClosed, ChannelLimits, Ending, NriChannel
 from nri_plugin.protocol import mux, ttrpc
 from nri_plugin.protocol.connection import BadRequest, RequestReceived, Role
 from nri_plugin.protocol.errors import Code
@@ -30,9 +30,32 @@ class Side:
     endings: list[tuple[Ending, str]] = field(default_factory=list)
     refused: list[BadRequest] = field(default_factory=list)
     chunks: list[bytes] = field(default_factory=list)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    read: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def on_close(self, ending: Ending, reason: str) -> None:
+        self.endings.append((ending, reason))
+        self.ended.set()
+
+    def tap(self, data: bytes) -> None:
+        self.chunks.append(data)
+        # Set once the channel has acted on these bytes and the tasks it started have
+        # taken their first step (both are queued before this callback).
+        asyncio.get_running_loop().call_soon(self.read.set)
+
+    async def read_until(self, condition: Callable[[], bool]) -> None:
+        async with asyncio.timeout(5):
+            while not condition():
+                self.read.clear()
+                await self.read.wait()
 
 
-async def _side(sock: socket.socket, role: Role, serve: Serve = _echo) -> Side:
+async def _side(
+    sock: socket.socket,
+    role: Role,
+    serve: Serve = _echo,
+    limits: ChannelLimits | None = None,
+) -> Side:
     reader, writer = await asyncio.open_unix_connection(sock=sock)
     side: Side
 
@@ -45,8 +68,9 @@ async def _side(sock: socket.socket, role: Role, serve: Serve = _echo) -> Side:
         writer,
         handle,
         on_bad_request=lambda event: side.refused.append(event),
-        on_close=lambda ending, reason: side.endings.append((ending, reason)),
-        tap=lambda data: side.chunks.append(data),
+        on_close=lambda ending, reason: side.on_close(ending, reason),
+        tap=lambda data: side.tap(data),
+        limits=limits,
     )
     side = Side(channel)
     channel.start()
@@ -74,11 +98,14 @@ async def _pair(
 
 
 async def _raw_peer(
-    opened: list[Side], role: Role = Role.PLUGIN
+    opened: list[Side],
+    role: Role = Role.PLUGIN,
+    serve: Serve = _echo,
+    limits: ChannelLimits | None = None,
 ) -> tuple[Side, asyncio.StreamReader, asyncio.StreamWriter]:
     """A channel whose peer is raw bytes."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    side = await _side(a, role)
+    side = await _side(a, role, serve, limits)
     opened.append(side)
     reader, writer = await asyncio.open_unix_connection(sock=b)
     return side, reader, writer
@@ -198,6 +225,144 @@ async def test_a_bad_request_is_refused_and_serving_goes_on(opened: list[Side]) 
     assert frame.stream_id == 3
     assert ttrpc.decode_response(frame).payload == b"Good:p"
     assert not plugin.channel.closed
+    writer.close()
+
+
+async def test_every_bad_stream_id_is_answered_on_its_own_id_and_serving_goes_on(
+    opened: list[Side],
+) -> None:
+    """Go's ttrpc server answers 0, even and re-used ids with INVALID_ARGUMENT on that id;
+    stream id 0 used to end our connection."""
+    plugin, reader, writer = await _raw_peer(opened)
+    for sid in (0, 2, 1, 1, 0xFFFFFFFE, 3):
+        writer.write(mux.encode_message(1, ttrpc.encode_request(sid, "svc", "M", b"x")))
+    replies = [await _read_frame(reader, 1) for _ in range(6)]
+    # refusals are written as they are read, served requests from their own tasks
+    answered = sorted(
+        (f.stream_id, ttrpc.decode_response(f).status.code, ttrpc.decode_response(f).status.message)
+        for f in replies
+    )
+    odd, reused = "must be odd for client initiated streams", "cannot be re-used and must increment"
+    assert answered == [
+        (0, 3, f"StreamID {odd}"),
+        (1, 0, ""),
+        (1, 3, f"StreamID {reused}"),
+        (2, 3, f"StreamID {odd}"),
+        (3, 0, ""),
+        (0xFFFFFFFE, 3, f"StreamID {odd}"),
+    ]
+    assert [e.stream_id for e in plugin.refused] == [0, 2, 1, 0xFFFFFFFE]
+    assert not plugin.channel.closed
+    writer.close()
+
+
+# --- bounds ----------------------------------------------------------------------------------
+
+
+def _requests(first: int, count: int, payload: bytes = b"") -> bytes:
+    return b"".join(
+        mux.encode_message(1, ttrpc.encode_request(sid, "svc", "M", payload))
+        for sid in range(first, first + 2 * count, 2)
+    )
+
+
+async def test_requests_beyond_max_handlers_wait_in_order_for_a_free_slot(
+    opened: list[Side],
+) -> None:
+    release = asyncio.Event()
+    started: list[int] = []
+
+    async def gated(channel: NriChannel, req: RequestReceived) -> None:
+        started.append(req.stream_id)
+        await release.wait()
+        channel.respond(req.stream_id)
+
+    limits = ChannelLimits(max_handlers=2)
+    plugin, reader, writer = await _raw_peer(opened, serve=gated, limits=limits)
+    writer.write(_requests(1, 6))
+    await plugin.read_until(lambda: plugin.channel.outstanding == 6)  # one read, then paused
+    assert started == [1, 3] and plugin.channel.stats.pauses == 1
+    release.set()
+    replies = [await _read_frame(reader, 1) for _ in range(6)]
+    assert sorted(f.stream_id for f in replies) == [1, 3, 5, 7, 9, 11]
+    assert started == [1, 3, 5, 7, 9, 11]  # in the order they came
+    assert plugin.channel.stats.peak_handlers == 2
+    assert not plugin.channel.closed
+    writer.close()
+
+
+async def test_handlers_busy_past_the_stall_bound_close_the_channel(opened: list[Side]) -> None:
+    async def stuck(channel: NriChannel, req: RequestReceived) -> None:
+        await asyncio.Event().wait()
+
+    limits = ChannelLimits(max_handlers=1, stall_timeout=0.2)
+    plugin, _, writer = await _raw_peer(opened, serve=stuck, limits=limits)
+    writer.write(_requests(1, 2))
+    await asyncio.wait_for(plugin.ended.wait(), 5)
+    ((ending, reason),) = plugin.endings
+    assert ending is Ending.HANDLERS_STALLED
+    assert reason == (
+        "1 requests from the runtime still being handled after 0.2s (limit 1), 1 more waiting"
+    )
+    writer.close()
+
+
+async def test_unread_replies_pause_reading_then_close_after_the_stall_bound(
+    opened: list[Side],
+) -> None:
+    """A peer that sends and never reads: replies stop at the high-water mark (plus what
+    the busy handlers were writing), reading stops, and the channel gives up."""
+    reply = b"r" * 4096
+
+    async def big(channel: NriChannel, req: RequestReceived) -> None:
+        channel.respond(req.stream_id, reply)
+
+    limits = ChannelLimits(max_handlers=4, write_high_water=8192, stall_timeout=0.3)
+    plugin, _, writer = await _raw_peer(opened, serve=big, limits=limits)
+    writer.write(_requests(1, 3000))  # about 100 KB of requests, 12 MB of replies
+    await asyncio.wait_for(plugin.ended.wait(), 5)
+    ((ending, reason),) = plugin.endings
+    assert ending is Ending.UNREAD_REPLIES
+    assert reason.startswith("the runtime has not read our replies for 0.3s (")
+    stats = plugin.channel.stats
+    assert stats.peak_write_buffer <= 8192 + 4 * (len(reply) + 64)
+    assert stats.peak_handlers <= 4
+    served = plugin.channel.conn._last_served_id // 2 + 1
+    assert served < 3000  # it stopped reading
+    assert plugin.channel.write_buffer_size == 0  # the unsent replies were dropped
+    writer.close()
+
+
+async def test_two_channels_flooding_each_other_do_not_deadlock(opened: list[Side]) -> None:
+    """Both sides call with 1 MiB payloads echoed back, far over their high-water mark:
+    each keeps reading while its own writes are blocked (the other's requests wait within
+    the backlog bound), so both drain."""
+    limits = ChannelLimits(max_handlers=16, write_high_water=64 << 10)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    plugin = await _side(a, Role.PLUGIN, limits=limits)
+    runtime = await _side(b, Role.RUNTIME, limits=limits)
+    opened += [plugin, runtime]
+    payload = b"p" * (1 << 20)
+    calls = [
+        side.channel.call("svc", f"M{i}", payload, timeout=10)
+        for i in range(8)
+        for side in (plugin, runtime)
+    ]
+    replies = await asyncio.wait_for(asyncio.gather(*calls), 10)
+    assert all(r.code == 0 and r.payload.endswith(payload) for r in replies)
+    assert not plugin.channel.closed and not runtime.channel.closed
+    assert max(plugin.channel.stats.peak_write_buffer, runtime.channel.stats.peak_write_buffer) > (
+        64 << 10
+    )  # it was a flood
+
+
+async def test_a_write_buffer_over_the_hard_cap_closes_at_once(opened: list[Side]) -> None:
+    limits = ChannelLimits(write_high_water=16 << 10, write_buffer_max=64 << 10)
+    plugin, _, writer = await _raw_peer(opened, limits=limits)  # the peer never reads
+    assert plugin.channel.write(b"\0" * (4 << 20)) is False
+    ((ending, reason),) = plugin.endings
+    assert ending is Ending.WRITE_BUFFER_FULL
+    assert "are unsent (limit 65536): the runtime is not reading" in reason
     writer.close()
 
 

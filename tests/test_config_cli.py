@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from nri_plugin import cli
 from nri_plugin.config import ConfigError, load_config, parse_config
+from nri_plugin.control.executor import HostLimits
 
 
 def test_defaults_without_a_file() -> None:
@@ -69,6 +73,9 @@ def test_full_file_is_applied() -> None:
         ("[policy]\nreserve_cpus = '0'", "no key"),
         ("[policy]\noom_bands = { reclaimed_cores = [0, 100] }", "oom bands|band"),
         ("[policy]\nname = 'recording'\nreserved_cpus = '0'", "takes no settings"),
+        ("[host]\nroot = 'host'", "root = 'host' must be an absolute path"),
+        ("[host]\nroot = 5", "root = 5 must be an absolute path"),
+        ("[log]\ntarget = 2", "target = 2; use"),
     ],
     ids=[
         "misspelled plugin key",
@@ -83,6 +90,9 @@ def test_full_file_is_applied() -> None:
         "misspelled policy key",
         "overlapping OOM bands",
         "settings for the recording policy",
+        "relative host root",
+        "host root not a string",
+        "log target not a string",
     ],
 )
 def test_bad_config_says_what_is_wrong(text: str, message: str) -> None:
@@ -93,6 +103,12 @@ def test_bad_config_says_what_is_wrong(text: str, message: str) -> None:
 def test_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match=r"cannot read config file .*: Is a directory"):
+        load_config(tmp_path)
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"\xff\xfe[plugin]\n")
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_config(binary)
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -125,3 +141,82 @@ def test_run_with_bad_config_is_a_clear_error(tmp_path: Path) -> None:
     result = _cli("run", "--config", str(bad), "--no-wait")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "c.toml" in result.stderr and "two digits" in result.stderr
+
+
+@pytest.fixture
+def root_logger() -> Iterator[None]:
+    """`nri-qos run` in this process replaces the root logger's handlers: put them back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_run_help_documents_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["run", "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert "exit codes:" in out
+    for code in ("0 ", "1 ", "2 ", "130 "):
+        assert f"\n  {code}" in out
+
+
+def test_run_with_an_unusable_log_target_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], root_logger: None
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f'[log]\ntarget = "{tmp_path}/no/such/dir/nri-qos.log"\n')
+    assert cli.main(["run", "--no-wait", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nri-qos: [log] target = ") and err.count("\n") == 1
+    assert "cannot open" in err and "No such file or directory" in err
+
+
+def test_an_unexpected_error_exits_1_with_the_traceback_logged(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    root_logger: None,
+) -> None:
+    async def broken(*args: object, **kwargs: object) -> int:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("nri_plugin.daemon.run_daemon", broken)
+    monkeypatch.delenv("NRI_PLUGIN_SOCKET", raising=False)
+    config = tmp_path / "c.toml"
+    config.write_text('[policy]\nname = "recording"\n')
+    assert cli.main(["run", "--config", str(config), "--socket", str(tmp_path / "s")]) == 1
+    err = capsys.readouterr().err
+    assert "nri-qos stopped on an unexpected error" in err
+    assert "Traceback" in err and "RuntimeError: a bug" in err
+
+
+def test_host_and_connection_limits_are_configurable_and_checked() -> None:
+    config = parse_config(
+        "[plugin]\nmax_requests_in_flight = 8\nstall_timeout_ms = 500\n"
+        '[host]\nroot = "/host"\nio_deadline_ms = 250\nmax_blocked_threads = 2\n'
+    )
+    assert config.plugin.max_requests_in_flight == 8 and config.plugin.stall_timeout == 0.5
+    assert config.host_root == Path("/host")
+    assert (config.host_limits.deadline, config.host_limits.max_stuck) == (0.25, 2)
+    assert config.host_limits.retries == HostLimits().retries
+    for bad in ("io_deadline_ms = 0", "io_retries = -1", 'io_retries = "3"', "io_timeout = 1"):
+        with pytest.raises(ConfigError, match=r"\[host\]"):
+            parse_config(f"[host]\n{bad}\n")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[policy]\nshared_headroom = nan\n",
+        "[policy]\nshared_headroom = inf\n",
+        "[plugin]\nhandler_budget_ms = -inf\n",
+        "[policy]\noom_bands = { reclaimed_cores = [500, nan] }\n",
+        "a = " + "[" * 5000 + "]" * 5000 + "\n",
+    ],
+)
+def test_values_that_would_poison_every_decision_are_refused(text: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_config(text, "runtime-provided config")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import subprocess
-from pathlib import Path
+import secrets
+from pathlib import Path, PurePosixPath
 
 import pytest
 
+from isolation.cgroups import CgroupFs, CgroupNotFound
 from isolation.host import LinuxHost
 from isolation.oom import ProcessControls
 from nri_plugin.control.base import (
@@ -30,6 +32,7 @@ from nri_plugin.policy.intents import (
     Severity,
 )
 from tests.builders import FakeHost
+from tests.processes import start_process, stop
 
 REF = ContainerRef("ctr-1", "default/web/app", "pod-1", "/kubepods/pod-1/ctr-1", 4242)
 
@@ -127,9 +130,13 @@ async def test_the_executor_applies_host_intents_off_the_loop_and_records_notes(
     events = EventLog()
     executor = HostExecutor(Controllers([OomController(host)]), events)  # type: ignore[arg-type]
     executor.start()
+    other = ContainerRef("ctr-2", "default/web/side", "pod-1", "/kubepods/pod-1/ctr-2", 4343)
     try:
         executor.submit(
-            Intents(host=(oom(100), oom(200)), notes=(Note("plan", "default/web/app", "planned"),))
+            Intents(
+                host=(oom(100), oom(200, ref=other)),
+                notes=(Note("plan", "default/web/app", "planned"),),
+            )
         )
         assert events.snapshot()[0].message == "planned"  # notes at once, before host work
         await executor.drain()
@@ -139,20 +146,53 @@ async def test_the_executor_applies_host_intents_off_the_loop_and_records_notes(
         executor.close()
 
 
-@pytest.mark.root
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to write another process's oom_score_adj")
-def test_the_oom_controller_writes_a_real_process() -> None:
-    sleeper = subprocess.Popen(["sleep", "30"])
+async def test_a_newer_intent_for_the_same_container_supersedes_a_queued_one() -> None:
+    host = FakeHost()
+    executor = HostExecutor(Controllers([OomController(host)]))  # type: ignore[arg-type]
+    executor.start()
     try:
-        ref = ContainerRef("ctr-x", "default/x/x", "pod-x", "", sleeper.pid)
+        executor.submit(Intents(host=(oom(100), oom(200), oom(300))))
+        await executor.drain()
+        # the worker may have taken the first before the others were queued
+        assert [w[2] for w in host.oom_writes][-1] == 300
+        assert 200 not in [w[2] for w in host.oom_writes]
+    finally:
+        executor.close()
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create a cgroup")
+@pytest.mark.skipif(
+    not Path("/sys/fs/cgroup/cpu/cgroup.procs").exists(),
+    reason="no cgroup v1 cpu hierarchy at /sys/fs/cgroup/cpu",
+)
+def test_the_oom_controller_writes_the_processes_of_a_real_container_cgroup() -> None:
+    cgroups = CgroupFs()
+    container_id = f"ctr{secrets.token_hex(8)}"
+    group = PurePosixPath(f"/nri-qos-test-{secrets.token_hex(4)}/{container_id}")
+    sleeper = start_process()
+    try:
+        cgroups.create_group(group)
+        cgroups.move_pid(group, sleeper.pid)
+        ref = ContainerRef(container_id, "default/x/x", "pod-x", str(group), sleeper.pid)
         controllers = Controllers([OomController(LinuxHost())])
         controllers.start()
         (note,) = controllers.apply([oom(733, ref=ref)])
         assert "1 applied" in note.message
         assert Path(f"/proc/{sleeper.pid}/oom_score_adj").read_text().strip() == "733"
+        # the same pid, claimed by a container (with an empty cgroup) whose cgroup it is
+        # not in, is left alone
+        cgroups.create_group(group.parent / "ctr-stranger")
+        stranger = ContainerRef(
+            "ctr-stranger", "default/y/y", "pod-y", f"{group.parent}/ctr-stranger", sleeper.pid
+        )
+        (note,) = controllers.apply([oom(900, ref=stranger)])
+        assert "1 not_in_group" in note.message
+        assert Path(f"/proc/{sleeper.pid}/oom_score_adj").read_text().strip() == "733"
     finally:
-        sleeper.kill()
-        sleeper.wait()
+        stop(sleeper)
+        with contextlib.suppress(CgroupNotFound):
+            cgroups.remove_group(group.parent, recursive=True)
 
 
 def test_a_failing_required_controller_is_an_error_an_optional_one_a_warning() -> None:

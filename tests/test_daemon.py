@@ -4,22 +4,30 @@ usage-driven rebalance loop."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from embedded_runtime import CONTAINERD_2_3, EmbeddedRuntime, InMemoryBackend
+from nri_plugin import daemon
+from nri_plugin.config import Config
 from nri_plugin.control.base import Controllers
 from nri_plugin.control.executor import HostExecutor
 from nri_plugin.control.oom import OomController
-from nri_plugin.daemon import rebalance_loop
-from nri_plugin.plugin import NriPlugin, PluginSettings
+from nri_plugin.daemon import rebalance_loop, report_status, run_daemon, setup_logging
+from nri_plugin.logsafe import RateLimitFilter, TruncateFilter
+from nri_plugin.plugin import NriPlugin, PluginSettings, PluginSetupError
+from nri_plugin.policy.api import RecordingPolicy
 from nri_plugin.policy.engine import Engine
 from nri_plugin.policy.qos_policy import QosPolicy
-from nri_plugin.status import query
+from nri_plugin.status import StatusSocketError, query
 from tests.builders import FakeHost, MiB, container, pod
 from tests.conftest import REPO
-from tests.policy.sysfs_builder import MachineShape
+from tests.policy.sysfs_builder import MachineShape, write_sysfs
 
 
 async def test_real_plugin_launched_by_the_runtime_takes_its_config_from_configure(
@@ -88,7 +96,7 @@ class MeteredHost(FakeHost):
             self._ns[key] += self.rate_cores * (now - self._last) * 1e9
         self._last = now
 
-    def cpu_usage_ns(self, cgroups_path: str) -> int | None:
+    def cpu_usage_ns(self, cgroups_path: str, container_id: str) -> int | None:
         self.tick(time.monotonic())
         return int(self._ns.setdefault(cgroups_path, 0.0))
 
@@ -150,3 +158,130 @@ async def test_rising_online_usage_shrinks_the_reclaimed_pool_via_update_contain
         plugin.close()
         executor.close()
         await runtime.stop()
+
+
+# --- start-up and logging -------------------------------------------------------------------
+
+
+@pytest.fixture
+def root_logger() -> Iterator[logging.Logger]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield root
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_setup_logging_cuts_and_rate_limits(tmp_path: Path, root_logger: logging.Logger) -> None:
+    target = tmp_path / "nri-qos.log"
+    assert setup_logging("info", str(target)) == str(target)
+    (handler,) = root_logger.handlers
+    kinds = [type(f) for f in handler.filters]
+    assert kinds == [RateLimitFilter, TruncateFilter]  # this order: see logsafe.install
+    for _ in range(20):
+        logging.getLogger("nri_qos.test").warning("bad annotation %r", "v" * 100_000)
+    handler.flush()
+    lines = target.read_text().splitlines()
+    assert len(lines) == 5 and all(len(line) < 700 for line in lines)
+
+
+def test_setup_logging_with_an_unusable_target_is_a_setup_error(
+    tmp_path: Path, root_logger: logging.Logger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handlers = root_logger.handlers[:]
+    with pytest.raises(PluginSetupError, match=r"cannot open .*/missing/x\.log: No such file"):
+        setup_logging("info", str(tmp_path / "missing" / "x.log"))
+    monkeypatch.setattr(daemon, "SYSLOG_SOCKET", tmp_path / "no-dev-log")
+    with pytest.raises(PluginSetupError, match=r"no-dev-log \(is syslog running\?\)"):
+        setup_logging("info", "syslog")
+    assert root_logger.handlers == handlers  # untouched
+
+
+async def test_run_daemon_refuses_a_status_socket_path_that_is_not_a_socket(
+    tmp_path: Path,
+) -> None:
+    precious = tmp_path / "precious"
+    precious.write_text("data")
+    config = Config(policy_name="recording", plugin=PluginSettings(socket_path=tmp_path / "s"))
+    with pytest.raises(StatusSocketError, match="exists and is not a socket"):
+        await run_daemon(config, wait_for_runtime=False, status_socket=precious)
+    assert precious.read_text() == "data"
+
+
+async def test_run_daemon_words_a_host_without_procfs_as_a_setup_error(tmp_path: Path) -> None:
+    write_sysfs(MachineShape(), tmp_path)  # a topology, but no /proc and no cgroup mount
+    config = Config(host_root=tmp_path, plugin=PluginSettings(socket_path=tmp_path / "s"))
+    with pytest.raises(PluginSetupError, match=r"the host under \[host\] root = .* cannot be"):
+        await run_daemon(config, wait_for_runtime=False)
+
+
+# --- systemd status -------------------------------------------------------------------------
+
+
+class Watched:
+    """What report_status reads of the plugin."""
+
+    def __init__(self) -> None:
+        self.configured = asyncio.Event()
+        self.disconnected = asyncio.Event()
+        self.runtime = None
+
+
+async def settle() -> None:
+    """Let every ready task run (no clock involved: only loop turns)."""
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+async def test_systemd_status_follows_the_connection_by_events_not_polling(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    notes: list[str] = []
+    monkeypatch.setattr(daemon, "sd_notify", lambda state: notes.append(state) or True)
+    plugin = Watched()
+    reporter = asyncio.create_task(report_status(plugin))  # type: ignore[arg-type]
+    try:
+        await settle()
+        assert notes == ["READY=1\nSTATUS=waiting for the container runtime"]
+        plugin.configured.set()
+        await settle()
+        assert notes[-1] == "STATUS=serving"
+        plugin.configured.clear()
+        plugin.disconnected.set()
+        await settle()  # a poller asleep for a second would not have noticed yet
+        assert notes[-1] == "STATUS=runtime connection lost; reconnecting"
+        plugin.disconnected.clear()
+        plugin.configured.set()
+        await settle()
+        assert notes[-1] == "STATUS=serving" and len(notes) == 4
+    finally:
+        reporter.cancel()
+        await asyncio.gather(reporter, return_exceptions=True)
+
+
+async def test_the_daemons_plugin_signals_each_connection_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    notes: asyncio.Queue[str] = asyncio.Queue()
+    monkeypatch.setattr(daemon, "sd_notify", lambda state: notes.put_nowait(state) or True)
+    settings = PluginSettings(socket_path=tmp_path / "nri.sock", backoff_initial=30)
+    plugin = NriPlugin(RecordingPolicy(), settings)
+    runtime = EmbeddedRuntime(
+        tmp_path / "nri.sock", flavor=CONTAINERD_2_3, backend=InMemoryBackend()
+    )
+    await runtime.start()
+    reporter = asyncio.create_task(report_status(plugin))
+    runner = asyncio.create_task(plugin.run())
+    try:
+        assert (await asyncio.wait_for(notes.get(), 10)).startswith("READY=1")
+        serving = await asyncio.wait_for(notes.get(), 10)
+        assert serving.startswith("STATUS=serving containerd")
+        await runtime.stop()
+        lost = await asyncio.wait_for(notes.get(), 10)
+        assert lost == "STATUS=runtime connection lost; reconnecting"
+        assert plugin.disconnected.is_set() and not plugin.configured.is_set()
+    finally:
+        plugin.stop()
+        reporter.cancel()
+        await asyncio.gather(reporter, runner, return_exceptions=True)
+        plugin.close()

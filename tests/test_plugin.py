@@ -21,9 +21,9 @@ from nri_plugin.plugin import (
 )
 from nri_plugin.policy.api import PolicyBase, RecordingPolicy
 from nri_plugin.policy.intents import ContainerRef, Intents, Note, Phase, SetOomScoreAdj
-from nri_plugin.protocol import convert, mux
+from nri_plugin.protocol import convert, mux, services
 from nri_plugin.protocol import nri_pb2 as pb
-from nri_plugin.protocol.connection import RequestReceived, ResponseReceived
+from nri_plugin.protocol.connection import NriConnection, RequestReceived, ResponseReceived
 from nri_plugin.protocol.versions import Event, infer_runtime, valid_event_mask
 from qos_model.containers import Adjustment, Container, CpuResources, Pod, Resources, Update
 from tests.builders import kubelet_shares
@@ -524,4 +524,141 @@ async def test_a_late_policy_call_still_sends_what_it_asked_of_other_containers(
     assert [u.container_id for u in request.update] == ["other"]
     runtime.reply(update, pb.UpdateContainersResponse())
     assert [n.message for i in notes for n in i.notes] == ["decided late"]
+    await _finish(plugin, runtime, task)
+
+
+# --- input errors, internal errors and bounds -------------------------------------------
+
+
+CONFIGURE = services.PLUGIN_METHODS["Configure"]
+
+
+def test_an_undecodable_configure_fails_open_to_the_policys_events_for_any_runtime() -> None:
+    class CreatesAndUpdatesPods(PolicyBase):
+        def create_container(self, pod: Pod, container: Container) -> Intents:
+            return Intents()
+
+        def update_pod(
+            self, pod: Pod, overhead: Resources | None, resources: Resources | None
+        ) -> Intents:
+            return Intents()
+
+    outcome = dispatch.fail_open(CONFIGURE, None, CreatesAndUpdatesPods())
+    # UPDATE_POD_SANDBOX (v0.10) is left out: a v0.4 runtime would refuse the whole mask
+    assert outcome.events == Event.CREATE_CONTAINER.bit
+    assert pb.ConfigureResponse.FromString(outcome.reply.SerializeToString()).events == (
+        Event.CREATE_CONTAINER.bit
+    )
+    assert outcome.runtime == dispatch.UNKNOWN_RUNTIME
+    assert str(outcome.runtime.nri_version) == "v0.4.0"
+    recording = dispatch.fail_open(CONFIGURE, None, RecordingPolicy())
+    assert recording.events == valid_event_mask(dispatch.UNKNOWN_RUNTIME.nri_version) == 0x7FF
+
+
+def test_sync_collector_bounds_drop_the_partial_state() -> None:
+    chunk = pb.SynchronizeRequest(pods=[_pod()], containers=[_ctr()], more=True)
+    by_chunks = dispatch.SyncCollector(max_chunks=2)
+    assert not by_chunks.add(chunk) and not by_chunks.add(chunk)
+    with pytest.raises(dispatch.SyncOverflow, match="past 2 chunks") as info:
+        by_chunks.add(chunk)
+    assert info.value.limit == "sync_chunks"
+    assert (by_chunks.chunks, by_chunks.pods, by_chunks.containers) == (0, [], [])
+    by_objects = dispatch.SyncCollector(max_objects=3)
+    assert not by_objects.add(chunk)
+    with pytest.raises(dispatch.SyncOverflow, match="past 3 pods and containers") as info:
+        by_objects.add(chunk)
+    assert info.value.limit == "sync_objects" and by_objects.chunks == 0
+    # within the bounds, the last chunk ends the exchange as before
+    assert dispatch.SyncCollector(max_chunks=1).add(pb.SynchronizeRequest())
+
+
+def test_connection_limits_are_validated() -> None:
+    with pytest.raises(PluginSetupError, match="write_high_water"):
+        PluginSettings(write_high_water=2 << 20, write_buffer_max=1 << 20).validate()
+    with pytest.raises(PluginSetupError, match="max_handlers"):
+        PluginSettings(max_requests_in_flight=0).validate()
+    with pytest.raises(PluginSetupError, match="sync_max_chunks"):
+        PluginSettings(sync_max_chunks=0).validate()
+
+
+async def test_an_undecodable_request_logs_one_line_and_its_traceback_only_at_debug(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    plugin, runtime, task = await _start(RecordingPolicy())
+    await runtime.handshake()
+    with caplog.at_level(logging.INFO, "nri_qos.plugin"):
+        sid = runtime.send_payload(services.PLUGIN_SERVICE, "CreateContainer", b"\x0a\xff\xff")
+        assert (await runtime.response(sid)).code == 0
+    (record,) = [r for r in caplog.records if "not a valid" in r.getMessage()]
+    assert record.levelno == logging.WARNING and record.exc_info is None
+    assert record.getMessage() == (
+        f"CreateContainer on stream {sid}: CreateContainer: payload is not a valid "
+        "CreateContainerRequest; replying with no change"
+    )
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, "nri_qos.plugin"):
+        sid = runtime.send_payload(services.PLUGIN_SERVICE, "CreateContainer", b"\x0a\xff\xff")
+        assert (await runtime.response(sid)).code == 0
+    (record,) = [r for r in caplog.records if "not a valid" in r.getMessage()]
+    assert record.exc_info is not None  # the decoder's own words, for whoever debugs it
+    await _finish(plugin, runtime, task)
+
+
+async def test_a_policy_error_keeps_its_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    plugin, runtime, task = await _start(BrokenPolicy())
+    await runtime.handshake()
+    with caplog.at_level(logging.ERROR, "nri_qos.plugin"):
+        await runtime.call(
+            "CreateContainer", pb.CreateContainerRequest(pod=_pod(), container=_ctr())
+        )
+    (record,) = [r for r in caplog.records if "policy raised" in r.getMessage()]
+    assert record.levelno == logging.ERROR and record.exc_info is not None
+    await _finish(plugin, runtime, task)
+
+
+async def test_a_bug_before_the_policy_is_called_still_gets_a_reply(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    plugin, runtime, task = await _start(RecordingPolicy())
+    await runtime.handshake()
+
+    def broken(self: object, timeout_nano: int) -> float:
+        raise ZeroDivisionError("a bug of ours")
+
+    monkeypatch.setattr("nri_plugin.plugin._Session._budget", broken)
+    started = time.monotonic()
+    reply = await runtime.call(
+        "CreateContainer", pb.CreateContainerRequest(pod=_pod(), container=_ctr())
+    )
+    assert reply.code == 0 and reply.payload == b""
+    assert time.monotonic() - started < 1.0  # half the runtime's 2 s deadline
+    assert (
+        metric(plugin.metrics, "nri_qos_fail_open", method="CreateContainer", reason="internal")
+        == 1
+    )
+    await _finish(plugin, runtime, task)
+
+
+async def test_a_failure_while_encoding_the_reply_still_gets_a_reply(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    plugin, runtime, task = await _start(AdjustingPolicy())
+    await runtime.handshake()
+    original = NriConnection.send_response
+    calls: list[int] = []
+
+    def fails_once(self: NriConnection, stream_id: int, payload: bytes = b"") -> bytes:
+        calls.append(stream_id)
+        if len(calls) == 1:
+            raise RuntimeError("a bug of ours")
+        return original(self, stream_id, payload)
+
+    monkeypatch.setattr(NriConnection, "send_response", fails_once)
+    sid = runtime.send("CreateContainer", pb.CreateContainerRequest(pod=_pod(), container=_ctr()))
+    reply = await runtime.response(sid)
+    # the fail-open reply: no adjustment, and the connection goes on
+    assert reply.code == 0 and reply.payload == b""
+    assert calls == [sid, sid]
+    update = await runtime.expect_call("UpdateContainers")  # what it asked of others stands
+    runtime.reply(update, pb.UpdateContainersResponse())
     await _finish(plugin, runtime, task)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path, PurePosixPath
 
+from isolation import inflight
 from isolation.cgroups.errors import (
     CgroupBusy,
     CgroupError,
@@ -183,6 +184,7 @@ class _CgroupAccess:
     # ----------------------------------------------------------------- raw I/O
 
     def _read(self, path: Path) -> str:
+        inflight.touching(path)
         try:
             return path.read_text()
         except OSError as exc:
@@ -193,6 +195,7 @@ class _CgroupAccess:
         if self.dry_run:
             self.planned.append(record)
             return record
+        inflight.touching(path)
         # One write(2) per value, like `echo v > file`: cgroupfs and procfs ignore the
         # truncation, and without O_CREAT a missing file is ENOENT (O_CREAT gives EACCES).
         try:

@@ -5,7 +5,9 @@ Rules:
   `ControllerUnavailable` with a sentence saying what is missing and what to do.
 * A hook gets one intent of its domain and returns a one-line outcome for the decision
   events; it may raise anything — the registry catches it per intent, records it with the
-  controller's name, and goes on with the next intent.
+  controller's name, and goes on with the next intent. `RefusedAction` (the target is
+  not provably the container's) is a decision, reported as "refused"; a `HostError` whose
+  errno may pass (`TRANSIENT_ERRNOS`) is marked for retry; anything else is final.
 * `Controllers.apply` is synchronous and runs in the host thread (`executor`); it never
   runs on the path that answers the runtime.
 """
@@ -17,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+from isolation.errors import TRANSIENT_ERRNOS, HostError, RefusedAction
 from nri_plugin.policy.intents import HostIntent, Note, Phase, Severity
 
 log = logging.getLogger("nri_qos.control")
@@ -81,7 +84,16 @@ class ControllerStatus:
     reason: str = "not started"
     applied: int = 0
     failed: int = 0
+    refused: int = 0
     last_error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """The outcome of one intent: its note (if any), and whether a failure may pass."""
+
+    note: Note | None
+    retry: bool = False
 
 
 class Controllers:
@@ -129,7 +141,7 @@ class Controllers:
         """Run each intent's hook on its domain's controller, in order; one note each."""
         notes = []
         for intent in intents:
-            note = self._apply_one(intent)
+            note = self.apply_one(intent).note
             if note is not None:
                 notes.append(note)
         return notes
@@ -137,25 +149,28 @@ class Controllers:
     def status(self) -> list[ControllerStatus]:
         return list(self._status.values())
 
-    def _apply_one(self, intent: HostIntent) -> Note | None:
+    def apply_one(self, intent: HostIntent) -> Applied:
+        """Run one intent's hook; never raises."""
         subject = intent.container.name or intent.container.id
         controller = self._by_domain.get(intent.domain)
         status = self._status.get(intent.domain)
         if controller is None or status is None:
             why = f"no controller applies domain {intent.domain!r}: {intent.phase} not applied"
-            return Note("host", subject, why, Severity.WARNING)
+            return Applied(Note("host", subject, why, Severity.WARNING))
         if not status.enabled:
-            return None  # disabled at start, with a note then
+            return Applied(None)  # disabled at start, with a note then
         try:
             outcome = controller.hook(intent.phase)(intent)
+        except RefusedAction as exc:
+            status.refused += 1
+            why = f"{controller.name} {intent.phase} refused: {exc}"
+            return Applied(Note("refused", subject, why, Severity.WARNING))
         except Exception as exc:
             status.failed += 1
             status.last_error = f"{type(exc).__name__}: {exc}"
-            return Note(
-                "host",
-                subject,
-                f"{controller.name} {intent.phase} failed: {status.last_error}",
-                Severity.ERROR if controller.mode is Mode.REQUIRED else Severity.WARNING,
-            )
+            severity = Severity.ERROR if controller.mode is Mode.REQUIRED else Severity.WARNING
+            why = f"{controller.name} {intent.phase} failed: {status.last_error}"
+            transient = isinstance(exc, HostError) and exc.errno in TRANSIENT_ERRNOS
+            return Applied(Note("host", subject, why, severity), retry=transient)
         status.applied += 1
-        return Note("host", subject, outcome) if outcome else None
+        return Applied(Note("host", subject, outcome) if outcome else None)

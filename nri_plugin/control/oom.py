@@ -38,5 +38,5 @@ class OomController(Controller):
             raise TypeError(f"the oom controller cannot apply {type(intent).__name__}")
         ref = intent.container
         return self.host.set_oom_score_adj(
-            ref.cgroups_path, ref.pid, intent.value, ref.name or ref.id
+            ref.cgroups_path, ref.id, ref.pid, intent.value, ref.name or ref.id
         )

@@ -21,9 +21,11 @@ then silently never applied.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from typing import Concatenate, ParamSpec, TypeVar
 
 from nri_plugin.policy.incremental import Planner, PlanStep
 from nri_plugin.policy.intents import (
@@ -69,6 +71,7 @@ from qos_model.containers import (
 )
 from qos_model.cpulist import CpuListError, format_cpu_list, parse_cpu_list
 from qos_model.runtime import RuntimeInfo
+from qos_model.text import NAME_LIMIT, clip
 from qos_model.topology import Topology
 
 
@@ -112,6 +115,29 @@ class Step:
     plan: NodePlan
     diff: Mapping[str, tuple[FieldChange, ...]]
     intents: Intents
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _recovering(
+    method: Callable[Concatenate[Engine, _P], _R],
+) -> Callable[Concatenate[Engine, _P], _R]:
+    """A step that raises half-way (a bug, or input nothing anticipated) must not leave
+    the container table and the planner disagreeing: every later event would trip on it.
+    The planner is rebuilt from the table (or both start empty if even that fails) and
+    the error goes on to the caller, which fails open for that one request."""
+
+    @functools.wraps(method)
+    def step(self: Engine, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(self, *args, **kwargs)
+        except Exception:
+            self._recover()
+            raise
+
+    return step
 
 
 class Engine:
@@ -166,6 +192,7 @@ class Engine:
 
     # --- runtime events -------------------------------------------------------------------
 
+    @_recovering
     def synchronize(self, pods: Sequence[Pod], containers: Sequence[Container]) -> Step:
         self.table.clear()
         self._noted.clear()
@@ -196,14 +223,17 @@ class Engine:
         intents = Intents(reply_updates=tuple(updates), host=tuple(host), notes=tuple(notes))
         return self._step(_diff(planned), intents)
 
+    @_recovering
     def pod_started(self, pod: Pod) -> Step:
         self.table.pods[pod.id] = pod
         return self._step({}, NO_INTENTS)
 
+    @_recovering
     def pod_removed(self, pod: Pod) -> Step:
         self.table.pods.pop(pod.id, None)
         return self._forget(self.table.of_pod(pod.id))
 
+    @_recovering
     def container_created(self, pod: Pod, container: Container) -> Step:
         self.table.pods.setdefault(pod.id, pod)
         notes: list[Note] = []
@@ -221,6 +251,7 @@ class Engine:
         intents = Intents(adjustment=adjustment, notes=tuple(notes)) + others
         return self._step(diff, intents)
 
+    @_recovering
     def container_started(self, pod: Pod, container: Container) -> Step:
         record = self.table.get(container.id)
         if record is None:
@@ -235,6 +266,7 @@ class Engine:
         intent = self._oom_intent(Phase.POST_START, container, plan)
         return self._step({}, Intents(host=(intent,)))
 
+    @_recovering
     def container_updated(
         self, pod: Pod, container: Container, requested: Resources | None
     ) -> Step:
@@ -252,9 +284,11 @@ class Engine:
         diff = _diff(planned)
         return self._step(diff, own + self._route(planned, diff, skip_runtime=container.id))
 
+    @_recovering
     def container_stopped(self, pod: Pod, container: Container) -> Step:
         return self._forget([container.id])
 
+    @_recovering
     def usage_sampled(self, usage: UsageSample) -> Step:
         """New online CPU usage: resize the reclaimed pool."""
         planned = self.planner.set_usage(usage)
@@ -265,6 +299,14 @@ class Engine:
 
     def _runtime_sets_oom(self) -> bool:
         return self.runtime is not None and self.runtime.capabilities.applies_oom_score_adj
+
+    def _recover(self) -> None:
+        try:
+            self.planner.rebuild([_workload(r) for r in self.table], self.planner.usage)
+        except Exception:
+            self.table.clear()
+            self._noted.clear()
+            self.planner.rebuild([], None)
 
     def _plan_of(self, container_id: str) -> ContainerPlan:
         plan = self.planner.get(container_id)
@@ -280,10 +322,13 @@ class Engine:
 
     def _classify(self, pod: Pod, container: Container, notes: list[Note]) -> Classification:
         c = classify(pod, container, self.config.qos)
-        subject = f"{pod.namespace}/{pod.name}/{container.name}"
+        subject = clip(f"{pod.namespace}/{pod.name}/{container.name}", NAME_LIMIT)
         for w in c.warnings:
             scope = f"[{w.field}]" if w.field else ""
-            text = f"annotation {w.key}{scope}={w.value!r}: {w.reason}; using {w.default}"
+            text = (
+                f"annotation {clip(w.key, 120)}{scope}={clip(repr(w.value))}: "
+                f"{clip(w.reason)}; using {w.default}"
+            )
             self._note_once(
                 container.id, Note("classification", subject, text, Severity.WARNING), notes
             )

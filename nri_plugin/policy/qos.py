@@ -214,10 +214,15 @@ def _scoped_keys(key: str, name: str) -> tuple[tuple[str, bool], ...]:
         bases = scoped_key_bases(key)
         scoped = [(f"{b}{SCOPE_CONTAINER}{name}", True) for b in bases] if name else []
         pod = [(f"{b}{SCOPE_POD}", False) for b in bases]
-        if len(_SCOPED_KEYS) > 4096:
-            _SCOPED_KEYS.clear()
-        found = _SCOPED_KEYS[(key, name)] = (*scoped, *pod, (key, False))
+        found = (*scoped, *pod, (key, False))
+        if len(name) <= _MEMO_NAME_MAX:  # names are input: never keep a huge one
+            if len(_SCOPED_KEYS) > 4096:
+                _SCOPED_KEYS.clear()
+            _SCOPED_KEYS[(key, name)] = found
     return found
+
+
+_MEMO_NAME_MAX = 253  # a Kubernetes name is at most this long
 
 
 class _Lookup:

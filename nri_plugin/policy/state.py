@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 
 from nri_plugin.policy.qos import Classification
 from qos_model.containers import Container, Pod
+from qos_model.text import NAME_LIMIT, clip
 
 ORIGINAL_ANNOTATION = "nri-qos.io/original"
 """JSON of the kubelet's own values we override: {"oom_score_adj": n, "cpu_shares": n}."""
@@ -65,10 +66,11 @@ class ContainerTable:
         self._by_pod.clear()
 
     def name_for(self, container: Container) -> str:
+        """ "namespace/pod/container", for people: clipped, since all three are input."""
         pod = self.pods.get(container.pod_id)
         if pod is None:
-            return f"{container.pod_id}/{container.name}"
-        return f"{pod.namespace}/{pod.name}/{container.name}"
+            return clip(f"{container.pod_id}/{container.name}", NAME_LIMIT)
+        return clip(f"{pod.namespace}/{pod.name}/{container.name}", NAME_LIMIT)
 
     def admit(self, container: Container, classification: Classification) -> ContainerRecord:
         """A new record, last in arrival order (a known id keeps its place)."""
@@ -134,9 +136,10 @@ def _originals(raw: str) -> tuple[int | None, int | None]:
         if not isinstance(original, dict):
             original = {}
         found = (_int(original.get("oom_score_adj")), _int(original.get("cpu_shares")))
-        if len(_ORIGINALS) >= 1024:
-            _ORIGINALS.clear()
-        _ORIGINALS[raw] = found
+        if len(raw) <= 256:  # ours is ~40 bytes; a huge text is input, not worth keeping
+            if len(_ORIGINALS) >= 1024:
+                _ORIGINALS.clear()
+            _ORIGINALS[raw] = found
     return found
 
 

@@ -17,7 +17,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from nri_plugin.protocol import mux, ttrpc
-from nri_plugin.protocol.errors import Code, LocalProtocolError, RemoteProtocolError
+from nri_plugin.protocol.errors import (
+    Code,
+    LocalProtocolError,
+    MessageTooLarge,
+    RemoteProtocolError,
+)
 
 
 class Role(Enum):
@@ -114,29 +119,24 @@ class NriConnection:
     @property
     def has_partial_message(self) -> bool:
         """True when the stream stopped inside a frame: EOF now means a truncated peer."""
-        return (
-            self._mux.in_frame or self._serve_reader.buffered > 0 or self._call_reader.buffered > 0
-        )
+        return self._mux.in_frame or self._serve_reader.in_message or self._call_reader.in_message
 
     def _on_served_frame(self, frame: ttrpc.Frame | ttrpc.OversizedFrame) -> list[Event]:
+        """A frame on the conn we serve, checked in the order Go's ttrpc server does:
+        an oversized message is refused before its id is looked at (Go's reader fails
+        first) and consumes no id; then the id must be odd (0 is even) and increase."""
         if frame.type is not ttrpc.MessageType.REQUEST:
             self.stats.ignored_frames += 1
             return []
         sid = frame.stream_id
+        if isinstance(frame, ttrpc.OversizedFrame):
+            too_large = MessageTooLarge(frame.length, ttrpc.MAX_DATA)
+            return [BadRequest(sid, too_large.code, str(too_large))]
         if sid % 2 == 0:
             return [BadRequest(sid, Code.INVALID_ARGUMENT, _EVEN_ID)]
         if sid <= self._last_served_id:
             return [BadRequest(sid, Code.INVALID_ARGUMENT, _REUSED_ID)]
         self._last_served_id = sid
-        if isinstance(frame, ttrpc.OversizedFrame):
-            return [
-                BadRequest(
-                    sid,
-                    Code.RESOURCE_EXHAUSTED,
-                    f"message length {frame.length} exceed maximum message size of "
-                    f"{ttrpc.MAX_DATA}",
-                )
-            ]
         try:
             req = ttrpc.decode_request(frame)
         except RemoteProtocolError as exc:
@@ -195,19 +195,31 @@ class NriConnection:
         self._calls.pending.discard(stream_id)
 
     def send_response(self, stream_id: int, payload: bytes = b"") -> bytes:
-        self._check_served(stream_id)
+        """A successful reply. Raises MessageTooLarge when the payload does not fit a ttrpc
+        message; nothing is consumed, so the caller can still answer with something else."""
+        _check_stream_id(stream_id, lowest=1)
         return mux.encode_message(self.role.serve_conn, ttrpc.encode_response(stream_id, payload))
 
     def send_error(self, stream_id: int, code: int, message: str) -> bytes:
-        self._check_served(stream_id)
+        """An error reply. Any id the wire can carry is allowed, 0 included: like Go's
+        server we answer a refused request on the id it came with, whatever that was, so
+        the peer learns which request failed and the connection stays up. A message
+        longer than MAX_ERROR_MESSAGE characters is clipped, so an error reply always fits
+        (the text may quote the peer's own input, e.g. a method name of megabytes)."""
+        _check_stream_id(stream_id, lowest=0)
+        if len(message) > MAX_ERROR_MESSAGE:
+            message = message[: MAX_ERROR_MESSAGE - 3] + "..."
         frame = ttrpc.encode_error(stream_id, code, message)
         return mux.encode_message(self.role.serve_conn, frame)
 
-    @staticmethod
-    def _check_served(stream_id: int) -> None:
-        if not 0 < stream_id <= 0xFFFFFFFF:
-            raise LocalProtocolError(f"stream id {stream_id} is out of range")
 
+def _check_stream_id(stream_id: int, lowest: int) -> None:
+    if not lowest <= stream_id <= 0xFFFFFFFF:
+        raise LocalProtocolError(f"stream id {stream_id} is out of range")
+
+
+# Error texts are for logs; this keeps every error reply far below ttrpc's 4 MiB limit.
+MAX_ERROR_MESSAGE = 4096
 
 _EVEN_ID = "StreamID must be odd for client initiated streams"
 _REUSED_ID = "StreamID cannot be re-used and must increment"

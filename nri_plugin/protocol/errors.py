@@ -49,6 +49,22 @@ class LocalProtocolError(ProtocolError):
     """We tried to send something the protocol does not allow."""
 
 
+class MessageTooLarge(LocalProtocolError):
+    """A message we built is over ttrpc's size limit, so no Go peer would accept it.
+
+    The text is Go's (ttrpc's OversizedMessageErr), so it can go to the peer as is; the
+    sizes are kept for the log line and for deciding on a smaller answer.
+    """
+
+    def __init__(self, length: int, limit: int) -> None:
+        super().__init__(
+            f"message length {length} exceed maximum message size of {limit}",
+            Code.RESOURCE_EXHAUSTED,
+        )
+        self.length = length
+        self.limit = limit
+
+
 class RpcError(Exception):
     """A call completed with a non-OK status from the peer."""
 

@@ -16,7 +16,7 @@ from enum import IntEnum
 from google.protobuf.message import DecodeError
 
 from nri_plugin.protocol import ttrpc_pb2
-from nri_plugin.protocol.errors import Code, LocalProtocolError, RemoteProtocolError
+from nri_plugin.protocol.errors import MessageTooLarge, RemoteProtocolError
 
 HEADER = struct.Struct(">IIBB")
 HEADER_SIZE = HEADER.size  # 10
@@ -51,12 +51,10 @@ class OversizedFrame:
 
 
 def encode_frame(stream_id: int, msg_type: MessageType, data: bytes, flags: int = 0) -> bytes:
+    """One whole frame. Raises MessageTooLarge (a LocalProtocolError) over MAX_DATA, which
+    every NRI runtime enforces, rather than send what the peer would refuse."""
     if len(data) > MAX_DATA:
-        raise LocalProtocolError(
-            f"ttrpc message of {len(data)} bytes exceeds the {MAX_DATA}-byte limit "
-            "every NRI runtime enforces",
-            Code.RESOURCE_EXHAUSTED,
-        )
+        raise MessageTooLarge(len(data), MAX_DATA)
     return HEADER.pack(len(data), stream_id, msg_type, flags) + data
 
 
@@ -69,7 +67,14 @@ class FrameReader:
 
     @property
     def buffered(self) -> int:
+        """Bytes held in memory (of a frame not yet complete)."""
         return len(self._buf)
+
+    @property
+    def in_message(self) -> bool:
+        """True when the stream stopped inside a frame: one partly buffered, or an
+        oversized one whose bytes are still being skipped."""
+        return bool(self._buf) or self._discard > 0
 
     def feed(self, data: bytes) -> list[Frame | OversizedFrame]:
         """Add bytes; return every frame they complete (possibly none)."""

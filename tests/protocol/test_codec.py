@@ -11,13 +11,20 @@ from hypothesis import strategies as st
 
 from nri_plugin.protocol import mux, nri_pb2, ttrpc
 from nri_plugin.protocol.connection import (
+    MAX_ERROR_MESSAGE,
     BadRequest,
     NriConnection,
     RequestReceived,
     ResponseReceived,
     Role,
 )
-from nri_plugin.protocol.errors import Code, LocalProtocolError, ProtocolError, RemoteProtocolError
+from nri_plugin.protocol.errors import (
+    Code,
+    LocalProtocolError,
+    MessageTooLarge,
+    ProtocolError,
+    RemoteProtocolError,
+)
 from nri_plugin.protocol.services import PLUGIN_SERVICE, RUNTIME_SERVICE
 
 
@@ -113,6 +120,44 @@ def test_tv3_server_refuses_even_and_reused_stream_ids_like_go() -> None:
     )
     # the replies carry Go's exact words (TV3: "... 0a35 0803 1231 ...")
     assert conn.send_error(4, Code.INVALID_ARGUMENT, events[1].message)[18:22] == h("0a35 0803")
+
+
+def test_stream_id_zero_is_refused_and_answered_on_id_zero_like_go() -> None:
+    """Go's server checks `StreamID%2 != 1` first, so 0 is "even" and answered on 0."""
+    conn = NriConnection(Role.PLUGIN)
+    (event,) = conn.receive_data(_runtime_call(0, "CreateContainer"))
+    assert event == BadRequest(
+        0, Code.INVALID_ARGUMENT, "StreamID must be odd for client initiated streams"
+    )
+    reply = conn.send_error(event.stream_id, event.code, event.message)
+    assert reply[:24] == h("00000001 00000041 00000037 00000000 02 00 0a35 0803 1231")
+    # the refusal consumed nothing: the runtime's first real call is still served
+    (ok,) = conn.receive_data(_runtime_call(1, "Configure"))
+    assert isinstance(ok, RequestReceived) and ok.stream_id == 1
+    with pytest.raises(LocalProtocolError):
+        conn.send_response(0)  # a success on an id we never served is our bug
+
+
+def test_the_largest_stream_id_the_wire_carries_is_served() -> None:
+    conn = NriConnection(Role.PLUGIN)
+    (event,) = conn.receive_data(_runtime_call(0xFFFFFFFF, "Configure"))
+    assert isinstance(event, RequestReceived)
+    assert conn.send_response(0xFFFFFFFF)[8:18] == h("00000000 ffffffff 02 00")
+    (again,) = conn.receive_data(_runtime_call(0xFFFFFFFF, "Configure"))
+    assert isinstance(again, BadRequest) and "re-used" in again.message
+    with pytest.raises(LocalProtocolError, match="out of range"):
+        conn.send_error(1 << 32, Code.INVALID_ARGUMENT, "no such id on the wire")
+
+
+def test_an_error_reply_always_fits_even_quoting_huge_input() -> None:
+    conn = NriConnection(Role.PLUGIN)
+    data = conn.send_error(1, Code.UNIMPLEMENTED, "method " + "M" * ttrpc.MAX_DATA)
+    message = b"".join(chunk for _, chunk in mux.MuxReader([1]).feed(data))
+    (frame,) = ttrpc.FrameReader().feed(message)
+    assert isinstance(frame, ttrpc.Frame)
+    response = ttrpc.decode_response(frame)
+    assert len(response.status.message) == MAX_ERROR_MESSAGE
+    assert response.status.message.endswith("...")
 
 
 def test_tv4_create_container_response() -> None:
@@ -211,6 +256,20 @@ def test_oversized_request_is_answered_resource_exhausted() -> None:
     events = conn.receive_data(data)
     assert len(events) == 1 and isinstance(events[0], BadRequest)
     assert events[0].code == Code.RESOURCE_EXHAUSTED
+    assert events[0].message == "message length 4194309 exceed maximum message size of 4194304"
+
+
+def test_oversized_request_is_refused_before_its_id_is_checked_and_uses_no_id() -> None:
+    """Go's reader fails on the length before the server looks at the id."""
+    conn = NriConnection(Role.PLUGIN)
+    for sid in (0, 4, 7):
+        header = ttrpc.HEADER.pack(ttrpc.MAX_DATA + 1, sid, ttrpc.MessageType.REQUEST, 0)
+        frame = header + bytes(ttrpc.MAX_DATA + 1)
+        (event,) = conn.receive_data(mux.HEADER.pack(1, len(frame)) + frame)
+        assert isinstance(event, BadRequest)
+        assert (event.stream_id, event.code) == (sid, Code.RESOURCE_EXHAUSTED)
+    (ok,) = conn.receive_data(_runtime_call(7, "Configure"))
+    assert isinstance(ok, RequestReceived)
 
 
 def test_unknown_message_type_is_a_remote_error_and_sticks() -> None:
@@ -223,9 +282,16 @@ def test_unknown_message_type_is_a_remote_error_and_sticks() -> None:
 
 
 def test_too_large_to_send_is_a_local_error() -> None:
-    with pytest.raises(LocalProtocolError) as info:
+    with pytest.raises(MessageTooLarge) as info:
         ttrpc.encode_response(1, bytes(ttrpc.MAX_DATA))
+    assert isinstance(info.value, LocalProtocolError)
     assert info.value.code == Code.RESOURCE_EXHAUSTED
+    assert (info.value.length, info.value.limit) == (ttrpc.MAX_DATA + 5, ttrpc.MAX_DATA)
+    assert str(info.value) == (  # Go's OversizedMessageErr text, fit to send to the peer
+        "message length 4194309 exceed maximum message size of 4194304"
+    )
+    with pytest.raises(MessageTooLarge):
+        NriConnection(Role.PLUGIN).send_response(1, bytes(ttrpc.MAX_DATA))
 
 
 def test_garbage_envelope_gets_invalid_argument_and_connection_survives() -> None:
@@ -321,6 +387,8 @@ def test_garbage_never_hangs_or_raises_anything_but_protocol_errors(
             events = conn.receive_data(data[pos : pos + cut])
             for event in events:
                 assert isinstance(event, (RequestReceived, ResponseReceived, BadRequest))
+                if isinstance(event, BadRequest):  # every refusal can be answered
+                    conn.send_error(event.stream_id, event.code, event.message)
             pos += cut
     except ProtocolError:
         pass
@@ -336,3 +404,11 @@ def test_garbage_payload_decodes_or_raises_protocol_error(payload: bytes) -> Non
     for method in services.PLUGIN_METHODS.values():
         with contextlib.suppress(ProtocolError):
             services.decode(method.request, payload, method.name)
+
+
+def test_a_stream_that_ends_inside_an_oversized_message_is_truncated_not_clean() -> None:
+    conn = NriConnection(Role.PLUGIN)
+    size = ttrpc.MAX_DATA + 1
+    header = ttrpc.HEADER.pack(size, 7, ttrpc.MessageType.REQUEST, 0)
+    conn.receive_data(mux.encode_message(mux.PLUGIN_SERVICE_CONN, header + bytes(100)))
+    assert conn.has_partial_message  # still skipping: EOF now is a truncated peer
