@@ -25,33 +25,27 @@ import logging
 import random
 import re
 import socket
-import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
-
-from google.protobuf.message import Message
+from typing import TypeVar
 
 from nri_plugin import dispatch
-from nri_plugin.channel import ChannelLimits, Ending, NriChannel
+from nri_plugin.channel import ChannelLimits, NriChannel
 from nri_plugin.metrics import Metrics
 from nri_plugin.policy.api import PolicyBase
 from nri_plugin.policy.intents import Intents
-from nri_plugin.protocol import convert, services
-from nri_plugin.protocol import nri_pb2 as pb
-from nri_plugin.protocol.connection import BadRequest, RequestReceived, ResponseReceived, Role
-from nri_plugin.protocol.errors import Code, MessageTooLarge, ProtocolError, RpcError
-from qos_model.containers import BulkUpdate, Update, flat_updates
+from nri_plugin.session import NRI_VERSION as NRI_VERSION
+from nri_plugin.session import Session
+from nri_plugin.session import SessionEnd as SessionEnd
+from qos_model.containers import BulkUpdate, Update
 from qos_model.runtime import RuntimeInfo
 
 log = logging.getLogger("nri_qos.plugin")
 _R = TypeVar("_R")
 
 DEFAULT_SOCKET = Path("/var/run/nri/nri.sock")
-# The protocol level we implement; runtimes log it, none reject on it.
-NRI_VERSION = "v0.12.2"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
 _IDX_RE = re.compile(r"^[0-9]{2}$")
 
@@ -164,12 +158,6 @@ class Backoff:
         self._next = self.initial
 
 
-@dataclass(frozen=True, slots=True)
-class SessionEnd:
-    configured: bool  # did the runtime get as far as Configure?
-    reason: str
-
-
 async def connect_unix(path: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     try:
         return await asyncio.open_unix_connection(str(path))
@@ -203,8 +191,8 @@ class NriPlugin:
         self.settings = settings
         self.metrics = metrics if metrics is not None else Metrics()
         self.on_intents = on_intents
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nri-policy")
-        self._session: _Session | None = None
+        self.policy_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nri-policy")
+        self._session: Session | None = None
         self._stopping = asyncio.Event()
         self.configured = asyncio.Event()  # set while a runtime connection is configured
         # set when a connection ends (cleared when the next one starts): what waits for a
@@ -222,7 +210,7 @@ class NriPlugin:
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> SessionEnd:
         """Serve one runtime connection until it ends."""
-        session = _Session(self, reader, writer)
+        session = Session(self, reader, writer)
         self._session = session
         self.disconnected.clear()
         try:
@@ -232,7 +220,7 @@ class NriPlugin:
             self.configured.clear()
             self.disconnected.set()
             await asyncio.get_running_loop().run_in_executor(
-                self._executor, self.policy.disconnected
+                self.policy_thread, self.policy.disconnected
             )
 
     async def run(self, wait_for_runtime: bool = True) -> None:
@@ -281,7 +269,7 @@ class NriPlugin:
     async def in_policy_thread(self, fn: Callable[[], _R]) -> _R:
         """Run `fn` in the policy thread, serialized with every request handler, so
         out-of-band work (e.g. rebalancing on usage) sees a consistent policy state."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        return await asyncio.get_running_loop().run_in_executor(self.policy_thread, fn)
 
     async def update_containers(self, updates: Sequence[Update | BulkUpdate]) -> None:
         """Ask the runtime to change running containers (never call from a policy hook)."""
@@ -297,423 +285,8 @@ class NriPlugin:
 
     def close(self) -> None:
         self.stop()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.policy_thread.shutdown(wait=False, cancel_futures=True)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
-
-
-class _Session:
-    """State of one connection; dropped entirely when the connection ends."""
-
-    def __init__(
-        self, plugin: NriPlugin, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        self.plugin = plugin
-        self.channel = NriChannel(
-            Role.PLUGIN,
-            reader,
-            writer,
-            self._received,
-            on_bad_request=self._refused,
-            on_close=self._closed,
-            limits=plugin.settings.channel_limits,
-        )
-        self.conn = self.channel.conn
-        settings = plugin.settings
-        self.sync = dispatch.SyncCollector(
-            max_chunks=settings.sync_max_chunks, max_objects=settings.sync_max_objects
-        )
-        self.runtime: RuntimeInfo | None = None
-        self.request_timeout = 0.0  # seconds, from Configure (v0.7+)
-        self.tasks: set[asyncio.Task[None]] = set()  # deferred updates; the channel has handlers
-        self.end_reason = "runtime closed the connection"
-        self.configured = False
-
-    # --- lifecycle -------------------------------------------------------------------------
-
-    async def run(self) -> SessionEnd:
-        settings = self.plugin.settings
-        read_task = self.channel.start()
-        register = asyncio.create_task(self._register())
-        configured = asyncio.create_task(self.plugin.configured.wait())
-        # Configure may arrive before the RegisterPlugin reply: the read loop serves it
-        # meanwhile. Wait for both, unless the connection ends first.
-        both: asyncio.Future[Any] = asyncio.gather(register, configured)
-        try:
-            watched: set[asyncio.Future[Any]] = {read_task, both}
-            done, _ = await asyncio.wait(
-                watched,
-                timeout=settings.registration_timeout,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            if not done:
-                self.end_reason = (
-                    "no Configure from the runtime within "
-                    f"{settings.registration_timeout:.1f}s of connecting"
-                )
-            elif not read_task.done():
-                register.result()
-                rt = self.runtime
-                assert rt is not None
-                log.info(
-                    "registered as %s-%s with %s %s (NRI %s: %s)",
-                    settings.idx,
-                    settings.name,
-                    rt.name,
-                    rt.version,
-                    rt.nri_version,
-                    rt.reason,
-                )
-                await read_task
-        except RpcError as exc:
-            self.end_reason = f"runtime refused registration: {exc}"
-            log.error("the runtime refused to register %s-%s: %s", settings.idx, settings.name, exc)
-        except (ConnectionError, TimeoutError, ProtocolError) as exc:
-            self.end_reason = f"registration failed: {exc or type(exc).__name__}"
-        finally:
-            self.close(self.end_reason)
-            for task in (register, configured, both, *self.tasks):
-                task.cancel()
-            await asyncio.gather(both, return_exceptions=True)
-            await self.channel.wait_closed()
-        return SessionEnd(self.configured, self.end_reason)
-
-    def close(self, reason: str) -> None:
-        self.channel.close(reason)
-
-    async def _register(self) -> None:
-        s = self.plugin.settings
-        request = pb.RegisterPluginRequest(
-            plugin_name=s.name, plugin_idx=s.idx, NRI_version=NRI_VERSION
-        )
-        reply = await self.call("RegisterPlugin", request, s.registration_timeout)
-        if reply.code != Code.OK:
-            raise RpcError(reply.code, reply.message)
-
-    # --- reading ---------------------------------------------------------------------------
-
-    def _received(self, event: RequestReceived) -> Coroutine[Any, Any, None]:
-        return self._serve(event, time.monotonic())
-
-    def _refused(self, event: BadRequest) -> None:
-        """The channel answers it; we count and log it."""
-        self.plugin.metrics.protocol_errors.labels("bad_request").inc()
-        log.warning("refusing request on stream %d: %s", event.stream_id, event.message)
-
-    def _closed(self, ending: Ending, reason: str) -> None:
-        """The first reason the connection ended is the session's; a broken stream counts,
-        and so does a bound the runtime made us hit (said once, here)."""
-        self.end_reason = reason
-        metrics = self.plugin.metrics
-        if ending is Ending.TRUNCATED:
-            metrics.protocol_errors.labels("truncated").inc()
-        elif ending is Ending.CORRUPT:
-            metrics.protocol_errors.labels("corrupt").inc()
-            log.error("runtime sent corrupt data, dropping the connection (%s)", reason)
-        elif ending in _OVERLOAD_LIMITS:
-            metrics.overload.labels(_OVERLOAD_LIMITS[ending]).inc()
-            log.error("closing the runtime connection: %s", reason)
-
-    # --- serving ---------------------------------------------------------------------------
-
-    def _budget(self, timeout_nano: int) -> float:
-        s = self.plugin.settings
-        remaining = timeout_nano / 1e9 if timeout_nano > 0 else self.request_timeout
-        if remaining <= 0:
-            return s.handler_budget
-        return max(0.001, min(s.handler_budget, remaining * s.deadline_fraction))
-
-    async def _serve(self, event: RequestReceived, received: float) -> None:
-        """Answer one request, whatever happens on the way: a policy that is late or
-        raises, a payload that does not decode, a reply too large to send, or a bug of
-        ours all end in a reply that changes nothing. The one exception is a split
-        Synchronize past its bounds, which ends the connection."""
-        method = services.lookup(event.service, event.method)
-        if method is None or event.service != services.PLUGIN_SERVICE:
-            self._unimplemented(event)
-            return
-        name = method.name
-        self.plugin.metrics.requests.labels(name).inc()
-        try:
-            decision = await self._decide(method, event)
-        except dispatch.SyncOverflow as exc:
-            self._sync_overflowed(exc, event.stream_id)
-            return
-        except Exception as exc:
-            decision = self._internal_error(method, event.stream_id, exc)
-        if not self._answer(event.stream_id, method, decision):
-            self._answer_last_resort(event.stream_id, method)
-        self.plugin.metrics.request_seconds.labels(name).observe(time.monotonic() - received)
-        try:
-            self._after_configure(decision.outcome, decision.request)
-            self._carry_out(decision.outcome.intents)
-        except Exception:
-            log.exception("%s: acting on the reply failed", name)
-        if name == "Shutdown":
-            self.close("runtime sent Shutdown")
-        if decision.late is not None:
-            await self._late(name, decision.late)
-
-    def _unimplemented(self, event: RequestReceived) -> None:
-        """Go's wording; NRI v0.12 runtimes fall back to StateChange on this code."""
-        what = (
-            f"method {event.method}"
-            if event.service == services.PLUGIN_SERVICE
-            else f"service {event.service}"
-        )
-        self._write(self.conn.send_error(event.stream_id, Code.UNIMPLEMENTED, what))
-
-    async def _decide(self, method: services.Method, event: RequestReceived) -> _Decision:
-        """Run the policy under the request's budget; fail open when it is late or fails."""
-        plugin = self.plugin
-        name = method.name
-        budget = self._budget(event.timeout_nano)
-        loop = asyncio.get_running_loop()
-        job = loop.run_in_executor(plugin._executor, self._handle, method, event.payload)
-        # If this handler is cancelled (the connection ended) while the policy thread still
-        # works, nobody awaits the job: mark its outcome seen, or asyncio would log a
-        # failed one as "never retrieved", with a traceback, for a request long gone.
-        job.add_done_callback(_mark_seen)
-        done, _ = await asyncio.wait({job}, timeout=budget)
-        if not done:
-            # The call goes on in the policy thread and its state change stands: what it
-            # asks of others is carried out when it ends (its own reply is gone).
-            plugin.metrics.fail_open.labels(name, "deadline").inc()
-            log.warning(
-                "%s: policy did not answer within %.0f ms; replying with no change "
-                "(the runtime's deadline is %.0f ms)",
-                name,
-                budget * 1000,
-                event.timeout_nano / 1e6,
-            )
-            request = _decode_quietly(method, event.payload)
-            return _Decision(request, dispatch.fail_open(method, request, plugin.policy), job)
-        try:
-            request, outcome = job.result()
-        except _HandlerFailed as exc:
-            self._log_failure(name, event.stream_id, exc)
-            return _Decision(exc.request, dispatch.fail_open(method, exc.request, plugin.policy))
-        return _Decision(request, outcome)
-
-    def _log_failure(self, name: str, stream_id: int, exc: _HandlerFailed) -> None:
-        """An undecodable request is the runtime's input, not our bug: one line, the
-        traceback only at DEBUG. A policy that raised keeps its traceback."""
-        metrics = self.plugin.metrics
-        if exc.request is None:
-            metrics.fail_open.labels(name, "decode").inc()
-            log.warning(
-                "%s on stream %d: %s; replying with no change",
-                name,
-                stream_id,
-                exc.message,
-                exc_info=exc.__cause__ if log.isEnabledFor(logging.DEBUG) else None,
-            )
-        else:
-            metrics.fail_open.labels(name, "error").inc()
-            log.error("%s: %s; replying with no change", name, exc.message, exc_info=exc.__cause__)
-
-    def _internal_error(self, method: services.Method, stream_id: int, exc: Exception) -> _Decision:
-        """A bug between the socket and the policy: still answer, with no change."""
-        self.plugin.metrics.fail_open.labels(method.name, "internal").inc()
-        log.error(
-            "%s on stream %d: internal error; replying with no change",
-            method.name,
-            stream_id,
-            exc_info=exc,
-        )
-        return _Decision(None, dispatch.fail_open(method, None, self.plugin.policy))
-
-    def _answer(self, stream_id: int, method: services.Method, decision: _Decision) -> bool:
-        """Write the reply; False when nothing could be written (then answer otherwise).
-
-        A reply over ttrpc's 4 MiB limit would be refused by the runtime, and an error
-        fails a pod start in containerd: the runtime gets the fail-open reply instead
-        (always small), or RESOURCE_EXHAUSTED in Go's words if even that did not fit."""
-        try:
-            payload = decision.outcome.reply.SerializeToString()
-            try:
-                data = self.conn.send_response(stream_id, payload)
-            except MessageTooLarge as exc:
-                data = self._too_large(stream_id, method, decision.request, exc)
-        except Exception:
-            log.exception("%s on stream %d: encoding the reply failed", method.name, stream_id)
-            return False
-        self._write(data)
-        return True
-
-    def _too_large(
-        self,
-        stream_id: int,
-        method: services.Method,
-        request: Message | None,
-        exc: MessageTooLarge,
-    ) -> bytes:
-        metrics = self.plugin.metrics
-        metrics.protocol_errors.labels("reply_too_large").inc()
-        fallback = dispatch.fail_open(method, request, self.plugin.policy).reply
-        try:
-            data = self.conn.send_response(stream_id, fallback.SerializeToString())
-        except MessageTooLarge:
-            log.error(
-                "%s: the reply is %d bytes, over ttrpc's %d-byte limit, and so is the "
-                "reply with no change; answering RESOURCE_EXHAUSTED",
-                method.name,
-                exc.length,
-                exc.limit,
-            )
-            return self.conn.send_error(stream_id, exc.code, str(exc))
-        metrics.fail_open.labels(method.name, "reply_too_large").inc()
-        log.error(
-            "%s: the reply is %d bytes, over ttrpc's %d-byte limit; replying with no change",
-            method.name,
-            exc.length,
-            exc.limit,
-        )
-        return data
-
-    def _answer_last_resort(self, stream_id: int, method: services.Method) -> None:
-        """When building the reply itself failed: the fail-open reply, else an error."""
-        try:
-            reply = dispatch.fail_open(method, None, self.plugin.policy).reply
-            self._write(self.conn.send_response(stream_id, reply.SerializeToString()))
-        except Exception:
-            log.exception("%s on stream %d: no reply could be built", method.name, stream_id)
-            self._write(self.conn.send_error(stream_id, Code.INTERNAL, "internal error"))
-
-    def _sync_overflowed(self, exc: dispatch.SyncOverflow, stream_id: int | None) -> None:
-        """Too much Synchronize: refuse it and close; the runtime starts over on reconnect."""
-        self.plugin.metrics.overload.labels(exc.limit).inc()
-        reason = f"{exc}; the partial state was dropped"
-        log.error("closing the runtime connection: %s", reason)
-        if stream_id is not None:
-            self._write(self.conn.send_error(stream_id, Code.RESOURCE_EXHAUSTED, str(exc)))
-        self.close(reason)
-
-    def _handle(self, method: services.Method, payload: bytes) -> tuple[Message, dispatch.Outcome]:
-        """Runs in the policy thread: decode, call the policy, build the reply."""
-        try:
-            request = services.decode(method.request, payload, method.name)
-        except ProtocolError as exc:
-            if method.request is pb.SynchronizeRequest:
-                self.sync.reset()  # a split exchange cannot be completed any more
-            raise _HandlerFailed(None, str(exc)) from exc
-        try:
-            return request, dispatch.handle(self.plugin.policy, method, request, self.sync)
-        except dispatch.SyncOverflow:
-            raise
-        except Exception as exc:
-            raise _HandlerFailed(request, f"policy raised {type(exc).__name__}: {exc}") from exc
-
-    def _carry_out(self, intents: Intents) -> None:
-        """After the reply: updates of live containers go out with UpdateContainers (never
-        from inside the event), the rest to the sink (notes, host intents)."""
-        if intents.updates:
-            task = asyncio.create_task(self._send_deferred(intents.updates))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
-        sink = self.plugin.on_intents
-        if sink is not None and (intents.host or intents.notes):
-            try:
-                sink(intents)
-            except Exception:
-                log.exception("carrying out intents failed")
-
-    async def _late(self, name: str, job: _Job) -> None:
-        """A policy call that missed its deadline: the request was answered, but it stays
-        outstanding (and counts against the connection's bound on requests in flight)
-        until the policy thread is done with it; then carry out its other intents."""
-        try:
-            _, outcome = await asyncio.shield(job)
-        except dispatch.SyncOverflow as exc:
-            if not self.channel.closed:
-                self._sync_overflowed(exc, None)
-            return
-        except _HandlerFailed as exc:
-            log.warning("%s: the late policy call failed too: %s", name, exc.message)
-            return
-        if self.channel.closed:
-            return
-        log.info("%s: the late policy call ended; carrying out its other intents", name)
-        self._carry_out(outcome.intents)
-
-    def _after_configure(self, outcome: dispatch.Outcome, request: Message | None) -> None:
-        if outcome.runtime is None:
-            return
-        if isinstance(request, pb.ConfigureRequest) and request.request_timeout > 0:
-            self.request_timeout = request.request_timeout / 1000
-        self.runtime = outcome.runtime
-        self.configured = True
-        self.plugin.configured.set()
-
-    def _write(self, data: bytes) -> None:
-        self.channel.write(data)
-
-    # --- calling the runtime ---------------------------------------------------------------
-
-    async def call(self, method: str, message: Message, timeout: float) -> ResponseReceived:
-        payload = message.SerializeToString()
-        return await self.channel.call(services.RUNTIME_SERVICE, method, payload, timeout)
-
-    async def update_containers(self, updates: Sequence[Update | BulkUpdate]) -> None:
-        request = pb.UpdateContainersRequest()
-        convert.updates_to_pb(updates, request.update)
-        # The runtime serializes this with event processing; allow for one event ahead.
-        timeout = 2 * (self.request_timeout or 2.0) + 1.0
-        metrics = self.plugin.metrics
-        try:
-            reply = await self.call("UpdateContainers", request, timeout)
-        except (TimeoutError, ConnectionError):
-            metrics.update_containers.labels("no_reply").inc()
-            raise
-        if reply.code != Code.OK:
-            metrics.update_containers.labels("failed").inc()
-            raise RpcError(reply.code, reply.message)
-        metrics.update_containers.labels("ok").inc()
-
-    async def _send_deferred(self, updates: Sequence[Update | BulkUpdate]) -> None:
-        try:
-            await self.update_containers(updates)
-        except (RpcError, TimeoutError, ConnectionError) as exc:
-            ids = ", ".join(u.container_id for u in flat_updates(updates))
-            log.warning("UpdateContainers for %s failed: %s", ids, exc or type(exc).__name__)
-
-
-_Job = asyncio.Future[tuple[Message, dispatch.Outcome]]
-
-
-@dataclass(frozen=True, slots=True)
-class _Decision:
-    """What to answer a request with, and what to do after."""
-
-    request: Message | None  # None when it could not be decoded
-    outcome: dispatch.Outcome
-    late: _Job | None = None  # the policy call still running after a fail-open reply
-
-
-# Channel endings that mean the runtime made us hit a bound, as metric labels.
-_OVERLOAD_LIMITS = {
-    Ending.UNREAD_REPLIES: "unread_replies",
-    Ending.WRITE_BUFFER_FULL: "write_buffer",
-    Ending.HANDLERS_STALLED: "requests_in_flight",
-}
-
-
-class _HandlerFailed(Exception):
-    def __init__(self, request: Message | None, message: str) -> None:
-        super().__init__(message)
-        self.request = request
-        self.message = message
-
-
-def _mark_seen(job: asyncio.Future[Any]) -> None:
-    if not job.cancelled():
-        job.exception()
-
-
-def _decode_quietly(method: services.Method, payload: bytes) -> Message | None:
-    try:
-        return services.decode(method.request, payload, method.name)
-    except ProtocolError:
-        return None

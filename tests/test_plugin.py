@@ -625,7 +625,7 @@ async def test_a_bug_before_the_policy_is_called_still_gets_a_reply(
     def broken(self: object, timeout_nano: int) -> float:
         raise ZeroDivisionError("a bug of ours")
 
-    monkeypatch.setattr("nri_plugin.plugin._Session._budget", broken)
+    monkeypatch.setattr("nri_plugin.session.Session._budget", broken)
     started = time.monotonic()
     reply = await runtime.call(
         "CreateContainer", pb.CreateContainerRequest(pod=_pod(), container=_ctr())
