@@ -50,7 +50,7 @@ from tests.fuzz import oracle  # noqa: E402
 from tests.fuzz.endtoend import PluginRun, exchange, run_plugin_input  # noqa: E402
 from tests.fuzz.mutate import KINDS, FuzzInput, captures  # noqa: E402
 from tests.fuzz.oracle import Report, Result, Seen  # noqa: E402
-from tests.snapshots import SnapshotLibrary  # noqa: E402
+from tests.snapshots import plugin_host_root  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -227,23 +227,6 @@ class LiveReport:
     exit_code: int | None = None
 
 
-def _host_root(target: Path) -> Path:
-    """A host root the plugin can start on and cannot harm: a recorded 16-CPU sysfs, an
-    empty cgroup2 tree and a procfs holding only its mountinfo (so no oom_score_adj write
-    can reach a real process, whatever pid or cgroups path an input names)."""
-    root = SnapshotLibrary(target).root("sample1")
-    cgroup = root / "sys" / "fs" / "cgroup"
-    cgroup.mkdir(parents=True, exist_ok=True)
-    (cgroup / "cgroup.controllers").write_text("cpuset cpu io memory hugetlb pids\n")
-    (root / "proc" / "self").mkdir(parents=True, exist_ok=True)
-    mount_point = "".join(f"\\{ord(ch):03o}" if ch in " \t\n\\" else ch for ch in str(cgroup))
-    (root / "proc" / "self" / "mountinfo").write_text(
-        f"35 24 0:30 / {mount_point} rw,nosuid,nodev,noexec,relatime shared:9 - "
-        "cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot\n"
-    )
-    return root
-
-
 def _cap_memory(limit: int) -> None:
     """In the plugin child: cap its address space, so that an input that allocates
     without bound gets MemoryError there (and is seen) instead of taking this machine."""
@@ -296,7 +279,7 @@ async def _live(
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="nri-fuzz-live-") as tmp:
         tmp_path = Path(tmp)
-        root = _host_root(tmp_path / "host")
+        root = plugin_host_root("sample1", tmp_path / "host")
         sock = tmp_path / "nri.sock"
         config = tmp_path / "config.toml"
         config.write_text(

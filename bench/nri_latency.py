@@ -67,7 +67,7 @@ from population import LEVELS, WARMUP, Population, Spec, demo_container, demo_po
 from embedded_runtime import CONTAINERD_2_3, EmbeddedRuntime, InMemoryBackend
 from embedded_runtime.records import Outcome, PluginState
 from qos_model.cpulist import parse_cpu_list
-from tests.snapshots import SNAPSHOTS, SnapshotLibrary
+from tests.snapshots import SNAPSHOTS, plugin_host_root
 
 REPO = Path(__file__).resolve().parent.parent
 REGISTRATION_TIMEOUT = 30.0  # seconds for a plugin child to register, configure and sync
@@ -243,24 +243,6 @@ def _dedicated_exclusive(runtime: EmbeddedRuntime, live: Sequence[Spec]) -> tupl
         1 for cid in dedicated if cpus.get(cid) and all(holders[c] == 1 for c in cpus[cid])
     )
     return exclusive, len(dedicated)
-
-
-def _host_root(snapshot: str, target: Path) -> Path:
-    """A host root for the plugin: the snapshot's sysfs topology, plus what its host adapter
-    needs to start: a procfs with a mountinfo that mounts an empty cgroup2 tree there. No
-    host write is expected (containerd 2.3 applies oom_score_adj itself); one would find
-    no processes, as no container here has any."""
-    root = SnapshotLibrary(target).root(snapshot)
-    cgroup = root / "sys" / "fs" / "cgroup"
-    cgroup.mkdir(parents=True, exist_ok=True)
-    (cgroup / "cgroup.controllers").write_text("cpuset cpu io memory hugetlb pids\n")
-    (root / "proc" / "self").mkdir(parents=True, exist_ok=True)
-    mount_point = "".join(f"\\{ord(ch):03o}" if ch in " \t\n\\" else ch for ch in str(cgroup))
-    (root / "proc" / "self" / "mountinfo").write_text(
-        f"35 24 0:30 / {mount_point} rw,nosuid,nodev,noexec,relatime shared:9 - "
-        "cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot\n"
-    )
-    return root
 
 
 def _logged_errors(log: Path) -> list[str]:
@@ -557,7 +539,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     population = Population.build(args.population, args.samples)
     repeat = max(1, args.repeat)
     with tempfile.TemporaryDirectory(prefix="nri-bench-sysfs-") as tmp:
-        host_root = _host_root(args.sysfs, Path(tmp)) if args.sysfs else None
+        host_root = plugin_host_root(args.sysfs, Path(tmp)) if args.sysfs else None
         runs: dict[tuple[int, str], list[dict[str, Any]]] = {
             (n, p): [] for n in range(len(checkouts)) for p in policies
         }

@@ -77,3 +77,21 @@ class SnapshotLibrary:
             # "data" refuses absolute paths and links leaving the target; the trees only
             # hold relative links such as cpu0/node0 -> ../../node/node0
             tar.extractall(self._target, members=members, filter="data")
+
+
+def plugin_host_root(snapshot: str, target: Path) -> Path:
+    """A host root a plugin process can start on and cannot harm: the snapshot's sysfs
+    topology, an empty cgroup2 tree and a procfs holding only the mountinfo that mounts it
+    (so no host write can reach a real process, whatever pid or cgroups path it is told).
+    For the benchmarks and the fuzzer's live runs."""
+    root = SnapshotLibrary(target).root(snapshot)
+    cgroup = root / "sys" / "fs" / "cgroup"
+    cgroup.mkdir(parents=True, exist_ok=True)
+    (cgroup / "cgroup.controllers").write_text("cpuset cpu io memory hugetlb pids\n")
+    (root / "proc" / "self").mkdir(parents=True, exist_ok=True)
+    mount_point = "".join(f"\\{ord(ch):03o}" if ch in " \t\n\\" else ch for ch in str(cgroup))
+    (root / "proc" / "self" / "mountinfo").write_text(
+        f"35 24 0:30 / {mount_point} rw,nosuid,nodev,noexec,relatime shared:9 - "
+        "cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot\n"
+    )
+    return root
