@@ -72,13 +72,25 @@ _PLUGIN_KEYS: dict[str, tuple[str, Callable[[Any], object]]] = {
 }
 # [host] keys besides root: the limits of host work (`control.executor.HostLimits`).
 _HOST_KEYS: dict[str, tuple[str, Callable[[Any], object]]] = {
-    "io_deadline_ms": ("deadline", lambda v: float(v) / 1000),
-    "io_retries": ("retries", int),
-    "io_retry_delay_ms": ("retry_delay", lambda v: float(v) / 1000),
-    "quarantine_ms": ("quarantine", lambda v: float(v) / 1000),
-    "quarantine_max_ms": ("quarantine_max", lambda v: float(v) / 1000),
-    "max_blocked_threads": ("max_stuck", int),
+    "io_deadline_ms": ("deadline", lambda v: _non_negative(v) / 1000),
+    "io_retries": ("retries", lambda v: int(_non_negative(v, whole=True))),
+    "io_retry_delay_ms": ("retry_delay", lambda v: _non_negative(v) / 1000),
+    "quarantine_ms": ("quarantine", lambda v: _non_negative(v) / 1000),
+    "quarantine_max_ms": ("quarantine_max", lambda v: _non_negative(v) / 1000),
+    "max_blocked_threads": ("max_stuck", lambda v: int(_non_negative(v, whole=True))),
 }
+
+
+def _non_negative(value: object, *, whole: bool = False) -> float:
+    """A TOML number >= 0 (an integer when `whole`); ValueError otherwise. Strict, unlike
+    float() and int(), which would take true or "3"."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(value)
+    if value < 0 or (whole and not isinstance(value, int)):
+        raise ValueError(value)
+    return float(value)
+
+
 _LOG_LEVELS = {"debug", "info", "warning", "error"}
 _KIND_NAMES = {
     int: "an integer",
@@ -130,22 +142,34 @@ def parse_config(text: str, source: str = "<config>") -> Config:
 
 
 def _host_limits(table: dict[str, Any], source: str) -> HostLimits:
-    kwargs: dict[str, Any] = {}
-    for key, value in table.items():
-        if key not in _HOST_KEYS:
-            raise ConfigError(
-                f"{source}: [host] {key} is unknown; allowed: root, {', '.join(sorted(_HOST_KEYS))}"
-            )
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            raise ConfigError(f"{source}: [host] {key} must be a number >= 0, got {value!r}")
-        attr, convert = _HOST_KEYS[key]
-        kwargs[attr] = convert(value)
-    limits = HostLimits(**kwargs)
+    limits = HostLimits(**_converted(table, _HOST_KEYS, "host", source, also=("root",)))
     if limits.deadline <= 0 or limits.max_stuck < 1:
         raise ConfigError(
             f"{source}: [host] io_deadline_ms must be > 0 and max_blocked_threads >= 1"
         )
     return limits
+
+
+def _converted(
+    table: dict[str, Any],
+    keys: dict[str, tuple[str, Callable[[Any], object]]],
+    section: str,
+    source: str,
+    also: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """The table's keys as keyword arguments (attribute name -> converted value), each key
+    known and each value valid, or a ConfigError naming the key."""
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in keys:
+            allowed = sorted([*also, *keys])
+            raise ConfigError(f"{source}: [{section}] has no key {key!r}; allowed: {allowed}")
+        attr, conv = keys[key]
+        try:
+            kwargs[attr] = conv(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}: [{section}] {key} = {value!r} is not valid") from None
+    return kwargs
 
 
 def _check_finite(value: object, source: str, key: str) -> None:
@@ -183,18 +207,7 @@ def _table(raw: dict[str, Any], name: str, source: str) -> dict[str, Any]:
 
 
 def _plugin_settings(table: dict[str, Any], source: str) -> PluginSettings:
-    kwargs: dict[str, Any] = {}
-    for key, value in table.items():
-        if key not in _PLUGIN_KEYS:
-            raise ConfigError(
-                f"{source}: [plugin] has no key {key!r}; allowed: {sorted(_PLUGIN_KEYS)}"
-            )
-        attr, conv = _PLUGIN_KEYS[key]
-        try:
-            kwargs[attr] = conv(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{source}: [plugin] {key} = {value!r} is not valid") from None
-    settings = PluginSettings(**kwargs)
+    settings = PluginSettings(**_converted(table, _PLUGIN_KEYS, "plugin", source))
     try:
         settings.validate()
     except PluginSetupError as exc:

@@ -202,7 +202,8 @@ def test_host_and_connection_limits_are_configurable_and_checked() -> None:
     assert config.host_root == Path("/host")
     assert (config.host_limits.deadline, config.host_limits.max_stuck) == (0.25, 2)
     assert config.host_limits.retries == HostLimits().retries
-    for bad in ("io_deadline_ms = 0", "io_retries = -1", 'io_retries = "3"', "io_timeout = 1"):
+    bad_values = ("io_deadline_ms = 0", "io_retries = -1", "io_retries = 1.5", "io_retries = true")
+    for bad in (*bad_values, 'io_retries = "3"', "io_timeout = 1"):
         with pytest.raises(ConfigError, match=r"\[host\]"):
             parse_config(f"[host]\n{bad}\n")
 
