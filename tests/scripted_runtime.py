@@ -19,6 +19,8 @@ from google.protobuf.message import Message
 
 from nri_plugin.channel import ChannelLimits, NriChannel
 from nri_plugin.metrics import Metrics
+from nri_plugin.plugin import NriPlugin, PluginSettings, SessionEnd
+from nri_plugin.policy.api import PolicyBase
 from nri_plugin.protocol import mux, ttrpc, ttrpc_pb2
 from nri_plugin.protocol import nri_pb2 as pb
 from nri_plugin.protocol.connection import (
@@ -243,3 +245,22 @@ def metric_total(metrics: Metrics, name: str) -> float:
         for sample in family.samples
         if sample.name == f"{name}_total"
     )
+
+
+async def serve_plugin(
+    policy: PolicyBase, **settings: object
+) -> tuple[NriPlugin, ScriptedRuntime, asyncio.Task[SessionEnd]]:
+    """A real NriPlugin serving one connection whose other end is a ScriptedRuntime."""
+    runtime, reader, writer = await ScriptedRuntime.pair()
+    plugin = NriPlugin(policy, PluginSettings(**settings))  # type: ignore[arg-type]
+    return plugin, runtime, asyncio.create_task(plugin.serve(reader, writer))
+
+
+async def end_plugin(
+    plugin: NriPlugin, runtime: ScriptedRuntime, task: asyncio.Task[SessionEnd]
+) -> SessionEnd:
+    """Close the runtime's side; the plugin's session ends (within 5 s) and says why."""
+    await runtime.close()
+    end = await asyncio.wait_for(task, 5)
+    plugin.close()
+    return end

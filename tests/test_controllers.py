@@ -151,11 +151,14 @@ async def test_a_newer_intent_for_the_same_container_supersedes_a_queued_one() -
     executor = HostExecutor(Controllers([OomController(host)]))  # type: ignore[arg-type]
     executor.start()
     try:
+        # one submit queues all three under the executor's lock: the worker sees only
+        # the newest as current
         executor.submit(Intents(host=(oom(100), oom(200), oom(300))))
         await executor.drain()
-        # the worker may have taken the first before the others were queued
         assert [w[2] for w in host.oom_writes][-1] == 300
         assert 200 not in [w[2] for w in host.oom_writes]
+        assert [w[2] for w in host.oom_writes] == [300]
+        assert executor.counts["superseded"] == 2
     finally:
         executor.close()
 

@@ -27,7 +27,7 @@ from nri_plugin.protocol.connection import NriConnection, RequestReceived, Respo
 from nri_plugin.protocol.versions import Event, infer_runtime, valid_event_mask
 from qos_model.containers import Adjustment, Container, CpuResources, Pod, Resources, Update
 from tests.builders import kubelet_shares
-from tests.scripted_runtime import ScriptedRuntime, metric
+from tests.scripted_runtime import ScriptedRuntime, end_plugin, metric, serve_plugin
 
 
 def _pod(pid: str = "pod0") -> pb.PodSandbox:
@@ -44,24 +44,6 @@ def _ctr(cid: str = "ctr0", pod: str = "pod0") -> pb.Container:
             resources=Resources(cpu=CpuResources(shares=kubelet_shares(1000))),
         )
     )
-
-
-async def _start(
-    policy: PolicyBase, **settings: object
-) -> tuple[NriPlugin, ScriptedRuntime, asyncio.Task[object]]:
-    runtime, reader, writer = await ScriptedRuntime.pair()
-    plugin = NriPlugin(policy, PluginSettings(**settings))  # type: ignore[arg-type]
-    task: asyncio.Task[object] = asyncio.create_task(plugin.serve(reader, writer))
-    return plugin, runtime, task
-
-
-async def _finish(
-    plugin: NriPlugin, runtime: ScriptedRuntime, task: asyncio.Task[object]
-) -> object:
-    await runtime.close()
-    end = await asyncio.wait_for(task, 5)
-    plugin.close()
-    return end
 
 
 # --- configuration and subscription ------------------------------------------------------
@@ -120,7 +102,7 @@ def test_backoff_is_capped_exponential_and_resets() -> None:
 
 async def test_configure_before_register_reply_is_served() -> None:
     """containerd may send Configure before its RegisterPlugin reply (protocol doc §3.3)."""
-    plugin, runtime, task = await _start(RecordingPolicy())
+    plugin, runtime, task = await serve_plugin(RecordingPolicy())
     reg = await runtime.expect_call("RegisterPlugin")
     cfg = await runtime.call(
         "Configure", pb.ConfigureRequest(runtime_name="containerd", runtime_version="v1.7.13")
@@ -129,12 +111,12 @@ async def test_configure_before_register_reply_is_served() -> None:
     runtime.reply(reg)
     await asyncio.wait_for(plugin.configured.wait(), 2)
     assert plugin.runtime is not None and str(plugin.runtime.nri_version) == "v0.4.0"
-    end = await _finish(plugin, runtime, task)
+    end = await end_plugin(plugin, runtime, task)
     assert end.configured  # type: ignore[attr-defined]
 
 
 async def test_register_carries_name_index_and_version() -> None:
-    plugin, runtime, task = await _start(RecordingPolicy(), name="qos", idx="07")
+    plugin, runtime, task = await serve_plugin(RecordingPolicy(), name="qos", idx="07")
     registered, configured = await runtime.handshake()
     assert (registered.plugin_name, registered.plugin_idx, registered.NRI_version) == (
         "qos",
@@ -142,11 +124,11 @@ async def test_register_carries_name_index_and_version() -> None:
         "v0.12.2",
     )
     assert configured.events & Event.CREATE_CONTAINER.bit
-    await _finish(plugin, runtime, task)
+    await end_plugin(plugin, runtime, task)
 
 
 async def test_refused_registration_ends_the_session_with_the_reason() -> None:
-    plugin, runtime, task = await _start(RecordingPolicy())
+    plugin, runtime, task = await serve_plugin(RecordingPolicy())
     reg = await runtime.expect_call("RegisterPlugin")
     runtime.reply_error(reg, 2, 'invalid plugin index "5"')
     end = await asyncio.wait_for(task, 5)
@@ -156,7 +138,7 @@ async def test_refused_registration_ends_the_session_with_the_reason() -> None:
 
 
 async def test_no_configure_within_registration_timeout_ends_session() -> None:
-    plugin, runtime, task = await _start(RecordingPolicy(), registration_timeout=0.2)
+    plugin, runtime, task = await serve_plugin(RecordingPolicy(), registration_timeout=0.2)
     reg = await runtime.expect_call("RegisterPlugin")
     runtime.reply(reg)
     end = await asyncio.wait_for(task, 5)
@@ -188,7 +170,7 @@ class BrokenPolicy(RecordingPolicy):
 
 
 async def test_late_policy_fails_open_inside_the_deadline() -> None:
-    plugin, runtime, task = await _start(SlowPolicy(1.0))
+    plugin, runtime, task = await serve_plugin(SlowPolicy(1.0))
     await runtime.handshake()
     started = time.monotonic()
     reply = await runtime.call(
@@ -202,11 +184,11 @@ async def test_late_policy_fails_open_inside_the_deadline() -> None:
         metric(plugin.metrics, "nri_qos_fail_open", method="CreateContainer", reason="deadline")
         == 1
     )
-    await _finish(plugin, runtime, task)
+    await end_plugin(plugin, runtime, task)
 
 
 async def test_raising_policy_fails_open_logs_and_counts(caplog: pytest.LogCaptureFixture) -> None:
-    plugin, runtime, task = await _start(BrokenPolicy())
+    plugin, runtime, task = await serve_plugin(BrokenPolicy())
     await runtime.handshake()
     with caplog.at_level(logging.ERROR, "nri_qos.plugin"):
         reply = await runtime.call(
@@ -217,11 +199,11 @@ async def test_raising_policy_fails_open_logs_and_counts(caplog: pytest.LogCaptu
         metric(plugin.metrics, "nri_qos_fail_open", method="CreateContainer", reason="error") == 1
     )
     assert "policy raised KeyError" in caplog.text
-    await _finish(plugin, runtime, task)
+    await end_plugin(plugin, runtime, task)
 
 
 async def test_undecodable_payload_fails_open() -> None:
-    plugin, runtime, task = await _start(RecordingPolicy())
+    plugin, runtime, task = await serve_plugin(RecordingPolicy())
     await runtime.handshake()
     sid = runtime.send_payload("nri.pkg.api.v1alpha1.Plugin", "CreateContainer", b"\x0a\xff\xff")
     reply = await runtime.response(sid)
@@ -229,7 +211,7 @@ async def test_undecodable_payload_fails_open() -> None:
     assert (
         metric(plugin.metrics, "nri_qos_fail_open", method="CreateContainer", reason="decode") == 1
     )
-    await _finish(plugin, runtime, task)
+    await end_plugin(plugin, runtime, task)
 
 
 async def test_failed_configure_still_subscribes_safely() -> None:
@@ -237,22 +219,22 @@ async def test_failed_configure_still_subscribes_safely() -> None:
         def configure(self, runtime: object, config: str) -> None:  # type: ignore[override]
             raise RuntimeError("bad config")
 
-    plugin, runtime, task = await _start(BadConfigure())
+    plugin, runtime, task = await serve_plugin(BadConfigure())
     _, configured = await runtime.handshake()
     assert configured.events != 0 and configured.events & ~0x3FFF == 0
     assert not configured.events & Event.VALIDATE_CONTAINER_ADJUSTMENT.bit
-    await _finish(plugin, runtime, task)
+    await end_plugin(plugin, runtime, task)
 
 
 async def test_unknown_methods_and_services_get_unimplemented() -> None:
-    plugin, runtime, task = await _start(RecordingPolicy())
+    plugin, runtime, task = await serve_plugin(RecordingPolicy())
     await runtime.handshake()
     reply = await runtime.call("NoSuchMethod", pb.Empty())
     assert (reply.code, reply.message) == (12, "method NoSuchMethod")
     sid = runtime.send_payload("some.Other", "Configure", b"", timeout=0)
     other = await runtime.response(sid)
     assert (other.code, other.message) == (12, "service some.Other")
-    await _finish(plugin, runtime, task)
+    await end_plugin(plugin, runtime, task)
 
 
 # --- events ------------------------------------------------------------------------------
@@ -260,7 +242,7 @@ async def test_unknown_methods_and_services_get_unimplemented() -> None:
 
 async def test_notifications_arrive_the_same_via_statechange_and_dedicated_rpcs() -> None:
     policy = RecordingPolicy()
-    plugin, runtime, task = await _start(policy)
+    plugin, runtime, task = await serve_plugin(policy)
     await runtime.handshake()
     await runtime.call("RunPodSandbox", pb.RunPodSandboxRequest(pod=_pod("p1")))
     await runtime.call("StateChange", pb.StateChangeEvent(event=pb.RUN_POD_SANDBOX, pod=_pod("p2")))
@@ -285,7 +267,7 @@ async def test_notifications_arrive_the_same_via_statechange_and_dedicated_rpcs(
         ("StartContainer", "p2", "c2"),
         ("RemoveContainer", "p1", "c1"),
     ]
-    await _finish(plugin, runtime, task)
+    await end_plugin(plugin, runtime, task)
 
 
 class AdjustingPolicy(RecordingPolicy):
@@ -303,7 +285,7 @@ class AdjustingPolicy(RecordingPolicy):
 
 
 async def test_adjustment_updates_and_deferred_update_containers_after_reply() -> None:
-    plugin, runtime, task = await _start(AdjustingPolicy())
+    plugin, runtime, task = await serve_plugin(AdjustingPolicy())
     await runtime.handshake()
     frames_before = len(runtime.raw_frames)
     sid = runtime.send("CreateContainer", pb.CreateContainerRequest(pod=_pod(), container=_ctr()))
@@ -325,7 +307,7 @@ async def test_adjustment_updates_and_deferred_update_containers_after_reply() -
     runtime.reply(second, pb.UpdateContainersResponse())
     await asyncio.sleep(0.05)
     assert metric(plugin.metrics, "nri_qos_update_containers", result="ok") == 1
-    await _finish(plugin, runtime, task)
+    await end_plugin(plugin, runtime, task)
 
 
 class SyncPolicy(RecordingPolicy):
@@ -337,7 +319,7 @@ class SyncPolicy(RecordingPolicy):
 
 async def test_split_synchronize_is_collected_and_answered_once() -> None:
     policy = SyncPolicy()
-    plugin, runtime, task = await _start(policy)
+    plugin, runtime, task = await serve_plugin(policy)
     reg = await runtime.expect_call("RegisterPlugin")
     runtime.reply(reg)
     await runtime.call(
@@ -363,11 +345,11 @@ async def test_split_synchronize_is_collected_and_answered_once() -> None:
     assert [len(r.update) for r in replies] == [0, 0, 3]
     syncs = [o for o in policy.observations if o.event == "Synchronize"]
     assert len(syncs) == 1 and syncs[0].detail == {"pods": 3, "containers": 3}
-    await _finish(plugin, runtime, task)
+    await end_plugin(plugin, runtime, task)
 
 
 async def test_shutdown_is_answered_then_the_session_ends() -> None:
-    plugin, runtime, task = await _start(RecordingPolicy())
+    plugin, runtime, task = await serve_plugin(RecordingPolicy())
     await runtime.handshake()
     reply = await runtime.call("Shutdown", pb.Empty())
     assert reply.code == 0 and reply.payload == b""
@@ -385,7 +367,7 @@ async def test_policy_runs_in_one_thread_one_call_at_a_time() -> None:
             threads.add(threading.current_thread().name)
             super().run_pod(pod)
 
-    plugin, runtime, task = await _start(ThreadSpy())
+    plugin, runtime, task = await serve_plugin(ThreadSpy())
     await runtime.handshake()
     sids = [
         runtime.send("RunPodSandbox", pb.RunPodSandboxRequest(pod=_pod(f"p{i}"))) for i in range(20)
@@ -393,7 +375,7 @@ async def test_policy_runs_in_one_thread_one_call_at_a_time() -> None:
     got = [await runtime.next_event() for _ in sids]
     assert sorted(e.stream_id for e in got) == sids
     assert len(threads) == 1 and next(iter(threads)).startswith("nri-policy")
-    await _finish(plugin, runtime, task)
+    await end_plugin(plugin, runtime, task)
 
 
 # --- connecting and reconnecting ---------------------------------------------------------
@@ -481,14 +463,14 @@ class HostWriter(RecordingPolicy):
 
 async def test_host_intents_and_notes_go_to_the_sink_after_the_reply() -> None:
     seen: list[Intents] = []
-    plugin, runtime, task = await _start(HostWriter())
+    plugin, runtime, task = await serve_plugin(HostWriter())
     plugin.on_intents = seen.append
     await runtime.handshake()
     await runtime.call("RunPodSandbox", pb.RunPodSandboxRequest(pod=_pod()))
     (intents,) = seen  # Configure and Synchronize asked for nothing: not delivered
     assert [h.domain for h in intents.host] == ["oom"]
     assert [n.message for n in intents.notes] == ["pod seen"]
-    await _finish(plugin, runtime, task)
+    await end_plugin(plugin, runtime, task)
 
 
 def test_the_subscription_is_derived_from_the_hooks_a_policy_overrides() -> None:
@@ -512,7 +494,7 @@ def test_the_subscription_is_derived_from_the_hooks_a_policy_overrides() -> None
 
 async def test_a_late_policy_call_still_sends_what_it_asked_of_other_containers() -> None:
     notes: list[Intents] = []
-    plugin, runtime, task = await _start(SlowPolicy(0.5))
+    plugin, runtime, task = await serve_plugin(SlowPolicy(0.5))
     plugin.on_intents = notes.append
     await runtime.handshake()
     reply = await runtime.call(
@@ -524,7 +506,7 @@ async def test_a_late_policy_call_still_sends_what_it_asked_of_other_containers(
     assert [u.container_id for u in request.update] == ["other"]
     runtime.reply(update, pb.UpdateContainersResponse())
     assert [n.message for i in notes for n in i.notes] == ["decided late"]
-    await _finish(plugin, runtime, task)
+    await end_plugin(plugin, runtime, task)
 
 
 # --- input errors, internal errors and bounds -------------------------------------------
@@ -584,7 +566,7 @@ def test_connection_limits_are_validated() -> None:
 async def test_an_undecodable_request_logs_one_line_and_its_traceback_only_at_debug(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    plugin, runtime, task = await _start(RecordingPolicy())
+    plugin, runtime, task = await serve_plugin(RecordingPolicy())
     await runtime.handshake()
     with caplog.at_level(logging.INFO, "nri_qos.plugin"):
         sid = runtime.send_payload(services.PLUGIN_SERVICE, "CreateContainer", b"\x0a\xff\xff")
@@ -601,11 +583,11 @@ async def test_an_undecodable_request_logs_one_line_and_its_traceback_only_at_de
         assert (await runtime.response(sid)).code == 0
     (record,) = [r for r in caplog.records if "not a valid" in r.getMessage()]
     assert record.exc_info is not None  # the decoder's own words, for whoever debugs it
-    await _finish(plugin, runtime, task)
+    await end_plugin(plugin, runtime, task)
 
 
 async def test_a_policy_error_keeps_its_traceback(caplog: pytest.LogCaptureFixture) -> None:
-    plugin, runtime, task = await _start(BrokenPolicy())
+    plugin, runtime, task = await serve_plugin(BrokenPolicy())
     await runtime.handshake()
     with caplog.at_level(logging.ERROR, "nri_qos.plugin"):
         await runtime.call(
@@ -613,13 +595,13 @@ async def test_a_policy_error_keeps_its_traceback(caplog: pytest.LogCaptureFixtu
         )
     (record,) = [r for r in caplog.records if "policy raised" in r.getMessage()]
     assert record.levelno == logging.ERROR and record.exc_info is not None
-    await _finish(plugin, runtime, task)
+    await end_plugin(plugin, runtime, task)
 
 
 async def test_a_bug_before_the_policy_is_called_still_gets_a_reply(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    plugin, runtime, task = await _start(RecordingPolicy())
+    plugin, runtime, task = await serve_plugin(RecordingPolicy())
     await runtime.handshake()
 
     def broken(self: object, timeout_nano: int) -> float:
@@ -636,13 +618,13 @@ async def test_a_bug_before_the_policy_is_called_still_gets_a_reply(
         metric(plugin.metrics, "nri_qos_fail_open", method="CreateContainer", reason="internal")
         == 1
     )
-    await _finish(plugin, runtime, task)
+    await end_plugin(plugin, runtime, task)
 
 
 async def test_a_failure_while_encoding_the_reply_still_gets_a_reply(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    plugin, runtime, task = await _start(AdjustingPolicy())
+    plugin, runtime, task = await serve_plugin(AdjustingPolicy())
     await runtime.handshake()
     original = NriConnection.send_response
     calls: list[int] = []
@@ -661,4 +643,4 @@ async def test_a_failure_while_encoding_the_reply_still_gets_a_reply(
     assert calls == [sid, sid]
     update = await runtime.expect_call("UpdateContainers")  # what it asked of others stands
     runtime.reply(update, pb.UpdateContainersResponse())
-    await _finish(plugin, runtime, task)
+    await end_plugin(plugin, runtime, task)

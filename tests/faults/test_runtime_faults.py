@@ -20,7 +20,7 @@ import pytest
 from google.protobuf.message import Message
 
 from nri_plugin import dispatch
-from nri_plugin.plugin import NriPlugin, PluginSettings, SessionEnd
+from nri_plugin.plugin import NriPlugin, PluginSettings
 from nri_plugin.policy.api import PolicyBase, RecordingPolicy
 from nri_plugin.policy.intents import Intents
 from nri_plugin.protocol import convert, mux, services, ttrpc, ttrpc_pb2
@@ -30,7 +30,7 @@ from nri_plugin.protocol.errors import Code
 from nri_plugin.protocol.versions import Event, event_mask
 from qos_model.containers import Container, CpuResources, Pod, Resources, Update
 from tests.captures import SESSIONS, TO_PLUGIN
-from tests.scripted_runtime import ScriptedRuntime, metric
+from tests.scripted_runtime import ScriptedRuntime, end_plugin, metric, serve_plugin
 
 # The runtime's request timeout in these tests, as containerd's default; a fail-open reply
 # must come well inside it (the plugin's own budget is half of it).
@@ -62,23 +62,6 @@ def _recorded_create_container() -> bytes:
 CREATE_CONTAINER = _recorded_create_container()
 
 
-async def _start(
-    policy: PolicyBase, **settings: object
-) -> tuple[NriPlugin, ScriptedRuntime, asyncio.Task[SessionEnd]]:
-    runtime, reader, writer = await ScriptedRuntime.pair()
-    plugin = NriPlugin(policy, PluginSettings(**settings))  # type: ignore[arg-type]
-    return plugin, runtime, asyncio.create_task(plugin.serve(reader, writer))
-
-
-async def _finish(
-    plugin: NriPlugin, runtime: ScriptedRuntime, task: asyncio.Task[SessionEnd]
-) -> SessionEnd:
-    await runtime.close()
-    end = await asyncio.wait_for(task, 5)
-    plugin.close()
-    return end
-
-
 async def _timed_call(
     runtime: ScriptedRuntime, method: str, message: Message
 ) -> tuple[float, ResponseReceived]:
@@ -103,7 +86,7 @@ async def _timed_call(
 async def test_a_bad_stream_id_is_answered_and_the_connection_stays(
     stream_id: int, words: str
 ) -> None:
-    plugin, runtime, task = await _start(RecordingPolicy())
+    plugin, runtime, task = await serve_plugin(RecordingPolicy())
     await runtime.handshake()
     started = time.monotonic()
     since = runtime.send_raw_request(stream_id, "CreateContainer", CREATE_CONTAINER)
@@ -117,7 +100,7 @@ async def test_a_bad_stream_id_is_answered_and_the_connection_stays(
     )
     assert reply.code == 0 and elapsed < TIMEOUT / 2
     assert plugin.configured.is_set() and not task.done()
-    await _finish(plugin, runtime, task)
+    await end_plugin(plugin, runtime, task)
 
 
 class HugeReplies(RecordingPolicy):
@@ -144,7 +127,7 @@ class HugeReplies(RecordingPolicy):
 async def test_an_oversized_reply_is_answered_with_no_change(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    plugin, runtime, task = await _start(HugeReplies())
+    plugin, runtime, task = await serve_plugin(HugeReplies())
     reg = await runtime.expect_call("RegisterPlugin")
     runtime.reply(reg)
     await runtime.call("Configure", pb.ConfigureRequest(runtime_name="containerd"))
@@ -169,7 +152,7 @@ async def test_an_oversized_reply_is_answered_with_no_change(
         )
     assert metric(plugin.metrics, "nri_qos_protocol_errors", kind="reply_too_large") == 2
     assert not task.done()
-    await _finish(plugin, runtime, task)
+    await end_plugin(plugin, runtime, task)
 
 
 class CreatesAndStops(PolicyBase):
@@ -181,7 +164,7 @@ class CreatesAndStops(PolicyBase):
 
 
 async def test_an_undecodable_configure_subscribes_to_exactly_the_policys_events() -> None:
-    plugin, runtime, task = await _start(CreatesAndStops())
+    plugin, runtime, task = await serve_plugin(CreatesAndStops())
     reg = await runtime.expect_call("RegisterPlugin")
     runtime.reply(reg)
     started = time.monotonic()
@@ -198,7 +181,7 @@ async def test_an_undecodable_configure_subscribes_to_exactly_the_policys_events
         "CreateContainer", pb.CreateContainerRequest.FromString(CREATE_CONTAINER)
     )
     assert create.code == 0
-    end = await _finish(plugin, runtime, task)
+    end = await end_plugin(plugin, runtime, task)
     assert end.configured
 
 
@@ -226,7 +209,9 @@ async def test_a_runtime_that_pipelines_10000_requests_and_reads_no_reply_is_bou
 ) -> None:
     policy = RecordingPolicy()
     high_water = 4096
-    plugin, runtime, task = await _start(policy, write_high_water=high_water, stall_timeout=0.3)
+    plugin, runtime, task = await serve_plugin(
+        policy, write_high_water=high_water, stall_timeout=0.3
+    )
     await runtime.handshake()
     channel = plugin.channel
     assert channel is not None
@@ -260,7 +245,7 @@ async def test_a_stuck_policy_under_a_flood_is_bounded_by_the_requests_in_flight
             release.wait(10)
             return Intents()
 
-    plugin, runtime, task = await _start(
+    plugin, runtime, task = await serve_plugin(
         Stuck(), max_requests_in_flight=16, stall_timeout=0.3, handler_budget=0.05
     )
     await runtime.handshake()
@@ -298,7 +283,7 @@ async def test_a_stuck_policy_under_a_flood_is_bounded_by_the_requests_in_flight
 async def test_a_split_synchronize_past_its_bounds_closes_with_the_reason(
     bound: dict[str, int], chunk: int, limit: str, words: str
 ) -> None:
-    plugin, runtime, task = await _start(RecordingPolicy(), **bound)
+    plugin, runtime, task = await serve_plugin(RecordingPolicy(), **bound)
     reg = await runtime.expect_call("RegisterPlugin")
     runtime.reply(reg)
     await runtime.call("Configure", pb.ConfigureRequest(runtime_name="containerd"))
