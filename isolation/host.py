@@ -11,6 +11,7 @@ engine: plain strings and ints in, plain values out.
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections import Counter
 from pathlib import Path, PurePosixPath
@@ -18,7 +19,7 @@ from pathlib import Path, PurePosixPath
 from isolation.cgroups import CgroupError, CgroupFs, CgroupNotFound, CgroupUnsupported
 from isolation.errors import HostError
 from isolation.oom import OomAdjOutcome, OomAdjResult, ProcessControls, ProcfsError
-from isolation.ownership import ForeignCgroup, own_group
+from isolation.ownership import ForeignCgroup, in_group, own_group
 
 log = logging.getLogger("nri_qos.host")
 
@@ -105,6 +106,36 @@ class LinuxHost:
             return self.cgroupfs.cpu_usage_ns(own_group(cgroups_path, container_id))
         except (CgroupError, ForeignCgroup):
             return None
+
+    def member_pids(
+        self, cgroups_path: str, container_id: str, pid: int | None
+    ) -> tuple[PurePosixPath, list[int]]:
+        """The container's own group and the processes that are in it now, each checked
+        in its /proc/<pid>/cgroup (a listed pid may have exited and been reused). Raises
+        ForeignCgroup when the path is not provably the container's."""
+        group = own_group(cgroups_path, container_id)
+        members = []
+        for each in self._pids(group, pid):
+            try:
+                text = self.procs.read_cgroup(each)
+            except ProcfsError:
+                continue  # gone
+            if in_group(text, group):
+                members.append(each)
+        return group, members
+
+    def group_dir(self, cgroups_path: str, container_id: str, controller: str) -> Path:
+        """The container's own directory in the hierarchy serving `controller` (v1 or
+        v2; "" for the cgroup2 tree itself). Raises ForeignCgroup or CgroupUnsupported."""
+        group = own_group(cgroups_path, container_id)
+        if not controller:
+            unified = self.cgroupfs.unified_dir(group)
+            if unified is None:
+                raise CgroupUnsupported(
+                    self.cgroupfs.root, errno.EOPNOTSUPP, "no cgroup2 tree is mounted"
+                )
+            return unified
+        return self.cgroupfs.group_dir(group, controller)
 
     def _pids(self, group: PurePosixPath, pid: int | None) -> list[int]:
         """The group's processes; the runtime's pid when the group cannot be listed (it is

@@ -138,6 +138,10 @@ class ProcessControls:
                 raise ProcessGone(path, code, f"process {pid} no longer exists") from exc
             raise ProcfsError(path, code, f"reading {path} failed: {os.strerror(code)}") from exc
 
+    def read_cgroup(self, pid: int | str) -> str:
+        """/proc/<pid>/cgroup: which group the process is in, per hierarchy."""
+        return self._read(pid, "cgroup")
+
     # ----------------------------------------------------------------- OOM
 
     def get_oom_score_adj(self, pid: int | str) -> int:
