@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from nri_plugin.config_isolation import IsolationSettings, SectionError, parse_isolation
 from nri_plugin.control.executor import HostLimits
 from nri_plugin.plugin import DEFAULT_SOCKET, PluginSettings, PluginSetupError
 from nri_plugin.policy.engine import EngineConfig
@@ -49,9 +50,12 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     policy_name: str = "qos"
     qos: QosSettings = field(default_factory=QosSettings)
-    # Every host path (sysfs, cgroupfs, procfs) hangs off this root.
+    # Every host path (sysfs, cgroupfs, procfs, resctrl) hangs off this root.
     host_root: Path = Path("/")
     host_limits: HostLimits = field(default_factory=HostLimits)
+    # Log every host change the controllers would make, and make none.
+    dry_run: bool = False
+    isolation: IsolationSettings = field(default_factory=IsolationSettings)
 
 
 _PLUGIN_KEYS: dict[str, tuple[str, Callable[[Any], object]]] = {
@@ -111,12 +115,16 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     except RecursionError:  # arrays nested thousands deep (runtime-provided text is input)
         raise ConfigError(f"{source}: not valid TOML: nested too deeply") from None
     _check_finite(raw, source, "")
-    unknown = set(raw) - {"plugin", "log", "policy", "host"}
+    unknown = set(raw) - {"plugin", "log", "policy", "host", "rdt", "io", "net"}
     if unknown:
         raise ConfigError(
             f"{source}: unknown section(s) {sorted(unknown)}; "
-            "allowed: [plugin], [log], [policy], [host]"
+            "allowed: [plugin], [log], [policy], [host], [rdt], [io], [net]"
         )
+    try:
+        isolation = parse_isolation(raw)
+    except SectionError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
     plugin = _plugin_settings(_table(raw, "plugin", source), source)
     log = _log_config(_table(raw, "log", source), source)
     policy = dict(_table(raw, "policy", source))
@@ -128,7 +136,12 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     if name != "qos" and policy:
         raise ConfigError(f"{source}: policy {name!r} takes no settings, got {sorted(policy)}")
     qos = _qos_settings(policy, source) if name == "qos" else QosSettings()
+    planner = replace(qos.policy.planner, isolation=isolation.levels)
+    qos = replace(qos, policy=replace(qos.policy, planner=planner))
     host = dict(_table(raw, "host", source))
+    dry_run = host.pop("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise ConfigError(f"{source}: [host] dry_run = {dry_run!r} must be true or false")
     root_text = host.pop("root", "/")
     if not isinstance(root_text, str) or not root_text.startswith("/"):
         raise ConfigError(
@@ -137,12 +150,19 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     root = Path(root_text)
     limits = _host_limits(host, source)
     return Config(
-        plugin=plugin, log=log, policy_name=name, qos=qos, host_root=root, host_limits=limits
+        plugin=plugin,
+        log=log,
+        policy_name=name,
+        qos=qos,
+        host_root=root,
+        host_limits=limits,
+        dry_run=dry_run,
+        isolation=isolation,
     )
 
 
 def _host_limits(table: dict[str, Any], source: str) -> HostLimits:
-    limits = HostLimits(**_converted(table, _HOST_KEYS, "host", source, also=("root",)))
+    limits = HostLimits(**_converted(table, _HOST_KEYS, "host", source, also=("root", "dry_run")))
     if limits.deadline <= 0 or limits.max_stuck < 1:
         raise ConfigError(
             f"{source}: [host] io_deadline_ms must be > 0 and max_blocked_threads >= 1"

@@ -8,6 +8,7 @@ its socket on an inherited fd (NRI_PLUGIN_SOCKET) and no stdout/stderr.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
 import logging
@@ -22,12 +23,18 @@ from pathlib import Path
 
 from isolation.errors import HostError
 from isolation.host import LinuxHost
+from isolation.rdt import Resctrl
 from isolation.sysfs import discover_topology
+from isolation.writes import HostWriter
 from nri_plugin import logsafe
 from nri_plugin.config import Config, parse_config
 from nri_plugin.control.base import Controllers, ControllerStartError
 from nri_plugin.control.executor import HostExecutor
+from nri_plugin.control.io import IoController
+from nri_plugin.control.net import NetController
 from nri_plugin.control.oom import OomController
+from nri_plugin.control.rdt import RdtController
+from nri_plugin.control.support import host_support, with_support
 from nri_plugin.events import EventLog
 from nri_plugin.plugin import NotConnected, NriPlugin, PluginSetupError
 from nri_plugin.policy.api import PolicyBase, RecordingPolicy
@@ -55,30 +62,48 @@ class Services:
     policy: PolicyBase
     executor: HostExecutor
     host: LinuxHost | None = None
+    writer: HostWriter | None = None
 
 
 def build_services(config: Config) -> Services:
-    """The configured policy with its controllers ("recording" has none)."""
+    """The configured policy with its controllers ("recording" has none), controllers
+    started: what they could set up decides what the engine plans."""
     events = EventLog()
     if config.policy_name == "recording":
-        return Services(RecordingPolicy(), HostExecutor(Controllers([]), events))
+        executor = HostExecutor(Controllers([]), events)
+        executor.start()
+        return Services(RecordingPolicy(), executor)
     try:
         topology = discover_topology(config.host_root)
     except (OSError, TopologyError) as exc:
         raise PluginSetupError(
             f"cannot read the CPU topology under {config.host_root}/sys/devices/system: {exc}"
         ) from None
+    host = LinuxHost.at(config.host_root, dry_run=config.dry_run)
+    writer = HostWriter(dry_run=config.dry_run)
+    iso = config.isolation
+    rdt = RdtController(Resctrl(config.host_root, writer, iso.rdt.mount), host, iso.rdt)
+    io = IoController(host, config.host_root, writer, iso.io)
+    net = NetController(host, writer, iso.net, config.host_root)
+    controllers = Controllers([OomController(host), rdt, io, net])
+    executor = HostExecutor(controllers, events, config.host_limits)
+    try:
+        executor.start()
+    except ControllerStartError as exc:
+        raise PluginSetupError(str(exc)) from None
+    support = host_support(controllers, rdt, io)
 
     def runtime_config(text: str) -> EngineConfig:
-        return parse_config(text, "runtime-provided config").qos.policy
+        return with_support(
+            parse_config(text, "runtime-provided config").qos.policy, support, rdt, net
+        )
 
     try:
-        engine = Engine(topology, config.qos.policy)
+        engine = Engine(topology, with_support(config.qos.policy, support, rdt, net))
     except PlannerConfigError as exc:
+        executor.close()
         raise PluginSetupError(f"[policy] does not fit this host: {exc}") from None
-    host = LinuxHost.at(config.host_root)
-    executor = HostExecutor(Controllers([OomController(host)]), events, config.host_limits)
-    return Services(QosPolicy(engine, runtime_config), executor, host)
+    return Services(QosPolicy(engine, runtime_config), executor, host, writer)
 
 
 async def rebalance_loop(
@@ -204,12 +229,35 @@ async def report_status(plugin: NriPlugin) -> None:
         sd_notify("STATUS=runtime connection lost; reconnecting")
 
 
+def _child_forgets_our_signals() -> None:
+    """In a forked child (pyroute2 forks one to open a netlink socket in another network
+    namespace): drop the event loop's signal wakeup fd and its handlers. The child shares
+    the parent's wakeup pipe, so a SIGTERM sent to the child (pyroute2 stops its helpers
+    that way) would otherwise reach the parent's loop and stop the daemon."""
+    with contextlib.suppress(ValueError, OSError):
+        signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(ValueError, OSError):
+            signal.signal(sig, signal.SIG_DFL)
+
+
+_FORK_HOOK_INSTALLED = False
+
+
+def install_fork_hook() -> None:
+    global _FORK_HOOK_INSTALLED
+    if not _FORK_HOOK_INSTALLED:
+        os.register_at_fork(after_in_child=_child_forgets_our_signals)
+        _FORK_HOOK_INSTALLED = True
+
+
 async def run_daemon(
     config: Config, wait_for_runtime: bool = True, status_socket: Path | None = None
 ) -> int:
     """Serve until SIGTERM/SIGINT (external) or until the inherited socket closes.
 
     Returns 0; a problem the user must fix raises PluginSetupError (the CLI exits 2)."""
+    install_fork_hook()
     try:
         services = build_services(config)
     except HostError as exc:
@@ -217,10 +265,6 @@ async def run_daemon(
             f"the host under [host] root = {str(config.host_root)!r} cannot be used: {exc}"
         ) from None
     policy, executor = services.policy, services.executor
-    try:
-        executor.start()
-    except ControllerStartError as exc:
-        raise PluginSetupError(str(exc)) from None
     plugin = NriPlugin(policy, config.plugin, on_intents=executor.submit)
     status = None
     if status_socket is not None:

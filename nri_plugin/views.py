@@ -85,6 +85,9 @@ def container_view(engine: Engine, plan: NodePlan, p: ContainerPlan) -> dict[str
         "mems": format_cpu_list(mems) if mems else "",
         "cpu_shares": p.cpu_shares.value,
         "oom_score_adj": p.oom_score_adj.value,
+        "rdt_class": p.rdt_class.value,
+        "io_weight": p.io_weight.value,
+        "net_class": p.net_class.value,
         "reasons": reasons(plan, p),
         "classification": record.classification.reason if record is not None else "",
     }

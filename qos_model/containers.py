@@ -119,6 +119,18 @@ class Container:
 
 
 @dataclass(frozen=True, slots=True)
+class Rdt:
+    """The NRI LinuxRdt adjustment (v0.11): the resctrl group (CLOS) the runtime puts the
+    container's tasks in at creation, with no race against forks. With only `clos_id`
+    set, the group must already exist (the rdt controller makes one per class)."""
+
+    clos_id: str | None = None
+    schemata: tuple[str, ...] | None = None
+    enable_monitoring: bool | None = None
+    remove: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Adjustment:
     """What a plugin changes on a container being created (CreateContainer reply)."""
 
@@ -126,6 +138,7 @@ class Adjustment:
     oom_score_adj: int | None = None
     annotations: Mapping[str, str] = field(default_factory=dict)
     env: tuple[tuple[str, str], ...] = ()
+    rdt: Rdt | None = None
 
     def is_empty(self) -> bool:
         return (
@@ -133,6 +146,7 @@ class Adjustment:
             and self.oom_score_adj is None
             and not self.annotations
             and not self.env
+            and self.rdt is None
         )
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -18,7 +20,13 @@ from nri_plugin.config import Config
 from nri_plugin.control.base import Controllers
 from nri_plugin.control.executor import HostExecutor
 from nri_plugin.control.oom import OomController
-from nri_plugin.daemon import rebalance_loop, report_status, run_daemon, setup_logging
+from nri_plugin.daemon import (
+    install_fork_hook,
+    rebalance_loop,
+    report_status,
+    run_daemon,
+    setup_logging,
+)
 from nri_plugin.logsafe import RateLimitFilter, TruncateFilter
 from nri_plugin.plugin import NriPlugin, PluginSettings, PluginSetupError
 from nri_plugin.policy.api import RecordingPolicy
@@ -285,3 +293,33 @@ async def test_the_daemons_plugin_signals_each_connection_end(
         reporter.cancel()
         await asyncio.gather(reporter, runner, return_exceptions=True)
         plugin.close()
+
+
+def _fork_and_terminate_child() -> int:
+    pid = os.fork()
+    if pid == 0:  # the child: what pyroute2's netns helper gets when it is stopped
+        os.kill(os.getpid(), signal.SIGTERM)
+        os._exit(0)
+    return os.waitpid(pid, 0)[1]
+
+
+def test_a_forked_child_that_gets_sigterm_never_stops_the_daemon() -> None:
+    """pyroute2 forks a helper to open a netlink socket in a pod's network namespace and
+    stops it with SIGTERM; the child shares the loop's signal wakeup pipe, so without the
+    fork hook the parent's SIGTERM handler ran and the daemon stopped (seen in the lab)."""
+
+    async def main() -> tuple[list[str], int]:
+        loop = asyncio.get_running_loop()
+        got: list[str] = []
+        loop.add_signal_handler(signal.SIGTERM, lambda: got.append("TERM"))
+        try:
+            install_fork_hook()
+            status = await asyncio.to_thread(_fork_and_terminate_child)
+            await asyncio.sleep(0.3)
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
+        return got, status
+
+    got, status = asyncio.run(main())
+    assert got == []
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM

@@ -39,7 +39,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from isolation import inflight
@@ -75,6 +75,7 @@ class _Job:
     generation: int = 0
     attempt: int = 0
     future: Future[Any] | None = None  # run(): the caller waits on it
+    intent: HostIntent | None = None  # the intent a job applies (for its rechecks)
 
 
 @dataclass(eq=False, slots=True)
@@ -242,7 +243,26 @@ class HostExecutor:
             work=lambda: self.controllers.apply_one(intent),
             subject=subject,
             generation=generation,
+            intent=intent,
         )
+
+    def _recheck(self, job: _Job) -> None:
+        """Under the lock: a job whose intent asks to be checked again once its
+        container's processes settled is queued again after the first delay."""
+        intent = job.intent
+        if intent is None or not intent.recheck_after or not self._current(job):
+            return
+        again = replace(intent, recheck_after=intent.recheck_after[1:])
+        follow = _Job(
+            job.key,
+            f"{job.label} (recheck)",
+            lambda: self.controllers.apply_one(again),
+            job.subject,
+            job.generation,
+            intent=again,
+        )
+        self._add_timer(_Timer(time.monotonic() + intent.recheck_after[0], next(self._seq), follow))
+        self.counts["rechecks"] += 1
 
     def _enqueue(self, job: _Job) -> None:
         """Under the lock."""
@@ -336,6 +356,7 @@ class HostExecutor:
         note = outcome.note
         if note is None or note.severity is Severity.INFO:
             self.counts["done"] += 1
+            self._recheck(job)
             return [note] if note is not None else []
         if note.kind == "refused":
             self.counts["refused"] += 1
@@ -344,7 +365,15 @@ class HostExecutor:
         if not outcome.retry or job.attempt >= self.limits.retries or not self._current(job):
             return [note]
         delay = self.limits.retry_delay * (2**job.attempt)
-        retry = _Job(job.key, job.label, job.work, job.subject, job.generation, job.attempt + 1)
+        retry = _Job(
+            job.key,
+            job.label,
+            job.work,
+            job.subject,
+            job.generation,
+            job.attempt + 1,
+            intent=job.intent,
+        )
         self._add_timer(_Timer(time.monotonic() + delay, next(self._seq), job=retry))
         self.counts["retried"] += 1
         again = f"{note.message}; retry {retry.attempt} of {self.limits.retries} in {delay:g} s"

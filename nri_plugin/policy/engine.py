@@ -27,6 +27,14 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Concatenate, ParamSpec, TypeVar
 
+from nri_plugin.policy.class_intents import (
+    Paths,
+    after_start,
+    after_stop,
+    at_create,
+    paths_for,
+    while_running,
+)
 from nri_plugin.policy.incremental import Planner, PlanStep
 from nri_plugin.policy.intents import (
     NO_INTENTS,
@@ -78,15 +86,19 @@ from qos_model.topology import Topology
 class Route(Enum):
     RUNTIME = "the runtime, through NRI adjustments and updates"
     HOST = "a host controller, through a host intent"
+    RUNTIME_AT_CREATE = (
+        "the runtime at creation where its NRI version and the host allow it "
+        "(an adjustment), else a host controller; live containers by a host controller"
+    )
     UNMANAGED = "nobody yet: always None"
 
 
 ROUTES: Mapping[str, Route] = {
     CPU: Route.RUNTIME,
     OOM: Route.HOST,
-    RDT: Route.UNMANAGED,
-    IO: Route.UNMANAGED,
-    NET: Route.UNMANAGED,
+    RDT: Route.RUNTIME_AT_CREATE,  # LinuxRdt clos_id (v0.11), rdt_class, else tasks
+    IO: Route.RUNTIME_AT_CREATE,  # the unified io.weight on cgroup v2, else blkio
+    NET: Route.HOST,  # tc classes and a classifier map: no runtime field for them
 }
 
 
@@ -206,12 +218,20 @@ class Engine:
         planned = self.planner.rebuild([_workload(r) for r in self.table], self.planner.usage)
         updates: list[Update] = []
         host: list[HostIntent] = []
+        paths = self._paths()
         for ctr in live:
             plan = self._plan_of(ctr.id)
             if _reported_cpu(ctr) != (plan.cpus.value, plan.mems.value or frozenset()):
                 updates.append(plan.update())
             if ctr.oom_score_adj != plan.oom_score_adj.value:
                 host.append(self._oom_intent(Phase.POST_UPDATE, ctr, plan))
+            # Running before we planned it (or before a restart): its RDT group, I/O
+            # weight and network class are ours to (re)apply; controllers skip what holds.
+            host.extend(
+                while_running(
+                    plan, self._ref(ctr, plan), self._netns(ctr.pod_id), (RDT, IO, NET), paths
+                )
+            )
         self._allocation_notes(notes)
         notes.append(
             Note(
@@ -240,9 +260,13 @@ class Engine:
         record = self._admit(restore_original(container), notes, pod)
         planned = self.planner.add(_workload(record))
         plan = self._plan_of(container.id)
-        adjustment = plan.adjustment(
-            with_oom_score_adj=self._runtime_sets_oom(),
-            annotations={ORIGINAL_ANNOTATION: originals_annotation(container)},
+        adjustment = at_create(
+            plan.adjustment(
+                with_oom_score_adj=self._runtime_sets_oom(),
+                annotations={ORIGINAL_ANNOTATION: originals_annotation(container)},
+            ),
+            plan,
+            self._paths(),
         )
         notes.append(Note("plan", plan.name, _describe(plan)))
         diff = _diff(planned)
@@ -261,10 +285,15 @@ class Engine:
                 replace(record, container=replace(record.container, pid=container.pid))
             )
         plan = self._plan_of(container.id)
-        if self._runtime_sets_oom() or container.oom_score_adj == plan.oom_score_adj.value:
-            return self._step({}, NO_INTENTS)
-        intent = self._oom_intent(Phase.POST_START, container, plan)
-        return self._step({}, Intents(host=(intent,)))
+        record = self.table.get(container.id)
+        started = replace(
+            container, pid=container.pid or (record.container.pid if record else None)
+        )
+        host: list[HostIntent] = []
+        if not self._runtime_sets_oom() and container.oom_score_adj != plan.oom_score_adj.value:
+            host.append(self._oom_intent(Phase.POST_START, container, plan))
+        host.extend(after_start(plan, self._ref(started, plan), self._netns(pod.id), self._paths()))
+        return self._step({}, Intents(host=tuple(host)) if host else NO_INTENTS)
 
     @_recovering
     def container_updated(
@@ -299,6 +328,19 @@ class Engine:
 
     def _runtime_sets_oom(self) -> bool:
         return self.runtime is not None and self.runtime.capabilities.applies_oom_score_adj
+
+    def _paths(self) -> Paths:
+        """How RDT and I/O reach a new container with this runtime on this host."""
+        runtime_rdt = self.runtime is not None and self.runtime.capabilities.applies_rdt
+        return paths_for(self.config.planner.isolation.host, runtime_rdt)
+
+    def _netns(self, pod_id: str) -> str:
+        pod = self.table.pods.get(pod_id)
+        return pod.namespaces.get("network", "") if pod is not None else ""
+
+    def _ref(self, container: Container, plan: ContainerPlan) -> ContainerRef:
+        record = self.table.get(container.id)
+        return ContainerRef.of(container, record.name if record is not None else plan.name)
 
     def _recover(self) -> None:
         try:
@@ -348,14 +390,23 @@ class Engine:
             notes.append(note)
 
     def _forget(self, container_ids: Sequence[str]) -> Step:
-        gone = [cid for cid in container_ids if self.table.drop(cid) is not None]
-        for cid in gone:
+        released: list[HostIntent] = []
+        gone = []
+        for cid in container_ids:
+            plan = self.planner.get(cid)
+            record = self.table.drop(cid)
+            if record is None:
+                continue
+            gone.append(cid)
             self._noted.pop(cid, None)
+            if plan is not None:
+                ref = ContainerRef.of(record.container, record.name)
+                released.extend(after_stop(plan, ref, self._netns(record.pod_id), self._paths()))
         if not gone:
             return self._step({}, NO_INTENTS)
         planned = self.planner.remove(gone)
         diff = _diff(planned)
-        return self._step(diff, self._route(planned, diff))
+        return self._step(diff, self._route(planned, diff) + Intents(host=tuple(released)))
 
     def _route(
         self,
@@ -378,10 +429,14 @@ class Engine:
             domains = {c.domain for c in fields}
             if CPU in domains and cid != skip_runtime:
                 updates.append(new.update())
-            if OOM in domains:
-                record = self.table.get(cid)
-                if record is not None:
-                    host.append(self._oom_intent(Phase.POST_UPDATE, record.container, new))
+            record = self.table.get(cid)
+            if OOM in domains and record is not None:
+                host.append(self._oom_intent(Phase.POST_UPDATE, record.container, new))
+            moved_host = domains & {RDT, IO, NET}
+            if moved_host and record is not None:
+                ref = self._ref(record.container, new)
+                netns = self._netns(record.pod_id)
+                host.extend(while_running(new, ref, netns, moved_host, self._paths()))
         moved = 0
         for move in step.moves:
             updates.append(BulkUpdate(move.members, move.resources))

@@ -60,6 +60,10 @@ class HostIntent:
     phase: Phase
     container: ContainerRef
     reason: str
+    # Run the intent again this many seconds after it succeeded (then after the next
+    # delay...): work that races the container's own forks is checked again once they
+    # settled. A newer intent for the same container and domain cancels the rechecks.
+    recheck_after: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,6 +73,55 @@ class SetOomScoreAdj(HostIntent):
 
     domain: ClassVar[str] = "oom"
     value: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlaceInRdtClass(HostIntent):
+    """Put the container's processes into its RDT class's resctrl group (None: back into
+    the root group), where the runtime could not do it at creation (NRI before v0.11),
+    and give it a monitoring group of its own when `monitor` (bandwidth and cache
+    occupancy per container)."""
+
+    domain: ClassVar[str] = "rdt"
+    rdt_class: str | None
+    monitor: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReleaseRdt(HostIntent):
+    """The container is gone: remove the monitoring group we made for it (its RMID is
+    scarce)."""
+
+    domain: ClassVar[str] = "rdt"
+    rdt_class: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SetIoWeight(HostIntent):
+    """The container's I/O weight, written by us where the runtime cannot (cgroup v1:
+    blkio.bfq.weight and the class's blkio throttle caps)."""
+
+    domain: ClassVar[str] = "io"
+    weight: int
+    qos_class: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SetNetClass(HostIntent):
+    """Classify the container's egress traffic into its network class (None: stop
+    classifying it). `netns`: the pod's network namespace path ("" for host network)."""
+
+    domain: ClassVar[str] = "net"
+    net_class: str | None
+    netns: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReleaseNetClass(HostIntent):
+    """The container is gone: forget its classification."""
+
+    domain: ClassVar[str] = "net"
+    netns: str
 
 
 class Severity(StrEnum):

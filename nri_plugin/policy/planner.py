@@ -52,6 +52,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from nri_plugin.policy.class_isolation import class_levels
 from nri_plugin.policy.cores import bottom_cores, top_cores
 from nri_plugin.policy.cpuallocator import CpuAllocation
 from nri_plugin.policy.dedicated import (
@@ -372,6 +373,7 @@ def container_plan(
 ) -> ContainerPlan:
     c = w.classification
     reclaimed = c.qos_class is QosClass.RECLAIMED_CORES
+    levels = class_levels(c.qos_class, config.isolation)
     return ContainerPlan(
         container_id=w.container_id,
         pod_id=w.pod_id,
@@ -383,6 +385,9 @@ def container_plan(
         cpu_shares=_RECLAIMED_WEIGHT if reclaimed else _KUBELET_WEIGHT,
         cpu_quota=_KUBELET_QUOTA,
         oom_score_adj=_oom_decision(c.qos_class, c.kube_qos, c.oom_priority, config.oom_bands),
+        rdt_class=levels.rdt_class,
+        io_weight=levels.io_weight,
+        net_class=levels.net_class,
     )
 
 

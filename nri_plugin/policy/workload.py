@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from nri_plugin.policy.class_isolation import DEFAULT_ISOLATION, IsolationConfig
 from nri_plugin.policy.kube_qos import MILLI_PER_CPU
 from nri_plugin.policy.oom import DEFAULT_OOM_BANDS, OomBands
 from nri_plugin.policy.qos import Classification, QosClass
@@ -40,8 +41,13 @@ class PlannerConfig:
     dedicated_full_pcpus: bool = True
     include_isolated_cpus: bool = False
     oom_bands: OomBands = DEFAULT_OOM_BANDS
+    isolation: IsolationConfig = DEFAULT_ISOLATION  # RDT, I/O and network levels per class
 
     def check(self, topology: Topology) -> None:
+        try:
+            self.isolation.check()
+        except ValueError as exc:
+            raise PlannerConfigError(str(exc)) from None
         unknown = self.reserved_cpus - topology.online_cpus
         if unknown:
             raise PlannerConfigError(

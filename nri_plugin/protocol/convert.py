@@ -257,7 +257,32 @@ def adjustment_to_pb(adj: model.Adjustment) -> pb.ContainerAdjustment:
         msg.linux.resources.SetInParent()
     if adj.oom_score_adj is not None:
         msg.linux.oom_score_adj.value = adj.oom_score_adj
+    if adj.rdt is not None:
+        rdt_to_pb(adj.rdt, msg.linux.rdt)
     return msg
+
+
+def rdt_to_pb(rdt: model.Rdt, msg: pb.LinuxRdt) -> None:
+    msg.SetInParent()
+    if rdt.clos_id is not None:
+        msg.clos_id.value = rdt.clos_id
+    if rdt.schemata is not None:
+        msg.schemata.value.extend(rdt.schemata)
+        msg.schemata.SetInParent()
+    if rdt.enable_monitoring is not None:
+        msg.enable_monitoring.value = rdt.enable_monitoring
+    msg.remove = rdt.remove
+
+
+def rdt_from_pb(msg: pb.LinuxRdt) -> model.Rdt:
+    return model.Rdt(
+        clos_id=msg.clos_id.value if msg.HasField("clos_id") else None,
+        schemata=tuple(msg.schemata.value) if msg.HasField("schemata") else None,
+        enable_monitoring=msg.enable_monitoring.value
+        if msg.HasField("enable_monitoring")
+        else None,
+        remove=msg.remove,
+    )
 
 
 def adjustment_from_pb(msg: pb.ContainerAdjustment) -> model.Adjustment:
@@ -269,6 +294,7 @@ def adjustment_from_pb(msg: pb.ContainerAdjustment) -> model.Adjustment:
         oom_score_adj=_opt(linux, "oom_score_adj") if msg.HasField("linux") else None,
         annotations=dict(msg.annotations),
         env=tuple((kv.key, kv.value) for kv in msg.env),
+        rdt=rdt_from_pb(linux.rdt) if msg.HasField("linux") and linux.HasField("rdt") else None,
     )
 
 
