@@ -21,6 +21,11 @@ Choices, each made so the lab behaves like a node while staying safe to run anyw
   write is refused; we record the outcome (`HostContainer.oom`) and carry on, because the
   lab must also run on hosts without CAP_SYS_RESOURCE, where any negative value is
   refused with EACCES. The outcome is what the lab reports instead.
+* **RDT like runc's intelRdt**: with a resctrl mount (`resctrl`), a container whose
+  adjustment named a clos_id gets its process written into that group's ``tasks`` after
+  it starts; the group must exist, as runc requires when only the clos_id is given. On a
+  host without resctrl the lab points this at a tree laid out like one (runc's
+  per-container monitoring group is not simulated: a plain tree cannot remove it).
 * **No args means** ``sleep infinity``: a pause-like process that holds the cgroup.
 * **Stop** is SIGTERM, a grace period, SIGKILL; the exit code is reported the way
   containerd does (128 + signal for a killed process). What the main process left behind
@@ -363,6 +368,7 @@ class HostBackend:
         spawner: Spawner | None = None,
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
         controllers: Sequence[str] = CONTAINER_CONTROLLERS,
+        resctrl: Path | None = None,
     ) -> None:
         if cgroupfs.dry_run:
             raise ValueError("HostBackend needs a CgroupFs that writes (dry_run is set)")
@@ -371,6 +377,7 @@ class HostBackend:
         self.spawner: Spawner = spawner if spawner is not None else HostSpawner()
         self.stop_timeout = stop_timeout
         self.controllers = tuple(controllers)
+        self.resctrl = resctrl
         self._running: dict[str, _Running] = {}
         self._ancestor_dirs: list[Path] = []  # made as ancestors of containers, top-down
 
@@ -410,11 +417,30 @@ class HostBackend:
             raise
         own = set(request.cgroup_procs)
         self._ancestor_dirs += [d for d in missing if d / "cgroup.procs" not in own]
+        self._join_rdt(container, spawned.process.pid)
         if spawned.oom is not None and not spawned.oom.ok:
             log.info("%s", spawned.oom.message)  # recorded in HostContainer.oom
         info = HostContainer(container.id, group, spawned.process.pid, spawned.oom, None)
         self._running[container.id] = _Running(info, spawned.process)
         return info.pid
+
+    def _join_rdt(self, container: Container, pid: int) -> None:
+        """What runc does with linux.intelRdt.closID: the task joins that group."""
+        clos = container.resources.rdt_class if container.resources is not None else None
+        if not clos or self.resctrl is None:
+            return
+        if "/" in clos or clos in (".", ".."):
+            raise HostBackendError(errno_codes.EINVAL, f"invalid clos_id {clos!r}")
+        group = self.resctrl / clos
+        if not (group / "tasks").exists():
+            raise HostBackendError(
+                errno_codes.ENOENT, f"intelRdt closID {clos!r}: no such resctrl group", group
+            )
+        tasks = group / "tasks"
+        before = tasks.read_text()
+        sep = "\n" if before and not before.endswith("\n") else ""
+        with tasks.open("a") as out:  # a plain tree: keep every pid, one per line
+            out.write(f"{sep}{pid}\n")
 
     async def start(self, container: Container) -> int:
         # The process runs since create (see the module docstring); start only reports it.
@@ -712,7 +738,7 @@ def _holds_processes(top: Path) -> bool:
 
 
 def lab_backend(
-    lab_id: str, *, root: Path | None = None
+    lab_id: str, *, root: Path | None = None, resctrl: Path | None = None
 ) -> tuple[HostBackend, bool, str, Callable[[Container], dict[str, Any]]]:
     """The backend `nri-qos lab` runs containers with, and how to read them back.
 
@@ -725,7 +751,10 @@ def lab_backend(
     procs = ProcessControls(host / "proc")
     swept = sweep_stale_groups(cgroupfs)
     parent = PurePosixPath("/") / f"{LAB_GROUP_PREFIX}{lab_id}"
-    backend = HostBackend(cgroupfs, parent=parent)
+    controllers = CONTAINER_CONTROLLERS
+    if cgroupfs.mounts.v1_mount("blkio") is not None:
+        controllers += ("blkio",)  # the io controller's v1 path writes there
+    backend = HostBackend(cgroupfs, parent=parent, controllers=controllers, resctrl=resctrl)
     note = f"real processes in real cgroups below {parent} ({cgroupfs.layout.value} cgroups)"
     if swept.removed:
         note += f"; removed {len(swept.removed)} stale lab group(s)"

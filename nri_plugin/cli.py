@@ -83,6 +83,17 @@ def _parser() -> argparse.ArgumentParser:
         choices=["containerd-1.7", "containerd-2.3", "cri-o-1.36"],
         help="which real runtime the embedded runtime behaves like",
     )
+    lab.add_argument(
+        "--scenario",
+        default="pods",
+        choices=["pods", "network"],
+        help="pods: one pod per QoS class through the runtime; network: real traffic "
+        "from containers of each class through the real HTB tree, in namespaces it creates",
+    )
+    lab.add_argument(
+        "--duration", type=float, default=3.0, help="network: seconds of contended traffic"
+    )
+    lab.add_argument("--link-mbit", type=int, default=100, help="network: the shaped link")
     return parser
 
 
@@ -147,6 +158,10 @@ def _cmd_version() -> int:
 
 
 def _cmd_lab(args: argparse.Namespace) -> int:
+    if args.scenario == "network":
+        from nri_plugin.scenario_network import run_network_lab
+
+        return run_network_lab(args.duration, args.link_mbit, as_json=args.json)
     from nri_plugin.lab import run_lab
 
     return run_lab(flavor=args.flavor, as_json=args.json)

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,8 +42,16 @@ from embedded_runtime import (
     RuntimeFlavor,
 )
 from embedded_runtime.host_backend import lab_backend
-from isolation.cgroups import CgroupError
+from isolation.cgroups import CgroupError, CgroupFs
+from isolation.rdt import Resctrl
 from isolation.sysfs import discover_topology
+from nri_plugin.lab_host import (
+    LabNetwork,
+    TaskMoves,
+    io_weight_of,
+    rdt_class_of,
+    simulated_resctrl,
+)
 from nri_plugin.policy.kube_qos import CFS_PERIOD_US, kubelet_quota, kubelet_shares
 from nri_plugin.policy.qos import ANNOTATION_MEMORY_ENHANCEMENT as MEMORY_ENHANCEMENT
 from nri_plugin.policy.qos import ANNOTATION_QOS_LEVEL as QOS
@@ -130,9 +139,10 @@ class LabRun:
     plugin_log: str = ""
 
 
-def _make_pod(demo: DemoPod, lab_id: str) -> Pod:
+def _make_pod(demo: DemoPod, lab_id: str, netns: str = "") -> Pod:
     uid = str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{lab_id}.{demo.name}"))
     return Pod(
+        namespaces={"network": netns} if netns else {},
         id=f"sandbox-{demo.name}",
         name=demo.name,
         namespace=demo.namespace,
@@ -161,7 +171,7 @@ def _make_container(demo: DemoPod, pod: Pod) -> Container:
 
 
 def _host_backend(
-    lab_id: str,
+    lab_id: str, resctrl: Path | None = None
 ) -> tuple[ContainerBackend, bool, str, Callable[[Container], dict[str, Any]]]:
     """The real backend when we can use it, else simulated containers, and why."""
     simulated = InMemoryBackend()
@@ -186,7 +196,7 @@ def _host_backend(
             from_runtime,
         )
     try:
-        return lab_backend(lab_id)
+        return lab_backend(lab_id, resctrl=resctrl)
     except CgroupError as exc:
         return simulated, False, f"cgroups unusable ({exc}): containers are simulated", from_runtime
 
@@ -207,31 +217,51 @@ async def _settle(runtime: EmbeddedRuntime, quiet: float = 0.3, limit: float = 5
             return
 
 
-def _plugin_config(online_cpus: int) -> str:
+def _plugin_config(online_cpus: int, resctrl: Path, simulated_rdt: bool, net: str) -> str:
     reserved = "0" if online_cpus >= 4 else ""
-    return (
+    text = (
         "[policy]\n"
         'name = "qos"\n'
         f'reserved_cpus = "{reserved}"\n'
         "system_namespaces_to_system_cores = true\n"
         "rebalance_interval_ms = 0\n"
+        "[rdt]\n"
+        f'mount = "{resctrl}"\n'
     )
+    if simulated_rdt:
+        text += "monitor = false\n"  # a plain tree cannot make a group's files on mkdir
+    return text + net
+
+
+HOST_RESCTRL = Path("/sys/fs/resctrl")
 
 
 async def run(flavor_name: str, log: Callable[[str], None]) -> LabRun:
     flavor = FLAVOR_NAMES[flavor_name]
     lab_id = uuid.uuid4().hex[:8]
     topology = discover_topology()
-    backend, real, note, read_back = _host_backend(lab_id)
-    result = LabRun(flavor_name, real, note)
     tmp = Path(tempfile.mkdtemp(prefix=LAB_PREFIX))
+    simulated_rdt = not (HOST_RESCTRL / "info").is_dir()
+    resctrl = simulated_resctrl(tmp) if simulated_rdt else HOST_RESCTRL
+    backend, real, note, read_back = _host_backend(lab_id, resctrl)
+    result = LabRun(flavor_name, real, note)
+    if simulated_rdt:
+        result.note += f"; RDT: this host has no resctrl, a tree laid out like one at {resctrl}"
+    moves = TaskMoves(resctrl) if simulated_rdt else None
+    network = LabNetwork(f"{LAB_PREFIX}{lab_id}", tmp) if real else None
+    if network is not None and network.available:
+        result.note += f"; pods share network namespace {network.path}, shaped on eth0"
+    elif network is not None:
+        result.note += f"; no network namespace for the pods ({network.why})"
+    net_config = network.config() if network is not None else ""
     sock, status, config = tmp / "nri.sock", tmp / "status.sock", tmp / "nri-qos.toml"
-    config.write_text(_plugin_config(len(topology.online_cpus)))
+    config.write_text(_plugin_config(len(topology.online_cpus), resctrl, simulated_rdt, net_config))
     plugin_log = tmp / "plugin.log"
     runtime = EmbeddedRuntime(sock, flavor=flavor, backend=backend)
     plugin: subprocess.Popen[bytes] | None = None
+    netns = network.path if network is not None and network.available else ""
     pods = [
-        (demo, _make_pod(demo, lab_id))
+        (demo, _make_pod(demo, lab_id, netns))
         for demo in [PRE_EXISTING, *demo_pods(len(topology.cpu_nodes))]
     ]
     try:
@@ -293,6 +323,12 @@ async def run(flavor_name: str, log: Callable[[str], None]) -> LabRun:
             container = current[cid]
             plan = planned.get(cid, {})
             seen = read_back(container)
+            isolation = _isolation_read_back(container, resctrl, moves, real)
+            isolation["net_class"] = (
+                network.net_class_of(container.cgroups_path, real)
+                if network is not None
+                else {"value": None, "simulated": False, "source": "simulated containers"}
+            )
             entry: dict[str, Any] = {
                 "pod": f"{pod.namespace}/{pod.name}",
                 "name": container.name,
@@ -300,8 +336,18 @@ async def run(flavor_name: str, log: Callable[[str], None]) -> LabRun:
                 "class": plan.get("class", "unknown"),
                 "pool": plan.get("pool", ""),
                 **seen,
+                **isolation,
                 "planned": {
-                    k: plan.get(k) for k in ("cpus", "mems", "oom_score_adj", "cpu_shares")
+                    k: plan.get(k)
+                    for k in (
+                        "cpus",
+                        "mems",
+                        "oom_score_adj",
+                        "cpu_shares",
+                        "rdt_class",
+                        "io_weight",
+                        "net_class",
+                    )
                 },
                 "reasons": plan.get("reasons", {}),
                 "classification": plan.get("classification", ""),
@@ -330,9 +376,41 @@ async def run(flavor_name: str, log: Callable[[str], None]) -> LabRun:
         for path in (sock, status, config, plugin_log):
             with contextlib.suppress(OSError):
                 path.unlink()
+        if network is not None:
+            network.close()
+        if moves is not None:
+            moves.close()
+        if simulated_rdt:
+            shutil.rmtree(resctrl, ignore_errors=True)
+        else:
+            _remove_lab_rdt_groups(resctrl)
         with contextlib.suppress(OSError):
             tmp.rmdir()
     return result
+
+
+def _isolation_read_back(
+    container: Container, resctrl: Path, moves: TaskMoves | None, real: bool
+) -> dict[str, Any]:
+    """rdt_class, io_weight and net_class as the host shows them."""
+    pid = container.pid if real else None
+    blkio = None
+    if real and container.cgroups_path:
+        with contextlib.suppress(CgroupError):
+            cgroupfs = CgroupFs()
+            blkio = cgroupfs.group_dir(cgroupfs.resolve(container.cgroups_path), "blkio")
+    return {
+        "rdt_class": rdt_class_of(resctrl, pid, moves is not None, moves),
+        "io_weight": io_weight_of(blkio),
+    }
+
+
+def _remove_lab_rdt_groups(resctrl: Path) -> None:
+    """On a host with real resctrl: the class groups the lab's plugin made, once empty."""
+    for group in resctrl.glob(Resctrl.PREFIX + "*"):
+        with contextlib.suppress(OSError):
+            if not (group / "tasks").read_text().split():
+                group.rmdir()
 
 
 async def _start_pod(runtime: EmbeddedRuntime, demo: DemoPod, pod: Pod) -> None:
@@ -432,9 +510,10 @@ def _text(run_: LabRun) -> str:
             f"      cpus={c['cpus'] or '-'} mems={c['mems'] or '-'} "
             f"oom_score_adj={c['oom_score_adj']} pids={c['pids']}"
         )
+        lines.append("      " + " ".join(_isolation_text(c, k) for k in ISOLATION_FIELDS))
         if c.get("classification"):
             lines.append(f"      class: {c['classification']}")
-        for fieldname in ("cpus", "mems", "oom_score_adj", "cpu_shares"):
+        for fieldname in ("cpus", "mems", "oom_score_adj", "cpu_shares", *ISOLATION_FIELDS):
             reason = c["reasons"].get(fieldname)
             if reason:
                 lines.append(f"      {fieldname}: {reason}")
@@ -446,6 +525,16 @@ def _text(run_: LabRun) -> str:
         for e in run_.events:
             lines.append(f"  [{e['kind']}] {e['subject']}: {e['message']}")
     return "\n".join(lines)
+
+
+ISOLATION_FIELDS = ("rdt_class", "io_weight", "net_class")
+
+
+def _isolation_text(entry: dict[str, Any], key: str) -> str:
+    seen = entry.get(key) or {}
+    value = seen.get("value")
+    mark = " (simulated)" if seen.get("simulated") else ""
+    return f"{key}={'-' if value is None else value}{mark}"
 
 
 def run_lab(flavor: str = "containerd-2.3", as_json: bool = False) -> int:

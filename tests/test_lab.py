@@ -67,8 +67,14 @@ def test_json_has_the_stable_keys(lab_json: dict[str, Any]) -> None:
             "mems",
             "oom_score_adj",
             "pids",
+            "rdt_class",
+            "io_weight",
+            "net_class",
             "reasons",
         } <= c.keys()
+        for key in ("rdt_class", "io_weight", "net_class"):
+            assert {"value", "simulated", "source"} <= c[key].keys(), (key, c)
+            assert c["reasons"][key]
         assert isinstance(c["oom_score_adj"], int) and isinstance(c["pids"], list)
         assert set(c["reasons"]) >= {"cpus", "mems", "oom_score_adj"}
         assert all(isinstance(r, str) and r for r in c["reasons"].values())
@@ -103,6 +109,14 @@ def test_what_the_host_enforces_is_what_was_planned(lab_json: dict[str, Any]) ->
     assert mine and not mine & others, "the dedicated CPUs are shared with someone"
     reclaimed = next(c for c in containers if c["class"] == "reclaimed_cores")
     assert reclaimed["cpu_shares"] == 2
+    # RDT, disk and network as the host (or, for RDT here, the stand-in tree) shows them
+    for c in containers:
+        for key in ("rdt_class", "io_weight", "net_class"):
+            assert c[key]["value"] == c["planned"][key], (key, c)
+        assert c["rdt_class"]["simulated"] == (not Path("/sys/fs/resctrl/info").is_dir())
+        assert c["io_weight"]["simulated"] is False and c["net_class"]["simulated"] is False
+    assert reclaimed["rdt_class"]["value"] == "reclaimed"
+    assert reclaimed["net_class"]["value"] == "batch" and reclaimed["io_weight"]["value"] == 10
     # everything the lab made is gone
     assert not lab_json["_new_leftovers"]
     assert not any(_alive(pid) for c in containers for pid in c["pids"])
@@ -116,6 +130,27 @@ def test_text_output_explains_every_container() -> None:
     for cls in CLASSES:
         assert f"class={cls}" in out
     assert out.count("oom_score_adj: ") >= 5
+    assert out.count("rdt_class: ") >= 5 and out.count("net_class: ") >= 5
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not REAL, reason="needs root, cgroup2 and network namespaces")
+def test_network_scenario_shapes_real_traffic_per_class() -> None:
+    result = _lab("--scenario", "network", "--json", "--duration", "2")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["link_mbit"] == 100
+    assert set(report["classes"]) == {"system", "online", "batch"}
+    for c in report["classes"].values():
+        assert {"bytes", "rate_mbit", "ceil_mbit"} <= c.keys() and c["bytes"] > 0
+    by_name = {c["name"]: c for c in report["containers"]}
+    assert by_name["batch-copy"]["net_class"] == "batch"
+    assert by_name["online-web"]["net_class"] == "online"
+    for c in report["containers"]:
+        assert {"name", "class", "net_class", "sent_bytes", "mbit"} <= c.keys()
+        assert c["sent_bytes"] > 0
+    # all four send at once through 100 Mbit/s: the sum cannot beat the link
+    assert sum(c["mbit"] for c in report["containers"]) <= 100 * 1.1
 
 
 @pytest.mark.root
