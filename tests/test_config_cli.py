@@ -221,3 +221,72 @@ def test_host_and_connection_limits_are_configurable_and_checked() -> None:
 def test_values_that_would_poison_every_decision_are_refused(text: str) -> None:
     with pytest.raises(ConfigError):
         parse_config(text, "runtime-provided config")
+
+
+def test_isolation_sections_are_applied() -> None:
+    from isolation.blkio import Throttle
+    from nri_plugin.policy.qos import QosClass
+
+    config = parse_config(
+        """
+[host]
+dry_run = true
+[rdt]
+runtime_classes = true
+mount = "/host/sys/fs/resctrl"
+[rdt.levels]
+shared_cores = ""
+[rdt.classes.reclaimed]
+l3_mask = "0xf"
+mb_percent = 20
+[io]
+devices = ["loop0"]
+[io.weights]
+reclaimed_cores = 5
+shared_cores = 0
+[io.throttle.reclaimed_cores]
+read_bps = 1048576
+[net]
+interfaces = ["eth0"]
+link_mbit = 1000
+[net.levels]
+dedicated_cores = "system"
+"""
+    )
+    assert config.dry_run
+    iso = config.isolation
+    assert iso.rdt.runtime_classes and iso.rdt.mount == "host/sys/fs/resctrl"
+    assert iso.rdt.classes["reclaimed"].l3_mask == 0xF
+    assert iso.rdt.classes["reclaimed"].mb_percent == 20
+    assert "shared" not in iso.rdt.classes  # no class uses it any more: no CLOSID for it
+    levels = config.qos.policy.planner.isolation  # what the engine plans with
+    assert levels.rdt_classes[QosClass.SHARED_CORES] is None
+    assert levels.io_weights[QosClass.RECLAIMED_CORES] == 5
+    assert levels.io_weights[QosClass.SHARED_CORES] is None
+    assert levels.net_classes[QosClass.DEDICATED_CORES] == "system"
+    assert iso.io.devices == ("loop0",)
+    assert iso.io.throttle["reclaimed_cores"] == Throttle(read_bps=1048576)
+    assert iso.net.interfaces == ("eth0",) and iso.net.link_mbit == 1000
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[rdt]\nfoo = 1", r"\[rdt\] has no key"),
+        ("[rdt.classes.reclaimed]\nl3_percent = 0", r"within 1\.\.100"),
+        ('[rdt.classes.reclaimed]\nl3_mask = "xyz"', "must be hex"),
+        ('[rdt.levels]\nshared_cores = "gold"', "no \\[rdt.classes"),
+        ('[rdt.levels]\nbest_effort = "reclaimed"', "is not a QoS class"),
+        ("[io.weights]\nreclaimed_cores = 20000", r"1\.\.10000"),
+        ("[io.weights]\nreclaimed_cores = true", "must be an integer"),
+        ("[io.throttle.batch]\nread_bps = 1", "is not a QoS class"),
+        ('[io]\ndevices = ["../vda"]', "device names"),
+        ('[net.levels]\nreclaimed_cores = "bulk"', "do not exist"),
+        ("[net]\nlink_mbit = -1", "link_mbit"),
+        ('[net]\ninterfaces = "eth0"', "must be a list"),
+        ('[host]\ndry_run = "yes"', "dry_run"),
+    ],
+)
+def test_bad_isolation_settings_name_the_key(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(text, "test.toml")
