@@ -25,6 +25,7 @@ from isolation import inflight
 from isolation.blockdev import BlockDevice
 from isolation.errors import HostError
 from isolation.writes import HostWriter
+from isolation.writes import read_file as _read
 
 BFQ_WEIGHT_MIN, BFQ_WEIGHT_MAX = 1, 1000
 
@@ -143,16 +144,6 @@ class Blkio:
 
 def _cap(value: int | None) -> str:
     return "none" if value is None else str(value)
-
-
-def _read(path: Path) -> str:
-    inflight.touching(path)
-    try:
-        return path.read_text(encoding="ascii", errors="replace")
-    except FileNotFoundError:
-        raise HostError(path, errno.ENOENT, f"{path} does not exist") from None
-    except OSError as exc:
-        raise HostError(path, exc.errno or errno.EIO, f"cannot read {path}") from exc
 
 
 def _device_values(path: Path, text: str) -> dict[str, int]:

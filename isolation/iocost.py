@@ -26,6 +26,7 @@ from isolation import inflight
 from isolation.blockdev import BlockDevice
 from isolation.errors import HostError
 from isolation.writes import HostWriter
+from isolation.writes import read_file as _read
 
 WEIGHT_MIN, WEIGHT_MAX = 1, 10000
 
@@ -221,16 +222,6 @@ class IoCost:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _read(path: Path) -> str:
-    inflight.touching(path)
-    try:
-        return path.read_text(encoding="ascii", errors="replace")
-    except FileNotFoundError:
-        raise HostError(path, errno.ENOENT, f"{path} does not exist") from None
-    except OSError as exc:
-        raise HostError(path, exc.errno or errno.EIO, f"cannot read {path}") from exc
 
 
 def _parse_device_lines(path: Path, text: str) -> dict[str, dict[str, str]]:

@@ -126,6 +126,19 @@ class HostWriter:
         return make()
 
 
+def read_file(path: Path) -> str:
+    """A host file's text, read the way the writes are made: the path named first for the
+    host executor's stuck-I/O report, every failure a HostError with its errno."""
+    inflight.touching(path)
+    try:
+        return path.read_text(encoding="ascii", errors="replace")
+    except FileNotFoundError:
+        raise HostError(path, errno_codes.ENOENT, f"{path} does not exist") from None
+    except OSError as exc:
+        code = exc.errno or errno_codes.EIO
+        raise HostError(path, code, f"cannot read {path}: {os.strerror(code)}") from exc
+
+
 def _error(exc: OSError, path: Path, message: str, detail: Callable[[], str] | None) -> HostError:
     code = exc.errno or errno_codes.EIO
     text = f"{message}: {exc.strerror or os.strerror(code)}"

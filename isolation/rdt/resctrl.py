@@ -34,6 +34,7 @@ from isolation.rdt.schemata import (
     schemata_for,
 )
 from isolation.writes import HostWriter
+from isolation.writes import read_file as _read
 
 log = logging.getLogger("nri_qos.host.rdt")
 
@@ -51,16 +52,6 @@ class MonSample:
     llc_occupancy: int | None
     mbm_total_bytes: int | None
     mbm_local_bytes: int | None
-
-
-def _read(path: Path) -> str:
-    inflight.touching(path)
-    try:
-        with open(path, encoding="ascii", errors="replace") as handle:
-            return handle.read()
-    except OSError as exc:
-        code = exc.errno or errno_codes.EIO
-        raise HostError(path, code, f"cannot read {path}: {os.strerror(code)}") from exc
 
 
 def _mount_options(root: Path, mount: str) -> set[str] | None:
