@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import secrets
@@ -208,3 +209,36 @@ def test_a_failing_required_controller_is_an_error_an_optional_one_a_warning() -
         controllers.start()
         (note,) = controllers.apply([broken])
         assert note.severity is severity and "Input/output error" in note.message
+
+
+async def test_an_intent_that_asks_for_rechecks_runs_again_until_a_newer_one_comes() -> None:
+    host = FakeHost()
+    executor = HostExecutor(Controllers([OomController(host)]))  # type: ignore[arg-type]
+    executor.start()
+    try:
+        first = SetOomScoreAdj(
+            phase=Phase.POST_START,
+            container=REF,
+            reason="late forks",
+            value=100,
+            recheck_after=(0.05, 0.05),
+        )
+        executor.submit(Intents(host=(first,)))
+        await asyncio.sleep(0.4)
+        assert [w[2] for w in host.oom_writes] == [100, 100, 100]  # the run + 2 rechecks
+        assert executor.counts["rechecks"] == 2
+
+        later = SetOomScoreAdj(
+            phase=Phase.POST_START,
+            container=REF,
+            reason="late forks",
+            value=200,
+            recheck_after=(0.2,),
+        )
+        executor.submit(Intents(host=(later,)))
+        await executor.drain()
+        executor.submit(Intents(host=(oom(300),)))  # the plan moved: its recheck is void
+        await asyncio.sleep(0.4)
+        assert [w[2] for w in host.oom_writes][3:] == [200, 300]
+    finally:
+        executor.close()

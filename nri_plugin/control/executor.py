@@ -255,7 +255,7 @@ class HostExecutor:
         again = replace(intent, recheck_after=intent.recheck_after[1:])
         follow = _Job(
             job.key,
-            f"{job.label} (recheck)",
+            job.label.removesuffix(" (recheck)") + " (recheck)",
             lambda: self.controllers.apply_one(again),
             job.subject,
             job.generation,

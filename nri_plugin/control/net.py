@@ -17,6 +17,7 @@ a restart, and removed when the agent stops. Optional.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,8 @@ from isolation.netclass import (
 from isolation.writes import HostWriter
 from nri_plugin.control.base import Controller, ControllerUnavailable, Mode
 from nri_plugin.policy.intents import HostIntent, ReleaseNetClass, SetNetClass
+
+log = logging.getLogger("nri_qos.control.net")
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,9 +92,13 @@ class NetController(Controller):
             self.trees[f"host:{ifname}"] = tree
 
     def stop(self) -> None:
-        for tree in self.trees.values():
+        """Remove every tree we installed; one that cannot be removed does not keep the
+        others in place."""
+        for key, tree in self.trees.items():
             try:
                 tree.remove()
+            except Exception as exc:
+                log.warning("net: could not remove the tree on %s: %s", key, exc)
             finally:
                 tree.close()
         self.trees.clear()

@@ -18,6 +18,7 @@ node without resctrl runs without RDT.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -33,6 +34,8 @@ from isolation.rdt import (
 )
 from nri_plugin.control.base import Controller, ControllerUnavailable, Mode
 from nri_plugin.policy.intents import HostIntent, PlaceInRdtClass, ReleaseRdt
+
+log = logging.getLogger("nri_qos.control.rdt")
 
 # Which class gets a CLOSID first when there are not enough: restricting batch protects
 # the most; the online classes' full masks equal the root group's anyway.
@@ -75,9 +78,12 @@ class RdtController(Controller):
         self.info = info
         classes = self.settings.classes
         try:
-            self.resctrl.remove_unused(keep=classes)
-        except HostError as exc:
-            self.degraded["(cleanup)"] = f"could not remove unused groups: {exc}"
+            removed = self.resctrl.remove_unused(keep=classes)
+        except HostError as exc:  # a leftover group costs a CLOSID, nothing else
+            log.warning("rdt: could not remove groups no class uses: %s", exc)
+        else:
+            if removed:
+                log.info("rdt: removed groups no class uses: %s", ", ".join(removed))
         # the root group holds one CLOSID: the rest is ours, most protective first
         free = max(0, info.num_closids - 1)
         order = sorted(classes, key=lambda c: (_rank(c), c))
@@ -95,7 +101,6 @@ class RdtController(Controller):
                 continue
             free -= 1
             self.ready[cls] = describe(info, classes[cls])
-        self.degraded.pop("(cleanup)", None)
         if not self.ready:
             why = "; ".join(f"{c}: {w}" for c, w in self.degraded.items()) or "no classes"
             raise ControllerUnavailable(f"no RDT class could be set up ({why})")

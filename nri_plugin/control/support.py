@@ -31,7 +31,7 @@ def host_support(controllers: Controllers, rdt: RdtController, io: IoController)
     return HostSupport(
         rdt=backend(rdt.domain),
         io=backend(io.domain),
-        net=backend("net"),
+        net=backend(NetController.domain),
         io_via_runtime=io.via_runtime,
         rdt_runtime_classes=rdt.settings.runtime_classes,
     )
