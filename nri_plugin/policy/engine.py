@@ -35,6 +35,7 @@ from nri_plugin.policy.class_intents import (
     paths_for,
     while_running,
 )
+from nri_plugin.policy.eviction import PRIORITY_ANNOTATION
 from nri_plugin.policy.incremental import Planner, PlanStep
 from nri_plugin.policy.intents import (
     NO_INTENTS,
@@ -46,6 +47,7 @@ from nri_plugin.policy.intents import (
     SetOomScoreAdj,
     Severity,
 )
+from nri_plugin.policy.interference import config_for
 from nri_plugin.policy.numa_reclaim import NumaReclaimable, reclaimable_by_numa
 from nri_plugin.policy.plan import (
     CPU,
@@ -59,6 +61,7 @@ from nri_plugin.policy.plan import (
     plan_fields,
 )
 from nri_plugin.policy.planner import NodePlan
+from nri_plugin.policy.protection import Member, Protection, ProtectionConfig
 from nri_plugin.policy.qos import Classification, QosConfig, classify
 from nri_plugin.policy.state import (
     ORIGINAL_ANNOTATION,
@@ -79,6 +82,7 @@ from qos_model.containers import (
 )
 from qos_model.cpulist import CpuListError, format_cpu_list, parse_cpu_list
 from qos_model.runtime import RuntimeInfo
+from qos_model.signals import SignalSnapshot
 from qos_model.text import NAME_LIMIT, clip
 from qos_model.topology import Topology
 
@@ -117,6 +121,7 @@ class EngineConfig:
     qos: QosConfig = field(default_factory=QosConfig)
     planner: PlannerConfig = field(default_factory=PlannerConfig)
     system_reserved_memory: int = 0  # bytes, for the NUMA reclaim report
+    protection: ProtectionConfig = field(default_factory=ProtectionConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +166,8 @@ class Engine:
         self.runtime: RuntimeInfo | None = None
         self.table = ContainerTable()
         self.planner = Planner(topology, self.config.planner)
+        self.config.protection.check()
+        self.protection = Protection(self.config.protection)
         self._noted: dict[str, set[tuple[str, str]]] = {}  # container -> notes given once
 
     # --- reading --------------------------------------------------------------------------
@@ -196,8 +203,10 @@ class Engine:
         """New settings (runtime-provided config at Configure). Raises ValueError when
         they cannot work on this host; the Synchronize that follows re-plans with them."""
         config.planner.check(self.topology)
+        config.protection.check()
         usage = self.planner.usage  # the last measurement still holds under new settings
         self.config = config
+        self.protection = Protection(config.protection)
         self.planner = Planner(self.topology, config.planner)
         self.planner.set_usage(usage)
         self.table.clear()
@@ -251,6 +260,7 @@ class Engine:
     @_recovering
     def pod_removed(self, pod: Pod) -> Step:
         self.table.pods.pop(pod.id, None)
+        self.protection.forget_pod(pod.id)
         return self._forget(self.table.of_pod(pod.id))
 
     @_recovering
@@ -319,10 +329,70 @@ class Engine:
 
     @_recovering
     def usage_sampled(self, usage: UsageSample) -> Step:
-        """New online CPU usage: resize the reclaimed pool."""
+        """New online CPU usage: resize the reclaimed pool (the CPUs it must avoid for
+        interference stay as the last signal window set them)."""
+        current = self.planner.usage
+        if current is not None:
+            usage = replace(usage, avoid_cpus=current.avoid_cpus, avoid_reason=current.avoid_reason)
         planned = self.planner.set_usage(usage)
         diff = _diff(planned)
         return self._step(diff, self._route(planned, diff))
+
+    @_recovering
+    def signals_sampled(self, snapshot: SignalSnapshot) -> Step:
+        """One window of interference signals: detection, the mitigation ladder and
+        eviction (`protection`). Shrinking the reclaimed pool is a planner input (its
+        members move with one update each); caps are runtime updates; MBA and eviction are
+        host intents; every decision is a note."""
+        plan = self.plan
+        iso = self.config.planner.isolation
+        rdt_ready = frozenset(iso.rdt_limits) if iso.host.rdt.available else frozenset()
+        outcome = self.protection.window(
+            snapshot,
+            self._members(),
+            plan.pools.reclaimed,
+            plan.pools.shared | plan.pools.reclaimed,
+            rdt_ready,
+        )
+        usage = self.planner.usage or UsageSample(online_cores=0.0)
+        routed = NO_INTENTS
+        diff: Mapping[str, tuple[FieldChange, ...]] = {}
+        if (usage.avoid_cpus, usage.avoid_reason) != (outcome.avoid_cpus, outcome.avoid_reason):
+            moved = replace(usage, avoid_cpus=outcome.avoid_cpus, avoid_reason=outcome.avoid_reason)
+            planned = self.planner.set_usage(moved)
+            diff = _diff(planned)
+            routed = self._route(planned, diff)
+        own = Intents(updates=outcome.updates, host=outcome.host, notes=outcome.notes)
+        return self._step(diff, routed + own)
+
+    def _members(self) -> dict[str, Member]:
+        """The containers as the protection loop sees them."""
+        base = self.config.protection.detection
+        out = {}
+        for cid, p in self.plan.containers.items():
+            record = self.table.get(cid)
+            if record is None:
+                continue
+            ctr = record.container
+            pod = self.table.pods.get(ctr.pod_id) or Pod(id=ctr.pod_id)
+            annotations = {**pod.annotations, **ctr.annotations}
+            res = ctr.resources
+            quota = res.cpu.quota if res is not None and res.cpu is not None else None
+            out[cid] = Member(
+                ref=ContainerRef.of(ctr, record.name),
+                namespace=pod.namespace,
+                pod=pod.name,
+                pod_uid=pod.uid,
+                qos_class=p.qos_class,
+                pool=p.pool,
+                cpus=p.cpus.value,
+                rdt_class=p.rdt_class.value,
+                kubelet_quota=quota if quota and quota > 0 else None,
+                oom_score_adj=p.oom_score_adj.value,
+                priority=_priority(annotations),
+                config=config_for(annotations, base),
+            )
+        return out
 
     # --- internals ------------------------------------------------------------------------
 
@@ -461,6 +531,14 @@ class Engine:
 
     def _step(self, diff: Mapping[str, tuple[FieldChange, ...]], intents: Intents) -> Step:
         return Step(self.plan, diff, intents)
+
+
+def _priority(annotations: Mapping[str, str]) -> int:
+    """The pod's Kubernetes priority as far as NRI lets us know it (see eviction.py)."""
+    try:
+        return int(annotations.get(PRIORITY_ANNOTATION, "0"))
+    except ValueError:
+        return 0
 
 
 def _workload(record: ContainerRecord) -> Workload:

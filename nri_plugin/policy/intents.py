@@ -124,6 +124,18 @@ class ReleaseNetClass(HostIntent):
     netns: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Evict(HostIntent):
+    """Evict the container's pod: through the Kubernetes Eviction API (a PodDisruption-
+    Budget may say "not now"), and only where configured by killing its processes."""
+
+    domain: ClassVar[str] = "evict"
+    namespace: str
+    pod: str
+    pod_uid: str
+    grace_period_s: int | None = None
+
+
 class Severity(StrEnum):
     INFO = "info"
     WARNING = "warning"

@@ -169,6 +169,8 @@ def layout_pools(
     if not reclaimed and has_reclaimed:
         reclaimed = shared
         reasons[RECLAIMED] = "no idle CPUs to reclaim: reclaimed containers share the shared pool"
+    if usage is not None and usage.avoid_cpus and has_reclaimed:
+        shared, reclaimed = _avoid(topology, config, shared, reclaimed, usage, reasons)
     pools = Pools(
         system=reserved,
         shared=shared,
@@ -266,6 +268,35 @@ def _split_shared_reclaimed(
     )
     reasons[SHARED] = "every CPU outside system and dedicated"
     return rest, reclaimed
+
+
+def _avoid(
+    topology: Topology,
+    config: PlannerConfig,
+    shared: frozenset[int],
+    reclaimed: frozenset[int],
+    usage: UsageSample,
+    reasons: dict[str, str],
+) -> tuple[frozenset[int], frozenset[int]]:
+    """Move the reclaimed pool off `usage.avoid_cpus` (where online containers suffer from
+    interference), keeping its size where the other CPUs allow; the CPUs it leaves go to
+    the shared pool when the two were disjoint. Nothing moves when no other CPU is left."""
+    pool = shared | reclaimed  # named pools were carved out already: not ours to move into
+    avoid = usage.avoid_cpus & pool
+    if not avoid & reclaimed:
+        return shared, reclaimed
+    others = pool - avoid
+    why = f"avoiding CPUs {format_cpu_list(avoid)}: {usage.avoid_reason or 'interference'}"
+    if not others:
+        reasons[RECLAIMED] = f"{reasons.get(RECLAIMED, '')}; cannot move off {why}"
+        return shared, reclaimed
+    disjoint = not shared & reclaimed
+    moved = top_cores(topology, others, min(len(reclaimed), len(others)))
+    if disjoint:
+        left = pool - moved
+        shared = left if len(left) >= config.min_shared_cpus else pool  # else overlap
+    reasons[RECLAIMED] = f"{len(moved)} CPU(s), {why} (was {format_cpu_list(reclaimed)})"
+    return shared, moved
 
 
 Placed = tuple[Decision[frozenset[int]], Decision[frozenset[int] | None]]

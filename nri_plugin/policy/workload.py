@@ -88,9 +88,13 @@ class Workload:
 
 @dataclass(frozen=True, slots=True)
 class UsageSample:
-    """Measured CPU use of the online (shared and system) containers, in cores."""
+    """Measured CPU use of the online (shared and system) containers, in cores, and the
+    CPUs the reclaimed pool must stay off while online containers there suffer from
+    interference (the mitigation ladder's first rung), with why."""
 
     online_cores: float
+    avoid_cpus: frozenset[int] = frozenset()
+    avoid_reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)
