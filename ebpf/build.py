@@ -13,6 +13,14 @@ to only verify the stamps (no compiler needed). ``CLANG``/``LLVM_STRIP`` overrid
 clang runs in ``ebpf/`` on the bare file name with ``-fdebug-compilation-dir=.``, so no
 absolute path of the checkout ends up in the object's BTF line info and a rebuild in
 another checkout gives the same bytes.
+
+CO-RE sources (``#include "vmlinux.h"``, e.g. runq.bpf.c) get a ``vmlinux.h`` generated
+for the build only, into a temporary directory, from the build host's BTF
+(``bpftool btf dump file /sys/kernel/btf/vmlinux format c``; ``VMLINUX_BTF``/``BPFTOOL``
+override). It is never committed: libbpf relocates the field accesses against the running
+kernel's BTF at load time. The temporary path is mapped to ``/vmlinux`` in the debug info,
+so it does not leak into the object; the object's bytes do depend on the build host's
+kernel types (rebuild on the same kernel to reproduce them).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +43,8 @@ SOURCE_SUFFIX = ".bpf.c"
 # Same flags as the probes in docs (host-capabilities "eBPF"): -g keeps BTF (libbpf needs it
 # for maps and CO-RE); llvm-strip -g then drops DWARF, which only makes the object bigger.
 CLANG_FLAGS = ("-O2", "-g", "-target", "bpf", "-Wall", "-Werror", "-fdebug-compilation-dir=.")
+VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
+VMLINUX_INCLUDE = '#include "vmlinux.h"'
 ARCH_DEFINES = {"x86_64": "x86", "aarch64": "arm64", "ppc64le": "powerpc", "s390x": "s390"}
 
 
@@ -122,10 +133,42 @@ def clang_version(clang: str) -> str:
     return out.stdout.splitlines()[0].strip()
 
 
+def needs_vmlinux_h(source: Path) -> bool:
+    """True for a CO-RE source that includes the generated vmlinux.h."""
+    return any(line.strip() == VMLINUX_INCLUDE for line in source.read_text().splitlines())
+
+
+def write_vmlinux_h(directory: Path) -> Path:
+    """Generate ``directory/vmlinux.h`` from the kernel's BTF with bpftool. Raises BuildError."""
+    btf = Path(os.environ.get("VMLINUX_BTF") or VMLINUX_BTF)
+    if not btf.is_file():
+        raise BuildError(f"no {btf} (kernel without BTF); set VMLINUX_BTF to a vmlinux with BTF")
+    bpftool = _tool("BPFTOOL", "bpftool", "/usr/sbin/bpftool")
+    header = directory / "vmlinux.h"
+    with header.open("wb") as out:
+        done = subprocess.run(
+            [bpftool, "btf", "dump", "file", str(btf), "format", "c"],
+            stdout=out,
+            stderr=subprocess.PIPE,
+        )
+    if done.returncode != 0:
+        raise BuildError(f"bpftool could not dump {btf}: {done.stderr.decode().strip()}")
+    return header
+
+
 def build(source: Path, objects_dir: Path = OBJECTS_DIR) -> Path:
     """Compile and strip one source, then write its stamp. Raises BuildError."""
     clang = _tool("CLANG", "clang-14", "clang")
     strip = _tool("LLVM_STRIP", "llvm-strip-14", "llvm-strip")
+    with tempfile.TemporaryDirectory(prefix="ebpf-build-") as scratch:
+        extra: list[str] = []
+        if needs_vmlinux_h(source):
+            write_vmlinux_h(Path(scratch))
+            extra = [f"-I{scratch}", f"-fdebug-prefix-map={scratch}=/vmlinux"]
+        return _compile(clang, strip, source, objects_dir, extra)
+
+
+def _compile(clang: str, strip: str, source: Path, objects_dir: Path, extra: list[str]) -> Path:
     arch = ARCH_DEFINES.get(platform.machine(), platform.machine())
     objects_dir.mkdir(parents=True, exist_ok=True)
     obj = object_for(source, objects_dir)
@@ -135,6 +178,7 @@ def build(source: Path, objects_dir: Path = OBJECTS_DIR) -> Path:
         *CLANG_FLAGS,
         f"-D__TARGET_ARCH_{arch}",
         *_include_dirs(),
+        *extra,
         "-c",
         source.name,
         "-o",

@@ -43,6 +43,7 @@ class RunqSource(Protocol):
     """A run-queue latency backend (CO-RE probe, bcc probe, /proc/<pid>/schedstat)."""
 
     name: str
+    availability: Availability  # which backend this is, and why the better ones are not
 
     def collect(self, containers: Sequence[WatchedContainer]) -> RunqWindow:
         """Waits since the previous call (the first call starts the window)."""

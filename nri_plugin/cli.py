@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     lab.add_argument(
         "--scenario",
         default="pods",
-        choices=["pods", "network"],
+        choices=["pods", "network", "interference"],
         help="pods: one pod per QoS class through the runtime; network: real traffic "
         "from containers of each class through the real HTB tree, in namespaces it creates",
     )
@@ -158,6 +158,10 @@ def _cmd_version() -> int:
 
 
 def _cmd_lab(args: argparse.Namespace) -> int:
+    if args.scenario == "interference":
+        from nri_plugin.lab_interference import run_interference_lab
+
+        return run_interference_lab(as_json=args.json)
     if args.scenario == "network":
         from nri_plugin.scenario_network import run_network_lab
 

@@ -16,6 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from nri_plugin.config_isolation import IsolationSettings, SectionError, parse_isolation
+from nri_plugin.config_protection import (
+    ProtectionSectionError,
+    ProtectionSettings,
+    parse_protection,
+)
 from nri_plugin.control.executor import HostLimits
 from nri_plugin.plugin import DEFAULT_SOCKET, PluginSettings, PluginSetupError
 from nri_plugin.policy.engine import EngineConfig
@@ -56,6 +61,7 @@ class Config:
     # Log every host change the controllers would make, and make none.
     dry_run: bool = False
     isolation: IsolationSettings = field(default_factory=IsolationSettings)
+    protection: ProtectionSettings = field(default_factory=ProtectionSettings)
 
 
 _PLUGIN_KEYS: dict[str, tuple[str, Callable[[Any], object]]] = {
@@ -115,15 +121,17 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     except RecursionError:  # arrays nested thousands deep (runtime-provided text is input)
         raise ConfigError(f"{source}: not valid TOML: nested too deeply") from None
     _check_finite(raw, source, "")
-    unknown = set(raw) - {"plugin", "log", "policy", "host", "rdt", "io", "net"}
+    sections = ("plugin", "log", "policy", "host", "rdt", "io", "net", "interference", "eviction")
+    unknown = set(raw) - set(sections)
     if unknown:
         raise ConfigError(
             f"{source}: unknown section(s) {sorted(unknown)}; "
-            "allowed: [plugin], [log], [policy], [host], [rdt], [io], [net]"
+            f"allowed: {', '.join(f'[{name}]' for name in sections)}"
         )
     try:
         isolation = parse_isolation(raw)
-    except SectionError as exc:
+        protection = parse_protection(raw)
+    except (SectionError, ProtectionSectionError) as exc:
         raise ConfigError(f"{source}: {exc}") from None
     plugin = _plugin_settings(_table(raw, "plugin", source), source)
     log = _log_config(_table(raw, "log", source), source)
@@ -137,7 +145,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         raise ConfigError(f"{source}: policy {name!r} takes no settings, got {sorted(policy)}")
     qos = _qos_settings(policy, source) if name == "qos" else QosSettings()
     planner = replace(qos.policy.planner, isolation=isolation.levels)
-    qos = replace(qos, policy=replace(qos.policy, planner=planner))
+    qos = replace(qos, policy=replace(qos.policy, planner=planner, protection=protection.engine))
     host = dict(_table(raw, "host", source))
     dry_run = host.pop("dry_run", False)
     if not isinstance(dry_run, bool):
@@ -158,6 +166,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         host_limits=limits,
         dry_run=dry_run,
         isolation=isolation,
+        protection=protection,
     )
 
 

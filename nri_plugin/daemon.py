@@ -18,9 +18,10 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from ebpf.signals.sampler import SignalSampler
 from isolation.errors import HostError
 from isolation.host import LinuxHost
 from isolation.rdt import Resctrl
@@ -29,6 +30,7 @@ from isolation.writes import HostWriter
 from nri_plugin import logsafe
 from nri_plugin.config import Config, parse_config
 from nri_plugin.control.base import Controllers, ControllerStartError
+from nri_plugin.control.evict import EvictController, EvictSettings
 from nri_plugin.control.executor import HostExecutor
 from nri_plugin.control.io import IoController
 from nri_plugin.control.net import NetController
@@ -42,6 +44,12 @@ from nri_plugin.policy.engine import Engine, EngineConfig
 from nri_plugin.policy.intents import ContainerRef
 from nri_plugin.policy.qos_policy import QosPolicy
 from nri_plugin.policy.workload import PlannerConfigError, UsageSample
+from nri_plugin.protect import (
+    ProtectState,
+    build_sampler,
+    protection_loop,
+    reraise_if_cancelled,
+)
 from nri_plugin.protocol.errors import RpcError
 from nri_plugin.status import StatusServer
 from nri_plugin.usage import UsageMeter
@@ -63,6 +71,8 @@ class Services:
     executor: HostExecutor
     host: LinuxHost | None = None
     writer: HostWriter | None = None
+    sampler: SignalSampler | None = None
+    protect: ProtectState = field(default_factory=ProtectState)
 
 
 def build_services(config: Config) -> Services:
@@ -82,10 +92,24 @@ def build_services(config: Config) -> Services:
     host = LinuxHost.at(config.host_root, dry_run=config.dry_run)
     writer = HostWriter(dry_run=config.dry_run)
     iso = config.isolation
-    rdt = RdtController(Resctrl(config.host_root, writer, iso.rdt.mount), host, iso.rdt)
+    resctrl = Resctrl(config.host_root, writer, iso.rdt.mount)
+    rdt = RdtController(resctrl, host, iso.rdt)
     io = IoController(host, config.host_root, writer, iso.io)
     net = NetController(host, writer, iso.net, config.host_root)
-    controllers = Controllers([OomController(host), rdt, io, net])
+    ev = config.protection.evict
+    eviction = config.protection.engine.eviction
+    evict = EvictController(
+        EvictSettings(
+            enabled=eviction.enabled,
+            api=ev.api,
+            kubeconfig=ev.kubeconfig,
+            kill_fallback=ev.kill_fallback,
+            dry_run=ev.dry_run,
+        ),
+        host,
+        writer,
+    )
+    controllers = Controllers([OomController(host), rdt, io, net, evict])
     executor = HostExecutor(controllers, events, config.host_limits)
     try:
         executor.start()
@@ -103,7 +127,13 @@ def build_services(config: Config) -> Services:
     except PlannerConfigError as exc:
         executor.close()
         raise PluginSetupError(f"[policy] does not fit this host: {exc}") from None
-    return Services(QosPolicy(engine, runtime_config), executor, host, writer)
+    protect = ProtectState()
+    sampling = config.protection.sampling
+    sampler = None
+    if sampling.enabled:
+        readable = resctrl if rdt.ready else None
+        sampler = build_sampler(config.host_root, sampling.probe, readable, protect)
+    return Services(QosPolicy(engine, runtime_config), executor, host, writer, sampler, protect)
 
 
 async def rebalance_loop(
@@ -142,20 +172,11 @@ async def rebalance_loop(
                 )
                 await plugin.update_containers(intents.updates)
         except (NotConnected, RpcError, TimeoutError, ConnectionError) as exc:
-            _reraise_if_cancelled()
+            reraise_if_cancelled()
             log.warning("rebalance: %s", exc or type(exc).__name__)
         except Exception:
-            _reraise_if_cancelled()
+            reraise_if_cancelled()
             log.exception("rebalance failed; will retry")
-
-
-def _reraise_if_cancelled() -> None:
-    """A cancel that lands while a call fails (the connection closing under a stopping
-    daemon) can surface as that call's error; swallowing it would keep the loop alive
-    through shutdown."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 def launched_by_runtime() -> bool:
@@ -273,7 +294,7 @@ async def run_daemon(
             plugin,
             lambda: policy_view(policy),
             executor.events,
-            host_view=lambda: host_view(executor),
+            host_view=lambda: host_view(executor, services.protect),
         )
         try:
             await status.start()
@@ -291,6 +312,12 @@ async def run_daemon(
     if isinstance(policy, QosPolicy) and services.host is not None and interval > 0:
         sampler = rebalance_loop(plugin, policy, services.host, executor, interval)
         background.append(asyncio.create_task(sampler))
+    if isinstance(policy, QosPolicy) and services.host is not None and services.sampler:
+        window = config.protection.sampling.window_s
+        loop_ = protection_loop(
+            plugin, policy, services.host, executor, services.sampler, window, services.protect
+        )
+        background.append(asyncio.create_task(loop_))
     try:
         if launched_by_runtime():
             fd = int(os.environ["NRI_PLUGIN_SOCKET"])

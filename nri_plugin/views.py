@@ -15,6 +15,7 @@ from nri_plugin.policy.engine import Engine
 from nri_plugin.policy.plan import ContainerPlan
 from nri_plugin.policy.planner import NodePlan
 from nri_plugin.policy.qos_policy import QosPolicy
+from nri_plugin.protect import ProtectState
 from qos_model.cpulist import format_cpu_list
 from qos_model.runtime import RuntimeInfo
 
@@ -48,6 +49,44 @@ def engine_view(engine: Engine) -> dict[str, object]:
         "usage_online_cores": None
         if engine.planner.usage is None
         else engine.planner.usage.online_cores,
+        "interference": interference_view(engine),
+    }
+
+
+def interference_view(engine: Engine) -> dict[str, object]:
+    """Who suffers now, why, who is blamed, and which mitigation rungs are in force."""
+    protection = engine.protection
+    names = {cid: p.name for cid, p in engine.plan.containers.items()}
+    return {
+        "detections": [
+            {
+                "victim": names.get(d.victim, d.victim),
+                "verdict": str(d.verdict),
+                "delay_ms": round(d.delay_ms, 2),
+                "threshold_ms": round(d.threshold_ms, 2),
+                "cpu_pressure": d.psi_some,
+                "windows": d.windows,
+                "confidence": d.confidence,
+                "antagonists": [
+                    {
+                        "name": names.get(a.container_id, a.container_id),
+                        "score": a.score,
+                        "reason": a.reason,
+                    }
+                    for a in d.antagonists
+                ],
+                "reason": d.reason,
+            }
+            for d in protection.last_detections.values()
+        ],
+        "rungs": {
+            names.get(victim, victim): [
+                {"rung": str(rung), "on": [names.get(t, t) for t in targets]}
+                for rung, targets in rungs
+            ]
+            for victim, rungs in protection.ladder.in_force().items()
+        },
+        "evictions_in_flight": sorted(protection.evicting),
     }
 
 
@@ -102,11 +141,22 @@ def reasons(plan: NodePlan, p: ContainerPlan) -> dict[str, str]:
     return out
 
 
-def host_view(executor: HostExecutor) -> dict[str, object]:
+def host_view(executor: HostExecutor, protect: ProtectState | None = None) -> dict[str, object]:
     """Host work as people need it: each controller's state, files host I/O is stuck on,
-    what is quarantined until when, and the counters."""
+    what is quarantined until when, the counters, and which signal sources measure."""
     status = executor.status()
+    signals: dict[str, object] = {}
+    if protect is not None:
+        signals = {
+            "runq_backend": protect.runq_source,
+            "runq_reason": protect.runq_reason,
+            "windows": protect.windows,
+            "sources": {
+                k: {"source": a.source, "reason": a.reason} for k, a in protect.sources.items()
+            },
+        }
     return {
+        "signals": signals,
         "controllers": [
             {
                 "name": c.name,

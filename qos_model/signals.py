@@ -33,8 +33,8 @@ class RunqLatency:
         return self.total_ns / self.count if self.count else 0.0
 
     def quantile_ns(self, q: float) -> float:
-        """Upper bound of the bucket holding the q-quantile (the mean when there is no
-        histogram: schedstat gives sums only)."""
+        """The q-quantile, interpolated linearly inside its log2 bucket (the mean when
+        there is no histogram: schedstat gives sums only)."""
         if not self.buckets:
             return self.mean_ns
         total = sum(self.buckets)
@@ -43,9 +43,11 @@ class RunqLatency:
         rank = q * total
         seen = 0
         for i, n in enumerate(self.buckets):
+            if n and seen + n >= rank:
+                low = 0.0 if i == 0 else float(2**i)
+                high = float(2 ** (i + 1))
+                return (low + (high - low) * (rank - seen) / n) * 1000.0
             seen += n
-            if seen >= rank:
-                return float(2 ** (i + 1)) * 1000.0
         return float(2 ** len(self.buckets)) * 1000.0
 
 

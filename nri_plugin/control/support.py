@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from nri_plugin.control.base import Controllers
+from nri_plugin.control.evict import EvictController
 from nri_plugin.control.io import IoController
 from nri_plugin.control.net import NetController
 from nri_plugin.control.rdt import RdtController
@@ -32,6 +33,7 @@ def host_support(controllers: Controllers, rdt: RdtController, io: IoController)
         rdt=backend(rdt.domain),
         io=backend(io.domain),
         net=backend(NetController.domain),
+        evict=backend(EvictController.domain),
         io_via_runtime=io.via_runtime,
         rdt_runtime_classes=rdt.settings.runtime_classes,
     )

@@ -51,6 +51,7 @@ class HostSupport:
     rdt: Backend = NOT_PROBED
     io: Backend = NOT_PROBED
     net: Backend = NOT_PROBED
+    evict: Backend = NOT_PROBED  # an executor for Evict intents (the API, or the kill)
     io_via_runtime: bool = False
     rdt_runtime_classes: bool = False
 

@@ -184,6 +184,15 @@ class Engine:
             self.config.system_reserved_memory,
         )
 
+    def watch_list(self) -> list[tuple[ContainerRef, str | None]]:
+        """Every planned container with its RDT class (for the signal collectors)."""
+        out = []
+        for cid, plan in self.plan.containers.items():
+            record = self.table.get(cid)
+            if record is not None:
+                out.append((ContainerRef.of(record.container, record.name), plan.rdt_class.value))
+        return out
+
     def online_containers(self) -> list[ContainerRef]:
         """Containers whose CPU use counts as online demand (for the usage sampler)."""
         out = []
@@ -353,6 +362,7 @@ class Engine:
             plan.pools.reclaimed,
             plan.pools.shared | plan.pools.reclaimed,
             rdt_ready,
+            "" if iso.host.evict.available else iso.host.evict.reason,
         )
         usage = self.planner.usage or UsageSample(online_cores=0.0)
         routed = NO_INTENTS

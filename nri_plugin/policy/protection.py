@@ -112,6 +112,8 @@ class Protection:
         self._tightened: dict[str, str] = {}
         self._skipped: dict[str, str] = {}  # victim -> last skipped text (said once)
         self.last: WindowResult = WindowResult()
+        self._evict_unavailable = ""
+        self._verdicts: dict[str, object] = {}
         self.last_detections: dict[str, Detection] = {}
 
     def forget_pod(self, pod_id: str) -> None:
@@ -124,8 +126,12 @@ class Protection:
         reclaimed_cpus: frozenset[int],
         shareable_cpus: frozenset[int],
         rdt_classes: frozenset[str],
+        evict_unavailable: str = "",
     ) -> Outcome:
+        """One window. `evict_unavailable`: why no eviction executor runs ("" when one
+        does): the ladder then stops below eviction and says so."""
         now = snapshot.end_s
+        self._evict_unavailable = evict_unavailable
         for pod, since in list(self.evicting.items()):
             if now - since > EVICTION_PENDING_S:
                 del self.evicting[pod]
@@ -148,7 +154,14 @@ class Protection:
                 severity = Severity.WARNING if d.antagonists else Severity.INFO
                 text = f"{d.verdict}: {d.reason} (confidence {d.confidence:.0%})"
                 notes.append(Note("interference", members[victim].ref.name, text, severity))
+        for d in result.active:  # an episode whose cause became clearer (or changed)
+            before = self._verdicts.get(d.victim)
+            if before is not None and before != d.verdict and d.victim not in result.started:
+                text = f"now {d.verdict}: {d.reason} (confidence {d.confidence:.0%})"
+                notes.append(Note("interference", members[d.victim].ref.name, text))
+            self._verdicts[d.victim] = d.verdict
         for victim in result.cleared:
+            self._verdicts.pop(victim, None)
             if victim in members:
                 notes.append(
                     Note("interference", members[victim].ref.name, "back under its thresholds")
@@ -222,6 +235,8 @@ class Protection:
         cfg = self.config.eviction
         if not cfg.enabled:
             return "eviction is off ([eviction] enabled = false)", ()
+        if self._evict_unavailable and not cfg.dry_run:
+            return f"no eviction executor: {self._evict_unavailable}", ()
         pick, why_not = self._pick(d, members, now)
         return ("", (pick.container_id,)) if pick is not None else (why_not, ())
 
@@ -333,6 +348,8 @@ class Protection:
         cfg = self.config.eviction
         node = snapshot.node_memory
         if not cfg.enabled or node is None or node.total_bytes <= 0:
+            return []
+        if self._evict_unavailable and not cfg.dry_run:
             return []
         low = node.available_bytes / node.total_bytes < cfg.memory_available_min
         full = node.pressure.full if node.pressure is not None else None

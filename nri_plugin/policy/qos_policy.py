@@ -17,6 +17,7 @@ from nri_plugin.policy.intents import NO_INTENTS, Intents, Note, Severity
 from nri_plugin.policy.workload import UsageSample
 from qos_model.containers import Container, Pod, Resources
 from qos_model.runtime import RuntimeInfo
+from qos_model.signals import SignalSnapshot
 
 # Parses the config text a runtime hands a pre-installed plugin (conf.d) into an engine
 # config; injected by the daemon, which owns the config format. Raises ValueError.
@@ -79,3 +80,7 @@ class QosPolicy(PolicyBase):
     def rebalance(self, usage: UsageSample) -> Intents:
         """New online usage (from the daemon's sampler): resize the reclaimed pool."""
         return self.engine.usage_sampled(usage).intents
+
+    def protect(self, snapshot: SignalSnapshot) -> Intents:
+        """One window of interference signals (from the daemon's collectors)."""
+        return self.engine.signals_sampled(snapshot).intents

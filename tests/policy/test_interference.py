@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 
+from nri_plugin.policy.class_isolation import Backend, HostSupport, IsolationConfig
 from nri_plugin.policy.engine import Engine, EngineConfig
 from nri_plugin.policy.eviction import Candidate, EvictionConfig, RateLimit, choose, rank
 from nri_plugin.policy.intents import Evict
@@ -192,13 +193,19 @@ def test_eviction_ranks_by_class_priority_then_use_and_is_rate_limited() -> None
 # --- the engine: the whole loop on a planned node ----------------------------------------
 
 
-def node(**protection: object) -> Engine:
+def node(evict: bool = True, **protection: object) -> Engine:
     """Two NUMA nodes of 2 CPUs; the reclaimed pool may use every CPU (overlapping the
     shared pool, with the lowest weight), so a bound online container shares CPUs with
     batch: the situation the ladder's first rung exists for."""
     topo = MachineShape(packages=2, cores_per_l3=2).expected_topology()
     config = EngineConfig(
-        planner=PlannerConfig(reclaimed_overlap_shared=True, reclaimed_min_cpus=4),
+        planner=PlannerConfig(
+            reclaimed_overlap_shared=True,
+            reclaimed_min_cpus=4,
+            isolation=IsolationConfig(
+                host=HostSupport(evict=Backend(evict, "started" if evict else "no API server"))
+            ),
+        ),
         protection=ProtectionConfig(**protection),  # type: ignore[arg-type]
     )
     e = Engine(topo, config)
@@ -276,6 +283,20 @@ def test_memory_pressure_evicts_the_batch_pod_the_oom_killer_would_take_first() 
     again = e.signals_sampled(replace(s, end_s=2.0)).intents
     assert not [i for i in again.host if isinstance(i, Evict)]  # one at a time
     assert any("already under way" in n.message for n in again.notes)
+
+
+def test_without_an_eviction_executor_memory_pressure_evicts_nothing() -> (
+    None
+):
+    e = node(evict=False)
+    e.container_created(pod("etl", "reclaimed_cores"), container("etl", 0, oom=1000))
+    s = SignalSnapshot(
+        end_s=1.0,
+        window_s=0.5,
+        containers={"ctr-etl": ContainerSignals(memory=MemoryUse(usage_bytes=1 << 30))},
+        node_memory=NodeMemory(available_bytes=1 << 20, total_bytes=16 << 30),
+    )
+    assert not [i for i in e.signals_sampled(s).intents.host if isinstance(i, Evict)]
 
 
 @pytest.mark.parametrize("dry", [True])
