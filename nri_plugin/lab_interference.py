@@ -7,7 +7,11 @@ processes, resources applied the way runc applies them):
   and records how late each wakeup was — the latency its users would see;
 * `innocent` (reclaimed_cores): a CPU burner on the other CPU;
 * `antagonist` (reclaimed_cores): CPU burners on the victim's CPU, started after a
-  quiet period.
+  quiet period. It is a Burstable pod with a 4-CPU request that someone annotated
+  reclaimed_cores: the kubelet sizes the *pod's* cgroup weight from its requests
+  (4096), and the lowest container weight nri-qos sets (2) only counts among the pod's
+  own containers, so across pods it still outweighs the victim 4:1 — the case the
+  weight cannot fix and the loop must.
 Processes pin themselves to their CPU (as many applications do), so the scenario does
 not depend on the host's CPU count beyond two.
 
@@ -29,7 +33,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ebpf.runq import select_runq_source
@@ -153,6 +157,9 @@ class Scenario:
         if adj is not None and adj.resources is not None:
             ctr = ctr.with_resources(merge_requested(ctr.resources, adj.resources))
         pid = await self.backend.create(ctr)
+        if millicores:  # the pod-level weight the kubelet derives from the requests
+            pod_group = PurePosixPath(ctr.cgroups_path).parent
+            self.cgroupfs.set_cpu_shares(pod_group, max(2, millicores * 1024 // 1000))
         ctr = replace(ctr, pid=pid, state=ContainerState.RUNNING)
         self.engine.container_started(pod, ctr)
         self.containers[ctr.id], self.pods[ctr.id] = ctr, pod
@@ -257,7 +264,8 @@ async def run_scenario(progress: Callable[[str], None], quiet_s: float = 6.0) ->
             for _ in range(6):  # 3 s before: the victim's normal
                 await s.window()
             started = time.monotonic() - s.t0
-            await s.start("antagonist", "reclaimed_cores", BURNER, cpu=1, copies=3)
+            await s.start("antagonist", "reclaimed_cores", BURNER, cpu=1, copies=3,
+                          millicores=4000)  # fmt: skip
             progress("antagonist started on the victim's CPU")
             for _ in range(16):  # 8 s: detection, mitigation, recovery
                 await s.window()

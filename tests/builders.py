@@ -9,6 +9,7 @@ host the controllers write to, so a test says only what is special about its con
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from nri_plugin.policy.kube_qos import CFS_PERIOD_US, kubelet_quota, kubelet_shares
 from nri_plugin.policy.qos import (
@@ -136,3 +137,7 @@ class FakeHost:
 
     def cpu_usage_ns(self, cgroups_path: str, container_id: str) -> int | None:
         return self.usage_ns.get(cgroups_path)
+
+    def group_dir(self, cgroups_path: str, container_id: str, controller: str) -> Path:
+        """Where the container's group would be (collectors get it; nothing is read)."""
+        return Path("/sys/fs/cgroup") / (controller or "unified") / cgroups_path.lstrip("/")

@@ -290,3 +290,47 @@ dedicated_cores = "system"
 def test_bad_isolation_settings_name_the_key(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config(text, "test.toml")
+
+
+def test_interference_and_eviction_sections_reach_the_engine() -> None:
+    config = parse_config(
+        """
+[interference]
+window_ms = 250
+probe = "schedstat"
+runq_ms = 1.0
+windows = 2
+escalate_after_ms = 500
+cap_cores = 0.5
+mba_class = "throttled"
+[eviction]
+dry_run = true
+burst = 2
+api = "off"
+kill_fallback = true
+"""
+    )
+    p = config.qos.policy.protection
+    assert (p.detection.runq_ms, p.detection.windows) == (1.0, 2)
+    assert p.ladder.escalate_after_s == 0.5 and p.cap_cores == 0.5 and p.mba_class == "throttled"
+    assert p.eviction.dry_run and p.eviction.burst == 2
+    assert config.protection.sampling.window_s == 0.25
+    assert config.protection.sampling.probe == "schedstat"
+    assert config.protection.evict.api == "off" and config.protection.evict.kill_fallback
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[interference]\nwindow = 1", r"\[interference\] has no key"),
+        ("[interference]\nwindow_ms = 10", "window_ms must be within"),
+        ('[interference]\nprobe = "kprobe"', "choose one of"),
+        ("[interference]\nwindows = 0", "integer >= 1"),
+        ("[interference]\nrunq_relative = 0.5", "runq_relative > 1"),
+        ("[eviction]\nburst = true", "integer >= 1"),
+        ('[eviction]\napi = "rest"', "choose one of"),
+    ],
+)
+def test_bad_interference_settings_name_the_key(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(text, "test.toml")

@@ -9,11 +9,12 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
+from ebpf.watched import WatchedContainer
 from embedded_runtime import CONTAINERD_2_3, EmbeddedRuntime, InMemoryBackend
 from nri_plugin import daemon
 from nri_plugin.config import Config
@@ -30,9 +31,14 @@ from nri_plugin.daemon import (
 from nri_plugin.logsafe import RateLimitFilter, TruncateFilter
 from nri_plugin.plugin import NriPlugin, PluginSettings, PluginSetupError
 from nri_plugin.policy.api import RecordingPolicy
-from nri_plugin.policy.engine import Engine
+from nri_plugin.policy.engine import Engine, EngineConfig
+from nri_plugin.policy.mitigation import LadderConfig
+from nri_plugin.policy.protection import ProtectionConfig
 from nri_plugin.policy.qos_policy import QosPolicy
+from nri_plugin.policy.workload import PlannerConfig
+from nri_plugin.protect import ProtectState, protection_loop
 from nri_plugin.status import StatusSocketError, query
+from qos_model.signals import RUNQ_BUCKETS, ContainerSignals, RunqLatency, SignalSnapshot
 from tests.builders import FakeHost, MiB, container, pod
 from tests.conftest import REPO
 from tests.policy.sysfs_builder import MachineShape, write_sysfs
@@ -323,3 +329,76 @@ def test_a_forked_child_that_gets_sigterm_never_stops_the_daemon() -> None:
     got, status = asyncio.run(main())
     assert got == []
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+
+
+class ScriptedSignals:
+    """Stands in for the collectors: the web container suffers behind the batch one in
+    every window while `bad` is set (what the real sampler reports is tested with real
+    processes in tests/ebpf and by the interference lab)."""
+
+    def __init__(self) -> None:
+        self.bad = True
+        self.seen: list[list[str]] = []
+
+    def sample(self, containers: Sequence[WatchedContainer], now_s: float) -> SignalSnapshot:
+        self.seen.append(sorted(c.id for c in containers))
+        wait = 8_000_000 if self.bad else 50_000
+        buckets = [0] * RUNQ_BUCKETS
+        buckets[max(0, (wait // 1000).bit_length() - 1)] = 100
+        web = ContainerSignals(runq=RunqLatency(100, 100 * wait, tuple(buckets)))
+        blame = {("ctr-web", "ctr-batch"): 90 * wait} if self.bad else {}
+        return SignalSnapshot(now_s, 0.05, {"ctr-web": web}, blame)
+
+
+async def test_the_interference_loop_caps_the_antagonist_through_update_containers(
+    tmp_path: Path,
+) -> None:
+    topology = MachineShape(cores_per_l3=4).expected_topology()
+    config = EngineConfig(
+        planner=PlannerConfig(reclaimed_overlap_shared=True),
+        protection=ProtectionConfig(ladder=LadderConfig(escalate_after_s=10.0)),
+    )
+    policy = QosPolicy(Engine(topology, config))
+    host = FakeHost()
+    executor = HostExecutor(Controllers([OomController(host)]))  # type: ignore[arg-type]
+    executor.start()
+    plugin = NriPlugin(
+        policy, PluginSettings(socket_path=tmp_path / "nri.sock"), on_intents=executor.submit
+    )
+    runtime = EmbeddedRuntime(
+        tmp_path / "nri.sock", flavor=CONTAINERD_2_3, backend=InMemoryBackend()
+    )
+    await runtime.start()
+    runner = asyncio.create_task(plugin.run())
+    signals = ScriptedSignals()
+    state = ProtectState()
+    loop = asyncio.create_task(
+        protection_loop(plugin, policy, host, executor, signals, 0.05, state)  # type: ignore[arg-type]
+    )
+    try:
+        await runtime.wait_for_plugins(1, timeout=10)
+        await runtime.run_pod_sandbox(pod("web", "shared_cores"))
+        await runtime.create_container("pod-web", container("web", 1000, memory=64 * MiB))
+        await runtime.run_pod_sandbox(pod("batch", "reclaimed_cores"))
+        await runtime.create_container("pod-batch", container("batch", 0, memory=64 * MiB))
+
+        def batch_quota() -> int | None:
+            res = runtime.containers["ctr-batch"].resources
+            return res.cpu.quota if res is not None and res.cpu is not None else None
+
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if batch_quota() == 20_000:
+                break
+        assert batch_quota() == 20_000  # capped at 0.2 CPU, from outside any event
+        assert any(r.method == "UpdateContainers" for r in runtime.log)
+        assert state.windows >= 3 and ["ctr-batch", "ctr-web"] in signals.seen
+        view = policy.engine.protection.ladder.in_force()
+        assert [r for r, _ in view["ctr-web"]][-1] == "cap-cpu"
+    finally:
+        loop.cancel()
+        plugin.stop()
+        await asyncio.gather(loop, runner, return_exceptions=True)
+        plugin.close()
+        executor.close()
+        await runtime.stop()

@@ -177,3 +177,26 @@ def test_ctrl_c_cleans_up_everything() -> None:
     assert "interrupted" in err
     assert during, "the lab should have had real cgroups while running"
     assert not set(_leftovers()) - before
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not REAL, reason="needs root, cgroups and BPF or schedstat")
+def test_interference_scenario_detects_names_and_mitigates_the_antagonist_only() -> None:
+    result = _lab("--scenario", "interference", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    keys = {"detected", "detection_s", "mitigation_s", "antagonist", "innocent_untouched",
+            "victim_delay_ms", "quiet_run", "actions", "probe_backend"}  # fmt: skip
+    assert keys <= report.keys()
+    assert report["probe_backend"] in ("core", "bcc", "schedstat")
+    assert report["detected"] is True, report["actions"]
+    assert report["detection_s"] <= 2.0
+    assert report["mitigation_s"] <= 3.0
+    assert report["antagonist"] == "lab/antagonist/antagonist"
+    assert report["innocent_untouched"] is True
+    delay = report["victim_delay_ms"]
+    assert delay["during"] > delay["before"] and delay["after"] < delay["during"]
+    assert report["quiet_run"]["actions"] == 0
+    assert any(
+        a["kind"] == "mitigation" and "antagonist" in a["message"] for a in report["actions"]
+    )

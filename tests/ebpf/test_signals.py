@@ -21,6 +21,7 @@ from ebpf.signals import cpustat, memory, psi
 from ebpf.signals.cpi import CountersUnavailable, CpiReader
 from ebpf.signals.sampler import LOG_BURST, SignalSampler
 from ebpf.watched import RunqWindow, WatchedContainer
+from isolation.errors import HostError
 from isolation.rdt import DEFAULT_CLASSES, Resctrl
 from qos_model.signals import Availability, MemoryUse, Pressure, RunqLatency
 from tests.isolation.fake_resctrl import FakeResctrl
@@ -310,15 +311,15 @@ def test_disabled_psi_is_unavailable_and_said_once(
 ) -> None:
     """psi=0: the kernel answers EOPNOTSUPP on every group's pressure files."""
     tree, other = Tree(fs), Tree(fs, "c9")
-    path_type = type(tree.v2)
-    real_read_text = path_type.read_text
+    real_read_file = psi.read_file
 
-    def read_text(self: Path, *args: object, **kwargs: object) -> str:
-        if self.name.endswith(".pressure") and "unified" in str(self):
-            raise OSError(errno.EOPNOTSUPP, "Operation not supported", str(self))
-        return real_read_text(self, *args, **kwargs)  # type: ignore[arg-type]
+    def read_file(path: Path) -> str:
+        # what the kernel answers a read of a group's pressure file under psi=0
+        if path.name.endswith(".pressure") and "unified" in str(path):
+            raise HostError(path, errno.EOPNOTSUPP, "Operation not supported")
+        return real_read_file(path)
 
-    monkeypatch.setattr(path_type, "read_text", read_text)
+    monkeypatch.setattr(psi, "read_file", read_file)
     s = sampler()
     with caplog.at_level(logging.WARNING, logger="nri_qos.signals"):
         for now in (1.0, 2.0, 3.0):

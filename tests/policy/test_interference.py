@@ -285,9 +285,7 @@ def test_memory_pressure_evicts_the_batch_pod_the_oom_killer_would_take_first() 
     assert any("already under way" in n.message for n in again.notes)
 
 
-def test_without_an_eviction_executor_memory_pressure_evicts_nothing() -> (
-    None
-):
+def test_without_an_eviction_executor_memory_pressure_evicts_nothing() -> None:
     e = node(evict=False)
     e.container_created(pod("etl", "reclaimed_cores"), container("etl", 0, oom=1000))
     s = SignalSnapshot(
