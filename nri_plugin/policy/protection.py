@@ -346,22 +346,11 @@ class Protection:
         notes: list[Note],
     ) -> list[HostIntent]:
         cfg = self.config.eviction
-        node = snapshot.node_memory
-        if not cfg.enabled or node is None or node.total_bytes <= 0:
+        if not cfg.enabled or (self._evict_unavailable and not cfg.dry_run):
             return []
-        if self._evict_unavailable and not cfg.dry_run:
+        why = _memory_short(snapshot, cfg)
+        if not why:
             return []
-        low = node.available_bytes / node.total_bytes < cfg.memory_available_min
-        full = node.pressure.full if node.pressure is not None else None
-        stalled = full is not None and full > cfg.memory_full_psi
-        if not low and not stalled:
-            return []
-        why = (
-            f"node memory available {node.available_bytes / node.total_bytes:.1%} "
-            f"(min {cfg.memory_available_min:.0%})"
-            if low
-            else f"memory full pressure {full:.0%} (max {cfg.memory_full_psi:.0%})"
-        )
         candidates = []
         for cid, m in members.items():
             s = snapshot.containers.get(cid)
@@ -374,6 +363,23 @@ class Protection:
             return []
         member = members[pick.container_id]
         return self._evict(member, f"memory pressure: {why}; batch yields first", now, notes)
+
+
+def _memory_short(snapshot: SignalSnapshot, cfg: EvictionConfig) -> str:
+    """Why memory is short on the node or on one NUMA node ("" when it is not)."""
+    places = [("node", snapshot.node_memory)] + [
+        (f"NUMA node {n}", m) for n, m in sorted(snapshot.numa_memory.items())
+    ]
+    for where, mem in places:
+        if mem is None or mem.total_bytes <= 0:
+            continue
+        share = mem.available_bytes / mem.total_bytes
+        if share < cfg.memory_available_min:
+            return f"{where} memory available {share:.1%} (min {cfg.memory_available_min:.0%})"
+        full = mem.pressure.full if mem.pressure is not None else None
+        if full is not None and full > cfg.memory_full_psi:
+            return f"{where} memory full pressure {full:.0%} (max {cfg.memory_full_psi:.0%})"
+    return ""
 
 
 def _candidate(m: Member, usage: float) -> Candidate:

@@ -314,3 +314,21 @@ def test_dry_run_eviction_says_what_it_would_do_and_asks_nothing(dry: bool) -> N
 
 def test_cpu_lists_in_reasons_parse() -> None:
     assert parse_cpu_list("0-1") == frozenset({0, 1})
+
+
+def test_a_numa_node_short_of_memory_is_enough() -> None:
+    e = node()
+    e.container_created(pod("etl", "reclaimed_cores"), container("etl", 0, oom=1000))
+    s = SignalSnapshot(
+        end_s=1.0,
+        window_s=0.5,
+        containers={"ctr-etl": ContainerSignals(memory=MemoryUse(usage_bytes=1 << 30))},
+        node_memory=NodeMemory(available_bytes=8 << 30, total_bytes=16 << 30),
+        numa_memory={
+            0: NodeMemory(available_bytes=4 << 30, total_bytes=8 << 30),
+            1: NodeMemory(available_bytes=100 << 20, total_bytes=8 << 30),
+        },
+    )
+    intents = e.signals_sampled(s).intents
+    assert [i.pod for i in intents.host if isinstance(i, Evict)] == ["etl"]
+    assert any("NUMA node 1 memory available" in n.message for n in intents.notes)
