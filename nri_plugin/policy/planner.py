@@ -384,8 +384,9 @@ def bound_placed(
 
 _RECLAIMED_WEIGHT: Decision[int | None] = Decision(
     RECLAIMED_SHARES,
-    f"reclaimed_cores: the lowest CFS weight ({RECLAIMED_SHARES}), so online work "
-    "wins every CPU it shares with batch",
+    f"reclaimed_cores: the lowest CFS weight ({RECLAIMED_SHARES}) for its cgroup (across "
+    "pods, the pod cgroup's weight the kubelet derives from requests decides; the "
+    "interference loop covers the rest)",
 )
 _KUBELET_WEIGHT: Decision[int | None] = Decision(
     None, "kept the weight the kubelet set from the CPU request"

@@ -43,6 +43,7 @@ from nri_plugin.policy.interference import (
     Detection,
     Detector,
     InterferenceConfig,
+    Verdict,
     Watched,
     WindowResult,
 )
@@ -113,7 +114,7 @@ class Protection:
         self._skipped: dict[str, str] = {}  # victim -> last skipped text (said once)
         self.last: WindowResult = WindowResult()
         self._evict_unavailable = ""
-        self._verdicts: dict[str, object] = {}
+        self._verdicts: dict[str, Verdict] = {}
         self.last_detections: dict[str, Detection] = {}
 
     def forget_pod(self, pod_id: str) -> None:
