@@ -106,7 +106,7 @@ class KubernetesEvictor:
                 else f"{token} does not exist"
             )
             raise EvictorUnavailable(
-                f"not running in a cluster: {missing}; set [evict] kubeconfig or run "
+                f"not running in a cluster: {missing}; set [eviction] kubeconfig or run "
                 "nri-qos as a DaemonSet with a service account"
             )
         from kubernetes import config
@@ -116,7 +116,7 @@ class KubernetesEvictor:
             config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
         except config.ConfigException as exc:
             raise EvictorUnavailable(
-                f"not running in a cluster: {_one_line(str(exc))}; set [evict] kubeconfig "
+                f"not running in a cluster: {_one_line(str(exc))}; set [eviction] kubeconfig "
                 "or run nri-qos as a DaemonSet with a service account"
             ) from None
         return cls._with(configuration, writer)
@@ -129,7 +129,7 @@ class KubernetesEvictor:
         from kubernetes import config
 
         if not Path(path).is_file():
-            raise EvictorUnavailable(f"kubeconfig {path} does not exist: fix [evict] kubeconfig")
+            raise EvictorUnavailable(f"kubeconfig {path} does not exist: fix [eviction] kubeconfig")
         configuration = _configuration()
         try:
             config.load_kube_config(  # type: ignore[no-untyped-call]

@@ -315,7 +315,14 @@ async def run_daemon(
     if isinstance(policy, QosPolicy) and services.host is not None and services.sampler:
         window = config.protection.sampling.window_s
         loop_ = protection_loop(
-            plugin, policy, services.host, executor, services.sampler, window, services.protect
+            plugin,
+            policy,
+            services.host,
+            executor,
+            services.sampler,
+            window,
+            services.protect,
+            config.isolation.rdt.monitor,
         )
         background.append(asyncio.create_task(loop_))
     try:
@@ -337,4 +344,10 @@ async def run_daemon(
         if status is not None:
             await status.stop()
         plugin.close()
-        executor.close()
+        # Controllers stop off the loop: netlink libraries run their own event loop, and
+        # a stop that blocks must not freeze the shutdown of everything else.
+        await asyncio.to_thread(executor.close)
+        if services.sampler is not None:
+            services.sampler.close()
+            if services.sampler.runq is not None:
+                services.sampler.runq.close()

@@ -67,9 +67,13 @@ def build_sampler(
 
 
 def watched(
-    host: LinuxHost, refs: Sequence[tuple[ContainerRef, str | None]]
+    host: LinuxHost,
+    refs: Sequence[tuple[ContainerRef, str | None]],
+    rdt_monitor: bool = True,
 ) -> list[WatchedContainer]:
-    """The containers as collectors see them: only groups provably theirs."""
+    """The containers as collectors see them: only groups provably theirs. With
+    `rdt_monitor` off ([rdt] monitor = false) there are no per-container monitoring
+    groups: the class group's counters are not the container's, so none are read."""
     out = []
     for ref, rdt_class in refs:
         dirs: dict[str, Path | None] = {}
@@ -87,8 +91,8 @@ def watched(
                 cgroup2_dir=dirs["cgroup2_dir"],
                 cpu_dir=dirs["cpu_dir"],
                 memory_dir=dirs["memory_dir"],
-                rdt_group=rdt_clos_id(rdt_class) if rdt_class else None,
-                rdt_mon=ref.id if rdt_class else None,
+                rdt_group=rdt_clos_id(rdt_class) if rdt_class and rdt_monitor else None,
+                rdt_mon=ref.id if rdt_class and rdt_monitor else None,
             )
         )
     return out
@@ -102,6 +106,7 @@ async def protection_loop(
     sampler: SignalSampler,
     window_s: float,
     state: ProtectState,
+    rdt_monitor: bool = True,
 ) -> None:
     while True:
         await plugin.configured.wait()
@@ -114,7 +119,7 @@ async def protection_loop(
                 continue
 
             def measure(refs: list[tuple[ContainerRef, str | None]] = refs) -> SignalSnapshot:
-                return sampler.sample(watched(host, refs), time.monotonic())
+                return sampler.sample(watched(host, refs, rdt_monitor), time.monotonic())
 
             snapshot = await executor.run(measure, key="signals")
             state.windows += 1

@@ -5,7 +5,7 @@ PodDisruptionBudget, its grace period and preStop hooks, and its owner replaces 
 When a budget forbids the eviction now (429), that is the answer: the outcome says
 "not now" with the budget's message and nothing else is done, whatever else is
 configured; the policy decides again later. Killing the container's processes through
-its cgroup is a fallback an operator must ask for (`[evict] kill_fallback`), used only
+its cgroup is a fallback an operator must ask for (`[eviction] kill_fallback`), used only
 when the API server cannot be reached or fails: it relieves the node at once, but it is
 not an eviction (the kubelet restarts the container as its restartPolicy says, and no
 budget is consulted). Without the fallback a failed eviction is raised as a transient
@@ -73,10 +73,10 @@ class EvictController(Controller):
     def start(self) -> None:
         s = self.settings
         if not s.enabled:
-            raise ControllerUnavailable("disabled by [evict] enabled = false")
+            raise ControllerUnavailable("disabled by [eviction] enabled = false")
         if s.api not in API_MODES:
             raise ControllerUnavailable(
-                f"[evict] api = {s.api!r} is not one of {', '.join(API_MODES)}"
+                f"[eviction] api = {s.api!r} is not one of {', '.join(API_MODES)}"
             )
         if self.evictor is None:
             try:
@@ -88,7 +88,7 @@ class EvictController(Controller):
             return
         if not s.kill_fallback:
             raise ControllerUnavailable(
-                f"{self.api_unavailable} (or set [evict] kill_fallback = true to kill "
+                f"{self.api_unavailable} (or set [eviction] kill_fallback = true to kill "
                 "the container's processes instead)"
             )
         missing = self.host.missing()
@@ -96,7 +96,7 @@ class EvictController(Controller):
             raise ControllerUnavailable(f"{self.api_unavailable}; and no kill fallback: {missing}")
         log.warning(
             "evict: %s; evictions will kill the container's processes instead "
-            "([evict] kill_fallback = true)",
+            "([eviction] kill_fallback = true)",
             self.api_unavailable,
         )
 
@@ -164,10 +164,10 @@ class EvictController(Controller):
         """The API evictor the settings ask for; EvictorUnavailable says why not."""
         s = self.settings
         if s.api == "off":
-            raise EvictorUnavailable("the Eviction API is off ([evict] api = off)")
+            raise EvictorUnavailable("the Eviction API is off ([eviction] api = off)")
         if s.api == "kubeconfig" or (s.api == "auto" and s.kubeconfig):
             if not s.kubeconfig:
-                raise EvictorUnavailable("[evict] api = kubeconfig needs [evict] kubeconfig")
+                raise EvictorUnavailable("[eviction] api = kubeconfig needs [eviction] kubeconfig")
             return KubernetesEvictor.from_kubeconfig(s.kubeconfig, self.writer)
         return KubernetesEvictor.in_cluster(self.writer)
 

@@ -94,14 +94,14 @@ class NetController(Controller):
     def stop(self) -> None:
         """Remove every tree we installed; one that cannot be removed does not keep the
         others in place."""
-        for key, tree in self.trees.items():
+        trees, self.trees = dict(self.trees), {}
+        for key, tree in trees.items():
             try:
                 tree.remove()
             except Exception as exc:
                 log.warning("net: could not remove the tree on %s: %s", key, exc)
             finally:
                 tree.close()
-        self.trees.clear()
 
     def describe(self) -> dict[str, str]:
         """Each network class's share, for the plan's reasons."""

@@ -172,7 +172,7 @@ def test_no_api_without_the_fallback_disables_the_controller_with_one_line(
 
     message = str(raised.value)
     assert message.startswith("not running in a cluster: ")
-    assert "set [evict] kubeconfig" in message
+    assert "set [eviction] kubeconfig" in message
     assert "kill_fallback = true" in message
     assert "\n" not in message
 
@@ -192,10 +192,10 @@ def test_no_api_with_the_fallback_still_starts(monkeypatch: pytest.MonkeyPatch) 
 
 def test_a_bad_setting_says_which(tmp_path: Path) -> None:
     for settings, expected in [
-        (EvictSettings(api="maybe"), "[evict] api = 'maybe' is not one of"),
-        (EvictSettings(api="kubeconfig"), "[evict] api = kubeconfig needs [evict] kubeconfig"),
+        (EvictSettings(api="maybe"), "[eviction] api = 'maybe' is not one of"),
+        (EvictSettings(api="kubeconfig"), "[eviction] api = kubeconfig needs [eviction] kubeconfig"),
         (EvictSettings(kubeconfig=str(tmp_path / "none")), "kubeconfig"),
-        (EvictSettings(enabled=False), "disabled by [evict] enabled = false"),
+        (EvictSettings(enabled=False), "disabled by [eviction] enabled = false"),
     ]:
         with pytest.raises(ControllerUnavailable, match=expected.replace("[", r"\[")):
             EvictController(settings, LinuxHost(), HostWriter()).start()
