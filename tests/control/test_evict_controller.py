@@ -193,7 +193,10 @@ def test_no_api_with_the_fallback_still_starts(monkeypatch: pytest.MonkeyPatch) 
 def test_a_bad_setting_says_which(tmp_path: Path) -> None:
     for settings, expected in [
         (EvictSettings(api="maybe"), "[eviction] api = 'maybe' is not one of"),
-        (EvictSettings(api="kubeconfig"), "[eviction] api = kubeconfig needs [eviction] kubeconfig"),
+        (
+            EvictSettings(api="kubeconfig"),
+            "[eviction] api = kubeconfig needs [eviction] kubeconfig",
+        ),
         (EvictSettings(kubeconfig=str(tmp_path / "none")), "kubeconfig"),
         (EvictSettings(enabled=False), "disabled by [eviction] enabled = false"),
     ]:
