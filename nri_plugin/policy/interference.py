@@ -212,6 +212,14 @@ def _explain(
     windows: int,
 ) -> Detection:
     cfg = info.config
+
+    def found(
+        verdict: Verdict, antagonists: tuple[Antagonist, ...], confidence: float, reason: str
+    ) -> Detection:
+        return Detection(
+            cid, verdict, delay or 0.0, threshold, psi, windows, antagonists, confidence, reason
+        )
+
     blamed = {
         runner: ns
         for (victim, runner), ns in snapshot.blame.items()
@@ -234,27 +242,22 @@ def _explain(
             if runner in watched and ns / wait_ns >= cfg.antagonist_share
         )
         if throttled >= cfg.throttled_ratio and neighbours_share < cfg.blame_min:
-            return _self_throttled(cid, info, delay, threshold, psi, windows, throttled, what)
+            return found(
+                Verdict.SELF_THROTTLED, (), round(throttled, 3), _own(info, what, throttled)
+            )
         if not antagonists:
-            return Detection(
-                cid, Verdict.UNKNOWN, delay or 0.0, threshold, psi, windows, (), 0.0,
-                f"{info.name}: {what}; the CPU went to processes outside every container",
-            )  # fmt: skip
+            outside = f"{info.name}: {what}; the CPU went to processes outside every container"
+            return found(Verdict.UNKNOWN, (), 0.0, outside)
         top = watched[antagonists[0].container_id].name
-        return Detection(
-            cid,
+        return found(
             Verdict.NEIGHBOURS,
-            delay or 0.0,
-            threshold,
-            psi,
-            windows,
             antagonists,
             round(neighbours_share, 3),
             f"{info.name}: {what} for {windows} windows; it waited behind {top} "
             f"({antagonists[0].score:.0%} of its wait)",
         )
     if throttled >= cfg.throttled_ratio:
-        return _self_throttled(cid, info, delay, threshold, psi, windows, throttled, what)
+        return found(Verdict.SELF_THROTTLED, (), round(throttled, 3), _own(info, what, throttled))
     # No blame matrix: neighbours on the same CPUs, by their CPU use in the window.
     usage = {
         other: s.cpu_usage_ns or 0
@@ -272,18 +275,10 @@ def _explain(
         if ns > 0 and ns / total >= cfg.antagonist_share
     )
     if not ranked:
-        return Detection(
-            cid, Verdict.UNKNOWN, delay or 0.0, threshold, psi, windows, (), 0.0,
-            f"{info.name}: {what}; no container shares its CPUs",
-        )  # fmt: skip
+        return found(Verdict.UNKNOWN, (), 0.0, f"{info.name}: {what}; no container shares its CPUs")
     top = watched[ranked[0].container_id].name
-    return Detection(
-        cid,
+    return found(
         Verdict.NEIGHBOURS,
-        delay or 0.0,
-        threshold,
-        psi,
-        windows,
         ranked,
         round(0.5 * ranked[0].score, 3),  # overlap is a guess, not a measurement
         f"{info.name}: {what} for {windows} windows; no blame matrix, so by CPU overlap: "
@@ -291,27 +286,10 @@ def _explain(
     )
 
 
-def _self_throttled(
-    cid: str,
-    info: Watched,
-    delay: float | None,
-    threshold: float,
-    psi: float | None,
-    windows: int,
-    throttled: float,
-    what: str,
-) -> Detection:
-    return Detection(
-        cid,
-        Verdict.SELF_THROTTLED,
-        delay or 0.0,
-        threshold,
-        psi,
-        windows,
-        (),
-        round(throttled, 3),
+def _own(info: Watched, what: str, throttled: float) -> str:
+    return (
         f"{info.name}: {what}, but it was throttled in {throttled:.0%} of its CFS periods "
-        "and neighbours took little of its wait: its own CPU limit, not interference",
+        "and neighbours took little of its wait: its own CPU limit, not interference"
     )
 
 
