@@ -316,14 +316,14 @@ async def run_scenario(progress: Callable[[str], None], quiet_s: float = 6.0) ->
 
 def _chart(series: list[list[float]], result: dict[str, Any], width: int = 60) -> list[str]:
     """The victim's delay over time, one row per sample, with the loop's moments marked."""
-    marks = {}
+    marks: list[tuple[float, str]] = []
     if result["detection_s"] is not None:
-        marks[result["detection_s"]] = "detected"
+        marks.append((result["detection_s"], "detected"))
     if result["mitigation_s"] is not None:
-        marks[result["mitigation_s"]] = "mitigated"
+        marks.append((result["mitigation_s"], "mitigated"))
     top = max([v for _, v in series] + [1.0])
     lines = []
-    pending = sorted(marks.items())
+    pending = sorted(marks)
     for t, v in series:
         label = ""
         while pending and pending[0][0] <= t:
