@@ -16,6 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from nri_plugin.config_isolation import IsolationSettings, SectionError, parse_isolation
+from nri_plugin.config_operations import (
+    OperationsSectionError,
+    OperationsSettings,
+    parse_operations,
+)
 from nri_plugin.config_protection import (
     ProtectionSectionError,
     ProtectionSettings,
@@ -62,6 +67,7 @@ class Config:
     dry_run: bool = False
     isolation: IsolationSettings = field(default_factory=IsolationSettings)
     protection: ProtectionSettings = field(default_factory=ProtectionSettings)
+    operations: OperationsSettings = field(default_factory=OperationsSettings)
 
 
 _PLUGIN_KEYS: dict[str, tuple[str, Callable[[Any], object]]] = {
@@ -121,7 +127,10 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     except RecursionError:  # arrays nested thousands deep (runtime-provided text is input)
         raise ConfigError(f"{source}: not valid TOML: nested too deeply") from None
     _check_finite(raw, source, "")
-    sections = ("plugin", "log", "policy", "host", "rdt", "io", "net", "interference", "eviction")
+    sections = (
+        "plugin", "log", "policy", "host", "rdt", "io", "net", "interference", "eviction",
+        "debug", "metrics", "report",
+    )  # fmt: skip
     unknown = set(raw) - set(sections)
     if unknown:
         raise ConfigError(
@@ -131,7 +140,8 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     try:
         isolation = parse_isolation(raw)
         protection = parse_protection(raw)
-    except (SectionError, ProtectionSectionError) as exc:
+        operations = parse_operations(raw)
+    except (SectionError, ProtectionSectionError, OperationsSectionError) as exc:
         raise ConfigError(f"{source}: {exc}") from None
     plugin = _plugin_settings(_table(raw, "plugin", source), source)
     log = _log_config(_table(raw, "log", source), source)
@@ -167,6 +177,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         dry_run=dry_run,
         isolation=isolation,
         protection=protection,
+        operations=operations,
     )
 
 

@@ -66,36 +66,62 @@ def build_sampler(
     return SignalSampler(root, runq=runq, resctrl=resctrl)
 
 
+_Key = tuple[str, str, str | None, bool]
+
+
 def watched(
     host: LinuxHost,
     refs: Sequence[tuple[ContainerRef, str | None]],
     rdt_monitor: bool = True,
+    cache: dict[_Key, WatchedContainer | None] | None = None,
 ) -> list[WatchedContainer]:
     """The containers as collectors see them: only groups provably theirs. With
     `rdt_monitor` off ([rdt] monitor = false) there are no per-container monitoring
-    groups: the class group's counters are not the container's, so none are read."""
+    groups: the class group's counters are not the container's, so none are read.
+    `cache` keeps each container's resolution across windows (its cgroups_path does not
+    change while it lives); entries of containers no longer listed are dropped."""
     out = []
+    keys = set()
     for ref, rdt_class in refs:
-        dirs: dict[str, Path | None] = {}
-        for key, controller in (("cgroup2_dir", ""), ("cpu_dir", "cpu"), ("memory_dir", "memory")):
-            try:
-                dirs[key] = host.group_dir(ref.cgroups_path, ref.id, controller)
-            except (RefusedAction, CgroupError, HostError):
-                dirs[key] = None
-        if not any(dirs.values()):
+        key = (ref.id, ref.cgroups_path, rdt_class, rdt_monitor)
+        keys.add(key)
+        if cache is not None and key in cache:
+            known = cache[key]
+            if known is not None:
+                out.append(known)
             continue
-        out.append(
-            WatchedContainer(
-                id=ref.id,
-                name=ref.name,
-                cgroup2_dir=dirs["cgroup2_dir"],
-                cpu_dir=dirs["cpu_dir"],
-                memory_dir=dirs["memory_dir"],
-                rdt_group=rdt_clos_id(rdt_class) if rdt_class and rdt_monitor else None,
-                rdt_mon=ref.id if rdt_class and rdt_monitor else None,
-            )
-        )
+        container = _resolve(host, ref, rdt_class, rdt_monitor)
+        if cache is not None:
+            cache[key] = container
+        if container is not None:
+            out.append(container)
+    if cache is not None:
+        for stale in set(cache) - keys:
+            del cache[stale]
     return out
+
+
+def _resolve(
+    host: LinuxHost, ref: ContainerRef, rdt_class: str | None, rdt_monitor: bool
+) -> WatchedContainer | None:
+    dirs: dict[str, Path | None] = {}
+    for key, controller in (("cgroup2_dir", ""), ("cpu_dir", "cpu"), ("memory_dir", "memory")):
+        try:
+            dirs[key] = host.group_dir(ref.cgroups_path, ref.id, controller)
+        except (RefusedAction, CgroupError, HostError):
+            dirs[key] = None
+    if not any(dirs.values()):
+        return None
+    monitored = rdt_class is not None and rdt_monitor
+    return WatchedContainer(
+        id=ref.id,
+        name=ref.name,
+        cgroup2_dir=dirs["cgroup2_dir"],
+        cpu_dir=dirs["cpu_dir"],
+        memory_dir=dirs["memory_dir"],
+        rdt_group=rdt_clos_id(rdt_class) if monitored and rdt_class else None,
+        rdt_mon=ref.id if monitored else None,
+    )
 
 
 async def protection_loop(
@@ -108,6 +134,7 @@ async def protection_loop(
     state: ProtectState,
     rdt_monitor: bool = True,
 ) -> None:
+    resolved: dict[_Key, WatchedContainer | None] = {}  # owned by the host thread
     while True:
         await plugin.configured.wait()
         await asyncio.sleep(window_s)
@@ -119,7 +146,8 @@ async def protection_loop(
                 continue
 
             def measure(refs: list[tuple[ContainerRef, str | None]] = refs) -> SignalSnapshot:
-                return sampler.sample(watched(host, refs, rdt_monitor), time.monotonic())
+                containers = watched(host, refs, rdt_monitor, resolved)
+                return sampler.sample(containers, time.monotonic())
 
             snapshot = await executor.run(measure, key="signals")
             state.windows += 1
