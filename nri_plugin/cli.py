@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -17,7 +18,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nri_plugin import __version__
+from nri_plugin.cli_debug import COMMANDS as DEBUG_COMMANDS
+from nri_plugin.cli_debug import (
+    add_debug_commands,
+    add_debug_socket_option,
+    debug_socket_of,
+    run_debug_command,
+)
 from nri_plugin.config import Config, ConfigError, load_config
+from nri_plugin.install import add_install_commands, run_install_command
 from nri_plugin.plugin import NRI_VERSION, PluginSetupError
 
 EXIT_OK = 0
@@ -60,10 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--name", help="plugin name to register (default nri-qos)")
     run.add_argument("--index", help="two-digit plugin index (default 50)")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    add_debug_socket_option(run)
     run.add_argument(
-        "--status-socket",
-        type=Path,
-        help="serve the plan and decisions as JSON on this unix socket (root only)",
+        "--metrics-address",
+        help='serve Prometheus /metrics on HOST:PORT (default [metrics] address; "" off)',
     )
     run.add_argument(
         "--no-wait",
@@ -72,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser("version", help="print version information")
+    add_install_commands(sub)
+    add_debug_commands(sub)
 
     lab = sub.add_parser(
         "lab", help="run the plugin against the embedded runtime and show what happened"
@@ -132,14 +143,33 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = _run_config(args)
     target = setup_logging(config.log.level, config.log.target)
+    if args.debug_socket is None and args.status_socket is None:
+        configured = config.operations.debug.socket
+        debug_socket = Path(configured) if configured else None
+    else:
+        debug_socket = debug_socket_of(args)
+    config_path = args.config
+    if config_path is None and DEFAULT_CONFIG.exists():
+        config_path = DEFAULT_CONFIG
+    config_text = None
+    if config_path is not None:
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            config_text = config_path.read_text(encoding="utf-8")
     try:
         preflight.check_all(
             config,
-            status_socket=args.status_socket,
+            status_socket=debug_socket,
             inherited_fd=os.environ.get("NRI_PLUGIN_SOCKET"),
         )
         return asyncio.run(
-            run_daemon(config, wait_for_runtime=not args.no_wait, status_socket=args.status_socket)
+            run_daemon(
+                config,
+                wait_for_runtime=not args.no_wait,
+                debug_socket=debug_socket,
+                metrics_address=args.metrics_address,
+                config_text=config_text,
+                config_source=str(config_path) if config_path is not None else "defaults",
+            )
         )
     except (ConfigError, PluginSetupError) as exc:
         if target != "stderr":  # a runtime-launched plugin has no stderr: log it too
@@ -183,6 +213,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_version()
         if command == "lab":
             return _cmd_lab(args)
+        if command in ("install", "uninstall"):
+            return run_install_command(args)
+        if command in DEBUG_COMMANDS:
+            return run_debug_command(args)
     except (ConfigError, PluginSetupError) as exc:
         print(f"nri-qos: {exc}", file=sys.stderr)
         return EXIT_SETUP

@@ -32,6 +32,7 @@ from nri_plugin.policy.engine import EngineConfig
 from nri_plugin.policy.oom import OomBands
 from nri_plugin.policy.qos import QosConfig
 from nri_plugin.policy.workload import PlannerConfig
+from nri_plugin.reporter import ReporterSettings, parse_reporter
 from qos_model.cpulist import CpuListError, parse_cpu_list
 
 
@@ -68,6 +69,7 @@ class Config:
     isolation: IsolationSettings = field(default_factory=IsolationSettings)
     protection: ProtectionSettings = field(default_factory=ProtectionSettings)
     operations: OperationsSettings = field(default_factory=OperationsSettings)
+    reporter: ReporterSettings = field(default_factory=ReporterSettings)
 
 
 _PLUGIN_KEYS: dict[str, tuple[str, Callable[[Any], object]]] = {
@@ -129,7 +131,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     _check_finite(raw, source, "")
     sections = (
         "plugin", "log", "policy", "host", "rdt", "io", "net", "interference", "eviction",
-        "debug", "metrics", "report",
+        "debug", "metrics", "reporter",
     )  # fmt: skip
     unknown = set(raw) - set(sections)
     if unknown:
@@ -141,7 +143,8 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         isolation = parse_isolation(raw)
         protection = parse_protection(raw)
         operations = parse_operations(raw)
-    except (SectionError, ProtectionSectionError, OperationsSectionError) as exc:
+        reporter = parse_reporter(_table(raw, "reporter", source))
+    except (SectionError, ProtectionSectionError, OperationsSectionError, ValueError) as exc:
         raise ConfigError(f"{source}: {exc}") from None
     plugin = _plugin_settings(_table(raw, "plugin", source), source)
     log = _log_config(_table(raw, "log", source), source)
@@ -178,6 +181,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         isolation=isolation,
         protection=protection,
         operations=operations,
+        reporter=reporter,
     )
 
 

@@ -1,4 +1,4 @@
-"""The [debug], [metrics] and [report] sections: how people and the cluster see the agent.
+"""The [debug] and [metrics] sections: how people and their tools see the agent.
 
 ```toml
 [debug]
@@ -7,13 +7,8 @@ group = ""                           # members of this group may use it too (roo
 
 [metrics]
 address = "127.0.0.1:9464"           # Prometheus /metrics ("" = off)
-
-[report]
-enabled = true                       # publish reclaimable CPU/memory on the node
-min_interval_ms = 10000              # at most one update per interval
-kubeconfig = ""                      # default: in-cluster service account
-node_name = ""                       # default: $NODE_NAME, else the host name
 ```
+([reporter], publishing reclaimable resources on the node, is `nri_plugin.reporter`'s.)
 """
 
 from __future__ import annotations
@@ -42,24 +37,14 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True, slots=True)
-class ReportSettings:
-    enabled: bool = True
-    min_interval_s: float = 10.0
-    kubeconfig: str = ""
-    node_name: str = ""
-
-
-@dataclass(frozen=True, slots=True)
 class OperationsSettings:
     debug: DebugSettings = field(default_factory=DebugSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
-    report: ReportSettings = field(default_factory=ReportSettings)
 
 
 _KEYS = {
     "debug": {"socket", "group"},
     "metrics": {"address"},
-    "report": {"enabled", "min_interval_ms", "kubeconfig", "node_name"},
 }
 
 
@@ -95,7 +80,6 @@ def check_address(address: str) -> tuple[str, int] | None:
 def parse_operations(raw: Mapping[str, Any]) -> OperationsSettings:
     debug = _table(raw, "debug")
     metrics = _table(raw, "metrics")
-    report = _table(raw, "report")
     address = _text(metrics, "metrics", "address", DEFAULT_METRICS_ADDRESS)
     try:
         check_address(address)
@@ -104,19 +88,7 @@ def parse_operations(raw: Mapping[str, Any]) -> OperationsSettings:
     socket = _text(debug, "debug", "socket", DEFAULT_DEBUG_SOCKET)
     if socket and not socket.startswith("/"):
         raise OperationsSectionError(f"[debug] socket = {socket!r} must be an absolute path")
-    enabled = report.get("enabled", True)
-    if not isinstance(enabled, bool):
-        raise OperationsSectionError(f"[report] enabled = {enabled!r} must be true or false")
-    interval = report.get("min_interval_ms", 10000)
-    if isinstance(interval, bool) or not isinstance(interval, int | float) or interval < 0:
-        raise OperationsSectionError(f"[report] min_interval_ms = {interval!r} must be >= 0")
     return OperationsSettings(
         debug=DebugSettings(socket=socket, group=_text(debug, "debug", "group", "")),
         metrics=MetricsSettings(address=address),
-        report=ReportSettings(
-            enabled=enabled,
-            min_interval_s=float(interval) / 1000,
-            kubeconfig=_text(report, "report", "kubeconfig", ""),
-            node_name=_text(report, "report", "node_name", ""),
-        ),
     )

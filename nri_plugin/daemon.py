@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import errno
 import functools
+import grp
 import logging
 import logging.handlers
 import os
@@ -18,8 +19,10 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ebpf.signals.sampler import SignalSampler
 from isolation.errors import HostError
@@ -37,7 +40,10 @@ from nri_plugin.control.net import NetController
 from nri_plugin.control.oom import OomController
 from nri_plugin.control.rdt import RdtController
 from nri_plugin.control.support import host_support, with_support
+from nri_plugin.debug.server import start_debug_server
 from nri_plugin.events import EventLog
+from nri_plugin.exporter import MetricsSnapshot, NodeExporter, serve_metrics, snapshot_of
+from nri_plugin.metrics import Metrics
 from nri_plugin.plugin import NotConnected, NriPlugin, PluginSetupError
 from nri_plugin.policy.api import PolicyBase, RecordingPolicy
 from nri_plugin.policy.engine import Engine, EngineConfig
@@ -51,9 +57,9 @@ from nri_plugin.protect import (
     reraise_if_cancelled,
 )
 from nri_plugin.protocol.errors import RpcError
-from nri_plugin.status import StatusServer
+from nri_plugin.reporter import Reporter, ReporterUnavailable, from_numa, zone_sizes
 from nri_plugin.usage import UsageMeter
-from nri_plugin.views import host_view, policy_view
+from nri_plugin.watchdog import executor_health, start_watchdog
 from qos_model.topology import TopologyError
 
 log = logging.getLogger("nri_qos.daemon")
@@ -142,6 +148,7 @@ async def rebalance_loop(
     host: LinuxHost,
     executor: HostExecutor,
     interval: float,
+    after: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Sample online CPU usage every `interval` and resize the reclaimed pool.
 
@@ -171,12 +178,26 @@ async def rebalance_loop(
                     len(intents.all_updates()),
                 )
                 await plugin.update_containers(intents.updates)
+            if after is not None:
+                await after()
         except (NotConnected, RpcError, TimeoutError, ConnectionError) as exc:
             reraise_if_cancelled()
             log.warning("rebalance: %s", exc or type(exc).__name__)
         except Exception:
             reraise_if_cancelled()
             log.exception("rebalance failed; will retry")
+
+
+def _group_id(name: str) -> int | None:
+    """The gid of `[debug] group` (None when unset); a missing group is a setup error."""
+    if not name:
+        return None
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise PluginSetupError(
+            f"[debug] group = {name!r} does not exist on this host; create it or unset it"
+        ) from None
 
 
 def launched_by_runtime() -> bool:
@@ -236,7 +257,9 @@ def sd_notify(state: str) -> bool:
     return True
 
 
-async def report_status(plugin: NriPlugin) -> None:
+async def report_status(
+    plugin: NriPlugin, after_configure: Callable[[], Awaitable[None]] | None = None
+) -> None:
     """Tell systemd (STATUS=, shown by `systemctl status`) whether we serve a runtime.
 
     READY at once: a runtime that is down must not fail the unit's start-up. Then one
@@ -246,6 +269,12 @@ async def report_status(plugin: NriPlugin) -> None:
         await plugin.configured.wait()
         rt = plugin.runtime
         sd_notify(f"STATUS=serving {rt.name} {rt.version}" if rt else "STATUS=serving")
+        if after_configure is not None:
+            try:
+                await after_configure()
+            except Exception as exc:  # reporting is a courtesy to the cluster
+                reraise_if_cancelled()
+                log.warning("after configure: %s", exc)
         await plugin.disconnected.wait()
         sd_notify("STATUS=runtime connection lost; reconnecting")
 
@@ -272,13 +301,72 @@ def install_fork_hook() -> None:
         _FORK_HOOK_INSTALLED = True
 
 
+async def _start_reporter(config: Config, policy: PolicyBase) -> Reporter | None:
+    """The node reporter when [reporter] enables it; a cluster it cannot reach is one
+    warning, never a reason not to serve the runtime."""
+    if not config.reporter.enabled or not isinstance(policy, QosPolicy):
+        return None
+    zones = zone_sizes(policy.engine.topology)
+    try:  # building it imports the Kubernetes client (~1 s): off the loop
+        return await asyncio.to_thread(Reporter.from_settings, config.reporter, zones)
+    except ReporterUnavailable as exc:
+        log.warning("node reporting off: %s", exc)
+        return None
+
+
+def _reporting(
+    plugin: NriPlugin, policy: PolicyBase, reporter: Reporter | None
+) -> Callable[[], Awaitable[None]] | None:
+    """After a rebalance or a signal window: hand the reporter the reclaimable resources
+    (it publishes only changes, rate-limited)."""
+    if reporter is None or not isinstance(policy, QosPolicy):
+        return None
+    engine = policy.engine
+
+    async def report() -> None:
+        values = await plugin.in_policy_thread(lambda: from_numa(engine.reclaimable()))
+        reporter.update(values)
+
+    return report
+
+
+def _set_dry_run(services: Services, on: bool) -> None:
+    """The debug API's dry-run switch: host changes are recorded and logged, not made."""
+    if services.writer is not None:
+        services.writer.dry_run = on
+    if services.host is not None:
+        services.host.cgroupfs.dry_run = on
+        services.host.procs.dry_run = on
+    log.warning("host changes are now %s", "DRY-RUN (logged, not made)" if on else "made")
+
+
+def _metrics_server(address: str, registry: Any) -> Any:
+    """The /metrics endpoint; an address that cannot be served is one error line, never a
+    reason not to serve the runtime (isolation matters more than its dashboard)."""
+    try:
+        return serve_metrics(address, registry)
+    except PluginSetupError as exc:
+        log.error("metrics not served: %s", exc)
+        return None
+
+
 async def run_daemon(
-    config: Config, wait_for_runtime: bool = True, status_socket: Path | None = None
+    config: Config,
+    wait_for_runtime: bool = True,
+    status_socket: Path | None = None,
+    *,
+    debug_socket: Path | None = None,
+    metrics_address: str | None = None,
+    config_text: str | None = None,
+    config_source: str = "defaults",
 ) -> int:
     """Serve until SIGTERM/SIGINT (external) or until the inherited socket closes.
 
-    Returns 0; a problem the user must fix raises PluginSetupError (the CLI exits 2)."""
+    `debug_socket`: the gRPC debug API's socket (None: none; `status_socket` is its
+    deprecated name). `metrics_address`: "HOST:PORT" for /metrics ("" none; None: the
+    config's). Returns 0; a problem the user must fix raises PluginSetupError."""
     install_fork_hook()
+    debug_socket = debug_socket if debug_socket is not None else status_socket
     try:
         services = build_services(config)
     except HostError as exc:
@@ -286,31 +374,56 @@ async def run_daemon(
             f"the host under [host] root = {str(config.host_root)!r} cannot be used: {exc}"
         ) from None
     policy, executor = services.policy, services.executor
-    plugin = NriPlugin(policy, config.plugin, on_intents=executor.submit)
-    status = None
-    if status_socket is not None:
-        status = StatusServer(
-            status_socket,
-            plugin,
-            lambda: policy_view(policy),
-            executor.events,
-            host_view=lambda: host_view(executor, services.protect),
-        )
+    metrics = Metrics()
+    plugin = NriPlugin(policy, config.plugin, metrics=metrics, on_intents=executor.submit)
+    loop = asyncio.get_running_loop()
+
+    def fresh_snapshot() -> MetricsSnapshot | None:
+        """From the HTTP thread: build the snapshot in the policy thread, 2 s at most."""
+        if not isinstance(policy, QosPolicy):
+            return None
+        build = functools.partial(snapshot_of, policy.engine, executor, services.protect, plugin)
+        future = asyncio.run_coroutine_threadsafe(plugin.in_policy_thread(build), loop)
+        return future.result(timeout=2.0)
+
+    exporter = NodeExporter(metrics.registry, refresh=fresh_snapshot)
+    executor.observe(exporter.observe_intents)
+    address = config.operations.metrics.address if metrics_address is None else metrics_address
+    metrics_server = _metrics_server(address, metrics.registry) if address else None
+    debug = None
+    if debug_socket is not None:
         try:
-            await status.start()
+            debug = await start_debug_server(
+                debug_socket,
+                plugin,
+                policy,
+                executor,
+                protect=services.protect,
+                config=config,
+                config_text=config_text,
+                config_source=config_source,
+                set_dry_run=functools.partial(_set_dry_run, services),
+                allowed_gid=_group_id(config.operations.debug.group),
+            )
         except PluginSetupError:
             plugin.close()
             executor.close()
+            if metrics_server is not None:
+                metrics_server.close()
             raise
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, plugin.stop)
 
-    ready = asyncio.create_task(report_status(plugin))
+    reporter = await _start_reporter(config, policy)
+    after = _reporting(plugin, policy, reporter)
+    ready = asyncio.create_task(report_status(plugin, after))
     background = [ready]
+    pings = start_watchdog(sd_notify, executor_health(executor))
+    if pings is not None:
+        background.append(pings)
     interval = config.qos.rebalance_interval
     if isinstance(policy, QosPolicy) and services.host is not None and interval > 0:
-        sampler = rebalance_loop(plugin, policy, services.host, executor, interval)
+        sampler = rebalance_loop(plugin, policy, services.host, executor, interval, after)
         background.append(asyncio.create_task(sampler))
     if isinstance(policy, QosPolicy) and services.host is not None and services.sampler:
         window = config.protection.sampling.window_s
@@ -323,6 +436,7 @@ async def run_daemon(
             window,
             services.protect,
             config.isolation.rdt.monitor,
+            after,
         )
         background.append(asyncio.create_task(loop_))
     try:
@@ -341,8 +455,12 @@ async def run_daemon(
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
-        if status is not None:
-            await status.stop()
+        if debug is not None:
+            await debug.stop()
+        if metrics_server is not None:
+            metrics_server.close()
+        if reporter is not None:
+            await reporter.close()
         plugin.close()
         # Controllers stop off the loop: netlink libraries run their own event loop, and
         # a stop that blocks must not freeze the shutdown of everything else.

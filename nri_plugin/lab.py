@@ -45,6 +45,7 @@ from embedded_runtime.host_backend import lab_backend
 from isolation.cgroups import CgroupError, CgroupFs
 from isolation.rdt import Resctrl
 from isolation.sysfs import discover_topology
+from nri_plugin.debug.client import DebugClient
 from nri_plugin.lab_host import (
     LabNetwork,
     TaskMoves,
@@ -57,7 +58,6 @@ from nri_plugin.policy.qos import ANNOTATION_MEMORY_ENHANCEMENT as MEMORY_ENHANC
 from nri_plugin.policy.qos import ANNOTATION_QOS_LEVEL as QOS
 from nri_plugin.protocol import convert
 from nri_plugin.protocol import nri_pb2 as pb
-from nri_plugin.status import query
 from qos_model.containers import Container, ContainerState, CpuResources, MemoryResources, Pod
 from qos_model.containers import Resources as Res
 from qos_model.cpulist import format_cpu_list
@@ -254,7 +254,7 @@ async def run(flavor_name: str, log: Callable[[str], None]) -> LabRun:
     elif network is not None:
         result.note += f"; no network namespace for the pods ({network.why})"
     net_config = network.config() if network is not None else ""
-    sock, status, config = tmp / "nri.sock", tmp / "status.sock", tmp / "nri-qos.toml"
+    sock, status, config = tmp / "nri.sock", tmp / "debug.sock", tmp / "nri-qos.toml"
     config.write_text(_plugin_config(len(topology.online_cpus), resctrl, simulated_rdt, net_config))
     plugin_log = tmp / "plugin.log"
     runtime = EmbeddedRuntime(sock, flavor=flavor, backend=backend)
@@ -287,7 +287,7 @@ async def run(flavor_name: str, log: Callable[[str], None]) -> LabRun:
                     str(sock),
                     "--config",
                     str(config),
-                    "--status-socket",
+                    "--debug-socket",
                     str(status),
                     "--log-level",
                     "info",
@@ -307,10 +307,9 @@ async def run(flavor_name: str, log: Callable[[str], None]) -> LabRun:
             log(f"started {pod.namespace}/{pod.name}")
         await _settle(runtime)
 
-        answer = await query(status, "plan")
-        events = await query(status, "events")
+        answer, events = await asyncio.to_thread(ask_plugin, status)
         result.plan = answer
-        result.events = list(events.get("events", []))  # type: ignore[call-overload]
+        result.events = events
         result.runtime_info = {
             "name": flavor.runtime_name,
             "version": flavor.runtime_version,
@@ -387,6 +386,17 @@ async def run(flavor_name: str, log: Callable[[str], None]) -> LabRun:
         with contextlib.suppress(OSError):
             tmp.rmdir()
     return result
+
+
+def ask_plugin(socket: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The plugin's plan view and its decisions, over its debug API (blocking)."""
+    with DebugClient(socket) as client:
+        plan: dict[str, Any] = json.loads(client.containers(include_plan_json=True).plan_json)
+        events = [
+            {"time": e.time, "kind": e.kind, "subject": e.subject, "message": e.message}
+            for e in client.events()
+        ]
+    return plan, events
 
 
 def _isolation_read_back(

@@ -1,14 +1,30 @@
 """Prometheus metrics of the plugin runtime.
 
 One `Metrics` object per process owns its own registry, so tests (and the lab, which
-runs a plugin and a runtime side by side) never collide on global collector names.
+runs a plugin and a runtime side by side) never collide on global collector names. The
+node's state (pools, containers, signals, controllers) is rendered into the same registry
+by `nri_plugin.exporter`; this module holds what the connection and request path count.
+
+Naming follows Prometheus conventions: an `nri_qos_` prefix, base units in the name
+(`_seconds`), and counters declared without `_total`, which prometheus_client appends in
+the exposition (`nri_qos_requests` is scraped as `nri_qos_requests_total`).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from enum import StrEnum
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.0)
+
+
+class ConnectionState(StrEnum):
+    """Where the runtime connection is; exactly one state is 1 at any time."""
+
+    DISCONNECTED = "disconnected"  # no connection (start-up, back-off between attempts)
+    CONNECTED = "connected"  # socket open, registering; the runtime has not configured us
+    CONFIGURED = "configured"  # Configure answered: requests are served
 
 
 class Metrics:
@@ -57,3 +73,44 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.connection_state = Gauge(
+            "nri_qos_runtime_connection_state",
+            "1 for the state the runtime connection is in (disconnected, connected, "
+            "configured), 0 for the others",
+            ["state"],
+            registry=r,
+        )
+        self.reconnects = Counter(
+            "nri_qos_runtime_reconnects",
+            "Runtime connections established after an earlier one ended (a runtime "
+            "restart, or a connection we closed for overload or corruption)",
+            registry=r,
+        )
+        self._ever_connected = False
+        self._state = ConnectionState.DISCONNECTED
+        self._show(ConnectionState.DISCONNECTED)
+
+    def connection_changed(self, state: ConnectionState) -> None:
+        """Record a transition of the runtime connection. The plugin calls it with
+        CONNECTED when a connection starts being served, CONFIGURED when the runtime's
+        Configure was answered, and DISCONNECTED when the connection ended. Entering
+        CONNECTED after an earlier connection counts one reconnect, so a node that keeps
+        losing its runtime shows up as a rate, not just as a flickering state.
+
+        Called from the event loop only; repeating the current state changes nothing."""
+        if state == self._state:
+            return
+        if state is ConnectionState.CONNECTED:
+            if self._ever_connected:
+                self.reconnects.inc()
+            self._ever_connected = True
+        self._state = state
+        self._show(state)
+
+    @property
+    def state(self) -> ConnectionState:
+        return self._state
+
+    def _show(self, state: ConnectionState) -> None:
+        for s in ConnectionState:
+            self.connection_state.labels(s.value).set(1.0 if s is state else 0.0)

@@ -33,7 +33,7 @@ from typing import TypeVar
 
 from nri_plugin import dispatch
 from nri_plugin.channel import ChannelLimits, NriChannel
-from nri_plugin.metrics import Metrics
+from nri_plugin.metrics import ConnectionState, Metrics
 from nri_plugin.policy.api import PolicyBase
 from nri_plugin.policy.intents import Intents
 from nri_plugin.session import NRI_VERSION as NRI_VERSION
@@ -213,12 +213,14 @@ class NriPlugin:
         session = Session(self, reader, writer)
         self._session = session
         self.disconnected.clear()
+        self.metrics.connection_changed(ConnectionState.CONNECTED)
         try:
             return await session.run()
         finally:
             self._session = None
             self.configured.clear()
             self.disconnected.set()
+            self.metrics.connection_changed(ConnectionState.DISCONNECTED)
             await asyncio.get_running_loop().run_in_executor(
                 self.policy_thread, self.policy.disconnected
             )

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from isolation.cgroups import CgroupError, detect_cgroup_mounts, parse_mountinfo
 from nri_plugin.config import Config
+from nri_plugin.debug.server import MAX_SOCKET_PATH, check_socket_path
 from nri_plugin.plugin import PluginSetupError
-from nri_plugin.status import MAX_SOCKET_PATH, check_socket_path
 
 ELSEWHERE = (
     "or, if the host's filesystems are visible elsewhere (e.g. /host in a container), "

@@ -13,7 +13,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,6 +133,7 @@ async def protection_loop(
     window_s: float,
     state: ProtectState,
     rdt_monitor: bool = True,
+    after: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     resolved: dict[_Key, WatchedContainer | None] = {}  # owned by the host thread
     while True:
@@ -157,6 +158,8 @@ async def protection_loop(
             executor.submit(intents)
             if intents.updates:
                 await plugin.update_containers(intents.updates)
+            if after is not None and (intents.updates or intents.host):
+                await after()
         except (NotConnected, RpcError, TimeoutError, ConnectionError) as exc:
             reraise_if_cancelled()
             log.warning("interference window: %s", exc or type(exc).__name__)

@@ -21,6 +21,7 @@ from google.protobuf.message import Message
 
 from nri_plugin import dispatch
 from nri_plugin.channel import Ending, NriChannel
+from nri_plugin.metrics import ConnectionState
 from nri_plugin.policy.intents import Intents
 from nri_plugin.protocol import convert, services
 from nri_plugin.protocol import nri_pb2 as pb
@@ -386,6 +387,7 @@ class Session:
         self.runtime = outcome.runtime
         self.configured = True
         self.plugin.configured.set()
+        self.plugin.metrics.connection_changed(ConnectionState.CONFIGURED)
 
     def _write(self, data: bytes) -> None:
         self.channel.write(data)

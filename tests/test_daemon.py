@@ -28,6 +28,8 @@ from nri_plugin.daemon import (
     run_daemon,
     setup_logging,
 )
+from nri_plugin.debug.server import DebugSocketError
+from nri_plugin.lab import ask_plugin
 from nri_plugin.logsafe import RateLimitFilter, TruncateFilter
 from nri_plugin.plugin import NriPlugin, PluginSettings, PluginSetupError
 from nri_plugin.policy.api import RecordingPolicy
@@ -37,7 +39,6 @@ from nri_plugin.policy.protection import ProtectionConfig
 from nri_plugin.policy.qos_policy import QosPolicy
 from nri_plugin.policy.workload import PlannerConfig
 from nri_plugin.protect import ProtectState, protection_loop
-from nri_plugin.status import StatusSocketError, query
 from qos_model.signals import RUNQ_BUCKETS, ContainerSignals, RunqLatency, SignalSnapshot
 from tests.builders import FakeHost, MiB, container, pod
 from tests.conftest import REPO
@@ -47,7 +48,7 @@ from tests.policy.sysfs_builder import MachineShape, write_sysfs
 async def test_real_plugin_launched_by_the_runtime_takes_its_config_from_configure(
     tmp_path: Path,
 ) -> None:
-    status = tmp_path / "status.sock"
+    status = tmp_path / "debug.sock"
     local = tmp_path / "local.toml"
     local.write_text(f'[log]\ntarget = "{tmp_path / "plugin.log"}"\n')
     # /opt/nri/plugins/50-nri-qos: the runtime execs it with no arguments and an
@@ -57,7 +58,7 @@ async def test_real_plugin_launched_by_the_runtime_takes_its_config_from_configu
         f"#!{sys.executable}\n"
         f"import sys\nsys.path.insert(0, {str(REPO)!r})\n"
         "from nri_plugin.cli import main\n"
-        f"sys.exit(main(['run', '--config', {str(local)!r}, '--status-socket', {str(status)!r}]))\n"
+        f"sys.exit(main(['run', '--config', {str(local)!r}, '--debug-socket', {str(status)!r}]))\n"
     )
     wrapper.chmod(0o755)
     conf_d = '[policy]\nname = "qos"\nreclaimed_min_cpus = 0\nrebalance_interval_ms = 0\n'
@@ -74,11 +75,9 @@ async def test_real_plugin_launched_by_the_runtime_takes_its_config_from_configu
         created = await runtime.create_container("pod-web", container("web", memory=64 * MiB))
         assert created.resources is not None and created.resources.cpu is not None
         assert created.resources.cpu.cpus  # the plugin pinned it
-        events = await query(status, "events")
-        messages = [e["message"] for e in events["events"]]  # type: ignore[union-attr]
-        assert "applied the runtime-provided config" in messages
-        plan = await query(status, "plan")
-        assert plan["containers"]["ctr-web"]["class"] == "shared_cores"  # type: ignore[index]
+        plan, events = await asyncio.to_thread(ask_plugin, status)
+        assert "applied the runtime-provided config" in [e["message"] for e in events]
+        assert plan["containers"]["ctr-web"]["class"] == "shared_cores"
         pid = info.pid
     finally:
         await runtime.stop()
@@ -217,7 +216,7 @@ async def test_run_daemon_refuses_a_status_socket_path_that_is_not_a_socket(
     precious = tmp_path / "precious"
     precious.write_text("data")
     config = Config(policy_name="recording", plugin=PluginSettings(socket_path=tmp_path / "s"))
-    with pytest.raises(StatusSocketError, match="exists and is not a socket"):
+    with pytest.raises(DebugSocketError, match="exists and is not a socket"):
         await run_daemon(config, wait_for_runtime=False, status_socket=precious)
     assert precious.read_text() == "data"
 

@@ -101,7 +101,7 @@ def test_the_engine_is_pure() -> None:
             "nri_plugin.dispatch",
             "nri_plugin.daemon",
             "nri_plugin.control",
-            "nri_plugin.status",
+            "nri_plugin.debug",
             "nri_plugin.events",
         }
     )

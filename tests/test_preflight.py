@@ -167,6 +167,6 @@ def test_run_with_an_unusable_status_socket_exits_2_and_keeps_the_file(
 ) -> None:
     precious = tmp_path / "precious.txt"
     precious.write_text("keep me")
-    code, err = run_cli('[policy]\nname = "recording"\n', "--status-socket", str(precious))
+    code, err = run_cli('[policy]\nname = "recording"\n', "--debug-socket", str(precious))
     assert code == 2 and "exists and is not a socket" in err and err.count("\n") == 1
     assert precious.read_text() == "keep me"

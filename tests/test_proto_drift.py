@@ -10,6 +10,7 @@ import pytest
 from tests.conftest import REPO
 
 GENERATED = REPO / "nri_plugin" / "protocol"
+DEBUG_GENERATED = REPO / "nri_plugin" / "debug" / "proto"
 
 
 def _load_generator():  # type: ignore[no-untyped-def]
@@ -28,5 +29,17 @@ def test_generated_modules_match_the_proto_files(tmp_path: Path) -> None:
     stale = [n for n in names if (tmp_path / n).read_bytes() != (GENERATED / n).read_bytes()]
     assert not stale, (
         f"{stale} differ from what the .proto files generate: "
+        "run `python scripts/gen_protos.py` and commit the result"
+    )
+
+
+def test_generated_debug_api_modules_match_the_proto_file(tmp_path: Path) -> None:
+    pytest.importorskip("grpc_tools", reason="grpcio-tools is a test dependency")
+    written = _load_generator().generate_debug(tmp_path)
+    names = sorted(p.name for p in written)
+    assert names == ["debug_pb2.py", "debug_pb2.pyi", "debug_pb2_grpc.py"]
+    stale = [n for n in names if (tmp_path / n).read_bytes() != (DEBUG_GENERATED / n).read_bytes()]
+    assert not stale, (
+        f"{stale} differ from what nri_plugin/debug/proto/debug.proto generates: "
         "run `python scripts/gen_protos.py` and commit the result"
     )

@@ -137,6 +137,7 @@ class HostExecutor:
         limits: HostLimits | None = None,
     ) -> None:
         self.controllers = controllers
+        self._observers: list[Callable[[Intents], None]] = []
         self.events = events if events is not None else EventLog()
         self.limits = limits if limits is not None else HostLimits()
         self.counts: Counter[str] = Counter()  # applied, failed, retried, abandoned, ...
@@ -162,8 +163,18 @@ class HostExecutor:
         """Start the controllers (raises ControllerStartError for a Required one)."""
         self.record(self.controllers.start())
 
+    def observe(self, callback: Callable[[Intents], None]) -> None:
+        """Also hand every submitted Intents to `callback` (metrics count decisions);
+        called on the submitter's thread, before anything is queued; must not block."""
+        self._observers.append(callback)
+
     def submit(self, intents: Intents) -> None:
         """Carry out `intents` (minus updates, which the plugin sends): never blocks."""
+        for observer in self._observers:
+            try:
+                observer(intents)
+            except Exception:
+                log.exception("an intents observer failed")
         self.record(intents.notes)
         if not intents.host:
             return
