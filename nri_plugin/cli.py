@@ -41,7 +41,7 @@ exit codes:
   2    a setup problem, reported (stderr, and the log) as what is wrong and how to fix
        it: bad command line, unreadable or invalid config, a [host] root without
        procfs, sysfs or cgroup mounts, an unreadable CPU topology, an unusable
-       --status-socket or log target, or (with --no-wait) no runtime socket
+       --debug-socket or log target, or (with --no-wait) no runtime socket
   130  interrupted (Ctrl-C) before the daemon was up
 """
 

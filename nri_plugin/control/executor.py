@@ -127,6 +127,7 @@ class ExecutorStatus:
     stuck: tuple[StuckIo, ...]
     quarantined: dict[str, str]  # key -> "path, retry in N s (strike k)"
     counts: dict[str, int] = field(default_factory=dict)
+    rechecks_pending: int = 0  # intents due to run again (late forks), not failures
 
 
 class HostExecutor:
@@ -222,7 +223,12 @@ class HostExecutor:
             }
             return ExecutorStatus(
                 queued=len(self._queue),
-                retries_pending=sum(1 for t in self._timers if t.job is not None),
+                retries_pending=sum(
+                    1 for t in self._timers if t.job is not None and not _is_recheck(t.job)
+                ),
+                rechecks_pending=sum(
+                    1 for t in self._timers if t.job is not None and _is_recheck(t.job)
+                ),
                 stalled=self._active is None and not self._closing,
                 stuck=stuck,
                 quarantined=quarantined,
@@ -505,6 +511,10 @@ class HostExecutor:
     def _record_later(self, notes: list[Note]) -> None:
         if notes:
             self.record(notes)
+
+
+def _is_recheck(job: _Job) -> bool:
+    return job.label.endswith(" (recheck)")
 
 
 def _execute(job: _Job) -> tuple[Any, BaseException | None]:
