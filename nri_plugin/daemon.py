@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 import time
+import tomllib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,9 +125,12 @@ def build_services(config: Config) -> Services:
     support = host_support(controllers, rdt, io)
 
     def runtime_config(text: str) -> EngineConfig:
-        return with_support(
-            parse_config(text, "runtime-provided config").qos.policy, support, rdt, net
-        )
+        """The runtime-provided config (conf.d). Text that sets nothing (comments, blank
+        tables) keeps the local config: it must not reset [policy] to the defaults."""
+        parsed = parse_config(text, "runtime-provided config")
+        if not _sets_anything(text):
+            parsed = config
+        return with_support(parsed.qos.policy, support, rdt, net)
 
     try:
         engine = Engine(topology, with_support(config.qos.policy, support, rdt, net))
@@ -186,6 +190,18 @@ async def rebalance_loop(
         except Exception:
             reraise_if_cancelled()
             log.exception("rebalance failed; will retry")
+
+
+def _sets_anything(text: str) -> bool:
+    """Whether TOML text sets any key (parse errors are the caller's to report)."""
+
+    def keys(table: dict[str, Any]) -> bool:
+        return any(not isinstance(v, dict) or keys(v) for v in table.values())
+
+    try:
+        return keys(tomllib.loads(text))
+    except (tomllib.TOMLDecodeError, RecursionError):
+        return True
 
 
 def _group_id(name: str) -> int | None:

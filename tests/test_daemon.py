@@ -401,3 +401,21 @@ async def test_the_interference_loop_caps_the_antagonist_through_update_containe
         plugin.close()
         executor.close()
         await runtime.stop()
+
+
+@pytest.mark.parametrize(
+    ("text", "sets"),
+    [
+        ("", False),
+        ("# only a comment\n", False),
+        ("[policy]\n# name = 'qos'\n", False),
+        ("[rdt.classes.reclaimed]\n", False),
+        ('[policy]\nname = "qos"\n', True),
+        ("[rdt.classes.reclaimed]\nl3_percent = 20\n", True),
+        ("not toml = = =", True),  # let the parser report it
+    ],
+)
+def test_a_runtime_config_that_sets_nothing_keeps_the_local_one(text: str, sets: bool) -> None:
+    """containerd hands a pre-installed plugin its conf.d file verbatim; one holding only
+    comments must not reset the local [policy] to the defaults."""
+    assert daemon._sets_anything(text) is sets
