@@ -109,13 +109,15 @@ HOOK_EVENTS: dict[str, Event] = {
 }
 
 
-def wanted_events(policy: PolicyBase) -> frozenset[Event]:
-    """The events whose hooks `policy` overrides."""
+def wanted_events(policy: PolicyBase, runtime: RuntimeInfo | None = None) -> frozenset[Event]:
+    """The events whose hooks `policy` overrides, minus those it says it does not need
+    with `runtime` (each subscribed event is a round trip the runtime makes)."""
     cls = type(policy)
+    unneeded = policy.unneeded_hooks(runtime) if runtime is not None else frozenset()
     return frozenset(
         event
         for hook, event in HOOK_EVENTS.items()
-        if getattr(cls, hook) is not getattr(PolicyBase, hook)
+        if getattr(cls, hook) is not getattr(PolicyBase, hook) and hook not in unneeded
     )
 
 
@@ -153,7 +155,7 @@ def fail_open(method: Method, request: Message | None, policy: PolicyBase) -> Ou
             runtime = _runtime_of(request)
         else:
             runtime = UNKNOWN_RUNTIME
-        mask = subscription_mask(wanted_events(policy), runtime)
+        mask = subscription_mask(wanted_events(policy, runtime), runtime)
         return Outcome(pb.ConfigureResponse(events=mask), runtime=runtime, events=mask)
     reply = method.response()
     if isinstance(reply, pb.SynchronizeResponse) and isinstance(request, pb.SynchronizeRequest):
@@ -175,7 +177,7 @@ def handle(policy: PolicyBase, method: Method, request: Message, sync: SyncColle
     if isinstance(request, pb.ConfigureRequest):
         runtime = _runtime_of(request)
         intents = policy.configure(runtime, request.config)
-        mask = subscription_mask(wanted_events(policy), runtime)
+        mask = subscription_mask(wanted_events(policy, runtime), runtime)
         return Outcome(pb.ConfigureResponse(events=mask), intents, runtime=runtime, events=mask)
     if isinstance(request, pb.SynchronizeRequest):
         if not sync.add(request):

@@ -487,9 +487,38 @@ def test_the_subscription_is_derived_from_the_hooks_a_policy_overrides() -> None
         name
         for name in vars(PolicyBase)
         if not name.startswith("_")
-        and name not in ("configure", "synchronize", "disconnected", "name")
+        and name not in ("configure", "synchronize", "disconnected", "name", "unneeded_hooks")
     }
     assert hooks == set(dispatch.HOOK_EVENTS)
+
+
+def test_post_start_is_subscribed_only_when_something_happens_after_start() -> None:
+    """PostStartContainer costs a round trip on every container start (issue 12): the qos
+    policy asks for it only where the runtime cannot do the work at creation."""
+    from nri_plugin.policy.class_isolation import Backend, HostSupport, IsolationConfig
+    from nri_plugin.policy.engine import Engine, EngineConfig
+    from nri_plugin.policy.qos_policy import QosPolicy
+    from nri_plugin.policy.workload import PlannerConfig
+    from nri_plugin.protocol.versions import infer_runtime
+    from tests.policy.sysfs_builder import MachineShape
+
+    topo = MachineShape().expected_topology()
+    new = infer_runtime("containerd", "v2.3.4", "v0.12.0", True)
+    old = infer_runtime("containerd", "v1.7.13", "", False)
+
+    def policy(support: HostSupport) -> QosPolicy:
+        planner = PlannerConfig(isolation=IsolationConfig(host=support))
+        return QosPolicy(Engine(topo, EngineConfig(planner=planner)))
+
+    on = Backend(True, "started")
+    quiet = policy(HostSupport(rdt=on, io=on, io_via_runtime=True))
+    assert Event.POST_START_CONTAINER not in dispatch.wanted_events(quiet, new)
+    assert Event.CREATE_CONTAINER in dispatch.wanted_events(quiet, new)
+    assert Event.POST_START_CONTAINER in dispatch.wanted_events(quiet, old)  # oom after start
+    shaped = policy(HostSupport(net=on))  # classification needs the running container
+    assert Event.POST_START_CONTAINER in dispatch.wanted_events(shaped, new)
+    v1_io = policy(HostSupport(io=on))  # blkio written by us after start
+    assert Event.POST_START_CONTAINER in dispatch.wanted_events(v1_io, new)
 
 
 async def test_a_late_policy_call_still_sends_what_it_asked_of_other_containers() -> None:

@@ -33,6 +33,12 @@ class PolicyBase:
         plugin config (pre-installed plugins) or ""."""
         return NO_INTENTS
 
+    def unneeded_hooks(self, runtime: RuntimeInfo) -> frozenset[str]:
+        """Hooks this policy overrides but does not need with this runtime (hook names,
+        e.g. "post_start_container"): their events are not subscribed, so the runtime
+        makes no round trip for them on a pod's start path."""
+        return frozenset()
+
     def synchronize(self, pods: Sequence[Pod], containers: Sequence[Container]) -> Intents:
         """The runtime's full state (after a connect or reconnect). Rebuild from it; the
         updates for containers that must change go in `reply_updates`."""

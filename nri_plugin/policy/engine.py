@@ -29,6 +29,7 @@ from typing import Concatenate, ParamSpec, TypeVar
 
 from nri_plugin.policy.class_intents import (
     Paths,
+    RdtPath,
     after_start,
     after_stop,
     at_create,
@@ -408,6 +409,20 @@ class Engine:
 
     def _runtime_sets_oom(self) -> bool:
         return self.runtime is not None and self.runtime.capabilities.applies_oom_score_adj
+
+    def needs_post_start(self, runtime: RuntimeInfo) -> bool:
+        """Whether a started container may need host work this runtime cannot do at
+        creation: oom_score_adj before NRI v0.7, RDT tasks without the LinuxRdt adjustment,
+        io.weight without the unified map, network classification (always after start)."""
+        caps = runtime.capabilities
+        if not caps.applies_oom_score_adj:
+            return True
+        paths = paths_for(self.config.planner.isolation.host, caps.applies_rdt)
+        if paths.rdt is RdtPath.HOST:
+            return True
+        if paths.io_available and not paths.io_unified:
+            return True
+        return paths.net_available
 
     def _paths(self) -> Paths:
         """How RDT and I/O reach a new container with this runtime on this host."""

@@ -51,6 +51,14 @@ class QosPolicy(PolicyBase):
             return Intents(notes=(note,))
         return Intents(notes=(Note("config", "node", "applied the runtime-provided config"),))
 
+    def unneeded_hooks(self, runtime: RuntimeInfo) -> frozenset[str]:
+        """PostStartContainer is a synchronous round trip on every container start: only
+        subscribed when something must happen once the container runs (see
+        `Engine.needs_post_start`)."""
+        if self.engine.needs_post_start(runtime):
+            return frozenset()
+        return frozenset({"post_start_container"})
+
     def synchronize(self, pods: Sequence[Pod], containers: Sequence[Container]) -> Intents:
         return self.engine.synchronize(pods, containers).intents
 
