@@ -1,5 +1,5 @@
 """Guards FakeResctrl against the documented resctrl formats and rules
-(Documentation/arch/x86/resctrl.rst, ../shared/docs/host-capabilities.md section 5), and
+(the kernel's Documentation/arch/x86/resctrl.rst and the error texts of rdtgroup.c), and
 checks the property that whatever `schemata_for` computes, the kernel model accepts.
 """
 
