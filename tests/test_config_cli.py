@@ -13,6 +13,7 @@ import pytest
 from nri_plugin import cli
 from nri_plugin.config import ConfigError, load_config, parse_config
 from nri_plugin.control.executor import HostLimits
+from nri_plugin.policy.workload import SHARED
 
 
 def test_defaults_without_a_file() -> None:
@@ -258,7 +259,7 @@ dedicated_cores = "system"
     assert iso.rdt.runtime_classes and iso.rdt.mount == "host/sys/fs/resctrl"
     assert iso.rdt.classes["reclaimed"].l3_mask == 0xF
     assert iso.rdt.classes["reclaimed"].mb_percent == 20
-    assert "shared" not in iso.rdt.classes  # no class uses it any more: no CLOSID for it
+    assert SHARED not in iso.rdt.classes  # no class uses it any more: no CLOSID for it
     levels = config.qos.policy.planner.isolation  # what the engine plans with
     assert levels.rdt_classes[QosClass.SHARED_CORES] is None
     assert levels.io_weights[QosClass.RECLAIMED_CORES] == 5

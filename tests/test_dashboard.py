@@ -282,7 +282,7 @@ def test_metric_names_are_extracted_without_functions_labels_or_variables() -> N
         ("nri_qos_pool_cpus_total", "is not served"),  # a gauge has no _total
         ("nri_qos_request_duration_seconds_total", "is not served"),  # histogram
         ("nri_qos_fail_open_bucket", "is not served"),  # a counter has no buckets
-        ('nri_qos_pool_cpus{pol="shared"}', "has no label 'pol'"),
+        ('nri_qos_pool_cpus{pol="reclaimed"}', "has no label 'pol'"),
         ("sum by (poool) (nri_qos_pool_cpus)", "groups by 'poool'"),
         ("sum(rate(nri_qos_fail_open_total[5m]))", "legend prints 'reason'"),  # summed away
         ("nri_qos_pool_cpus", "legend prints 'reason'"),  # never had it

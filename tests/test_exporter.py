@@ -30,7 +30,7 @@ from nri_plugin.policy.engine import Engine, EngineConfig
 from nri_plugin.policy.eviction import EvictionConfig
 from nri_plugin.policy.intents import Evict, HostIntent, Intents
 from nri_plugin.policy.protection import ProtectionConfig
-from nri_plugin.policy.workload import PlannerConfig
+from nri_plugin.policy.workload import SHARED, PlannerConfig
 from nri_plugin.protect import ProtectState
 from nri_plugin.protocol.versions import infer_runtime
 from qos_model.signals import (
@@ -215,13 +215,13 @@ def test_pool_sizes_and_members_are_the_plans(node: Node, served: MetricsServer)
     assert got.types["nri_qos_pool_cpus"] == "gauge"
     assert got.by("nri_qos_pool_cpus", "pool") == {
         "system": len(pools.system),
-        "shared": len(pools.shared),
+        SHARED: len(pools.shared),
         "reclaimed": len(pools.reclaimed),
         "dedicated": 0,
     }
     assert len(pools.reclaimed) == 2  # moved off web's NUMA node by the first rung
     members = got.by("nri_qos_pool_containers", "pool")
-    assert members == {"system": 0, "shared": 1, "reclaimed": 2, "dedicated": 0}
+    assert members == {"system": 0, SHARED: 1, "reclaimed": 2, "dedicated": 0}
 
 
 def test_each_container_shows_its_plan_under_its_name_and_class(
@@ -391,7 +391,7 @@ async def test_a_scrape_shows_the_published_snapshot_never_the_live_engine(
     after = scrape(served)
     assert after.value("nri_qos_container_cpus", container="default/api/api",
                        qos_class="shared_cores") >= 1  # fmt: skip
-    assert after.by("nri_qos_pool_containers", "pool")["shared"] == 2
+    assert after.by("nri_qos_pool_containers", "pool")[SHARED] == 2
 
 
 def test_before_the_first_snapshot_only_the_runtime_metrics_are_served() -> None:

@@ -26,6 +26,7 @@ from nri_plugin.policy.intents import (
     ReleaseRdt,
     SetIoWeight,
 )
+from nri_plugin.policy.workload import SHARED
 from tests.isolation.fake_cgroup2 import echo
 from tests.isolation.fake_iocost import VDA, FakeIoCgroup2
 from tests.isolation.fake_resctrl import FakeResctrl
@@ -73,7 +74,7 @@ def test_rdt_sets_up_classes_most_protective_first_and_degrades_when_closids_run
     controllers = Controllers([rdt])
     controllers.start()
     # 4 CLOSIDs, the root holds one: reclaimed, shared and dedicated get a group
-    assert set(rdt.ready) == {"reclaimed", "shared", "dedicated"}
+    assert set(rdt.ready) == {"reclaimed", SHARED, "dedicated"}
     assert "out of CLOSIDs" in rdt.degraded["system"]
     assert rdt.ready["reclaimed"] == "L3 ways 0x3f of 0xfffff, MB 30 %"
     schemata = Resctrl(Path("/")).read_schemata("reclaimed")

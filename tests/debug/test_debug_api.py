@@ -22,6 +22,7 @@ from nri_plugin.debug.server import (
     DebugSources,
     check_socket_path,
 )
+from nri_plugin.policy.workload import SHARED
 from tests.debug.conftest import NOBODY, Daemon, Relay
 
 
@@ -36,7 +37,7 @@ def test_status_and_pods_come_from_the_engine(daemon: Daemon) -> None:
                           "default/a2/app2"}  # fmt: skip
     assert names["prod/db/db"].qos_class == "dedicated_cores"
     assert all(x.reasons["cpus"] for x in names.values())
-    assert {p.name for p in pods.pools} >= {"shared", "reclaimed"}
+    assert {p.name for p in pods.pools} >= {SHARED, "reclaimed"}
     assert stat.S_IMODE(daemon.path.stat().st_mode) == 0o600
 
 

@@ -253,7 +253,7 @@ def test_mbps_mount_end_to_end(fs: FakeFilesystem) -> None:
     info = r.probe()
     r.ensure_class("reclaimed", RdtClassConfig(l3_percent=30, mb_mbps=2048), info)
     assert r.read_schemata("reclaimed")["MB"] == {0: "2048"}
-    assert "MB unlimited" in r.ensure_class("shared", RECLAIMED, info)
+    assert "MB unlimited" in r.ensure_class("dedicated", RECLAIMED, info)
 
 
 def test_remove_unused_leaves_foreign_groups_alone(fs: FakeFilesystem) -> None:
@@ -278,17 +278,17 @@ def test_tasks_move_between_classes_and_gone_pids_are_skipped(fs: FakeFilesystem
     kernel = FakeResctrl(fs)
     r = resctrl()
     info = r.probe()
-    for cls in ("shared", "reclaimed"):
+    for cls in ("dedicated", "reclaimed"):
         r.ensure_class(cls, DEFAULT_CLASSES[cls], info)
     a, b, gone = kernel.spawn(), kernel.spawn(), kernel.spawn()
     kernel.exit(gone)
-    assert r.assign_tasks("shared", [a, b, gone], "pod start") == 2
-    assert r.tasks_of("shared") == {a, b}
+    assert r.assign_tasks("dedicated", [a, b, gone], "pod start") == 2
+    assert r.tasks_of("dedicated") == {a, b}
     assert r.assign_tasks("reclaimed", [b], "demoted") == 1
-    assert (r.tasks_of("shared"), r.tasks_of("reclaimed")) == (frozenset({a}), frozenset({b}))
+    assert (r.tasks_of("dedicated"), r.tasks_of("reclaimed")) == (frozenset({a}), frozenset({b}))
     for bad in (0, -1):  # 0 would move the agent itself
         with pytest.raises(ValueError, match="not a positive process id"):
-            r.assign_tasks("shared", [bad], "x")
+            r.assign_tasks("dedicated", [bad], "x")
 
 
 # ---------------------------------------------------------------------------- monitoring
@@ -297,36 +297,36 @@ def test_tasks_move_between_classes_and_gone_pids_are_skipped(fs: FakeFilesystem
 def test_mon_groups_and_counters(fs: FakeFilesystem) -> None:
     kernel = FakeResctrl(fs, l3_domains=(0, 1))
     r = resctrl()
-    r.ensure_class("shared", DEFAULT_CLASSES["shared"], r.probe())
+    r.ensure_class("dedicated", DEFAULT_CLASSES["dedicated"], r.probe())
     cid = "3b1c0d5e9f8a7b6c"
-    assert r.ensure_mon_group("shared", cid, "container start") is True
-    assert r.ensure_mon_group("shared", cid, "container start") is False
-    assert r.mon_groups("shared") == [cid]
+    assert r.ensure_mon_group("dedicated", cid, "container start") is True
+    assert r.ensure_mon_group("dedicated", cid, "container start") is False
+    assert r.mon_groups("dedicated") == [cid]
     pid = kernel.spawn()
-    assert r.assign_tasks("shared", [pid], "start", mon=cid) == 1
-    assert r.tasks_of("shared", mon=cid) == {pid} and r.tasks_of("shared") == {pid}
-    group = "nri-qos-shared"
+    assert r.assign_tasks("dedicated", [pid], "start", mon=cid) == 1
+    assert r.tasks_of("dedicated", mon=cid) == {pid} and r.tasks_of("dedicated") == {pid}
+    group = "nri-qos-dedicated"
     kernel.set_counter(group, "llc_occupancy", 4096, mon=cid, domain=0)
     kernel.set_counter(group, "llc_occupancy", 1024, mon=cid, domain=1)
     kernel.set_counter(group, "mbm_total_bytes", "Unavailable", mon=cid, domain=0)
     kernel.set_counter(group, "mbm_total_bytes", "Unavailable", mon=cid, domain=1)
     kernel.set_counter(group, "mbm_local_bytes", "Unavailable", mon=cid, domain=0)
     kernel.set_counter(group, "mbm_local_bytes", 7, mon=cid, domain=1)
-    sample = r.read_monitoring("shared", cid)
+    sample = r.read_monitoring("dedicated", cid)
     assert (sample.llc_occupancy, sample.mbm_total_bytes, sample.mbm_local_bytes) == (
         5120, None, 7)  # fmt: skip
     kernel.set_counter(group, "llc_occupancy", 100, domain=0)
-    assert r.read_monitoring("shared").llc_occupancy == 5220  # the class sums its mon groups
-    assert r.remove_mon_group("shared", cid, "container gone") is True
-    assert r.mon_groups("shared") == [] and kernel.group_of(pid) == (group, None)
+    assert r.read_monitoring("dedicated").llc_occupancy == 5220  # the class sums its mon groups
+    assert r.remove_mon_group("dedicated", cid, "container gone") is True
+    assert r.mon_groups("dedicated") == [] and kernel.group_of(pid) == (group, None)
 
 
 def test_out_of_rmids_for_a_container_says_so(fs: FakeFilesystem) -> None:
     FakeResctrl(fs, num_rmids=2)  # root and the class take both
     r = resctrl()
-    r.ensure_class("shared", DEFAULT_CLASSES["shared"], r.probe())
+    r.ensure_class("dedicated", DEFAULT_CLASSES["dedicated"], r.probe())
     with pytest.raises(HostError, match=r"out of RMIDs \(num_rmids=2\)") as caught:
-        r.ensure_mon_group("shared", "abc", "container start")
+        r.ensure_mon_group("dedicated", "abc", "container start")
     assert caught.value.errno == errno.ENOSPC
 
 
@@ -364,11 +364,11 @@ def test_hostile_names_are_refused(fs: FakeFilesystem, name: str) -> None:
     info = r.probe()
     with pytest.raises(ValueError, match="not a plain name"):
         r.ensure_class(name, RECLAIMED, info)
-    r.ensure_class("shared", RECLAIMED, info)
+    r.ensure_class("dedicated", RECLAIMED, info)
     for call in (r.ensure_mon_group, r.remove_mon_group):
         with pytest.raises(ValueError, match="not a plain name"):
-            call("shared", name, "container start")
+            call("dedicated", name, "container start")
     with pytest.raises(ValueError, match="not a plain name"):
-        r.assign_tasks("shared", [kernel.self_pid], "x", mon=name)
-    assert sorted(kernel.groups) == ["", "nri-qos-shared"]
-    assert not kernel.groups["nri-qos-shared"].mons
+        r.assign_tasks("dedicated", [kernel.self_pid], "x", mon=name)
+    assert sorted(kernel.groups) == ["", "nri-qos-dedicated"]
+    assert not kernel.groups["nri-qos-dedicated"].mons

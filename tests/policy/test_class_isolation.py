@@ -18,7 +18,7 @@ from nri_plugin.policy.intents import (
     SetIoWeight,
     SetNetClass,
 )
-from nri_plugin.policy.workload import PlannerConfig
+from nri_plugin.policy.workload import SHARED, PlannerConfig
 from nri_plugin.protocol.versions import infer_runtime
 from qos_model.containers import ContainerState, Pod
 from tests.builders import container, pod
@@ -69,7 +69,7 @@ def test_without_backends_the_plan_says_why_each_field_is_empty() -> None:
     [
         ("system_cores", "system", 1000, "system"),
         ("dedicated_cores", "dedicated", 500, "online"),
-        ("shared_cores", "shared", 100, "online"),
+        ("shared_cores", SHARED, 100, "online"),
         ("reclaimed_cores", "reclaimed", 10, "batch"),
     ],
 )
