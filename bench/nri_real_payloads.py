@@ -82,6 +82,7 @@ from real_payloads import (
     LIFECYCLE,
     LIVE_PART,
     OWN_RPC,
+    STAGES,
     Templates,
     load_templates,
     stage_breakdown,
@@ -98,20 +99,7 @@ HELPER = Path(__file__).resolve().parent / "real_payloads.py"
 WARMUP = 20
 READY_TIMEOUT = 30.0
 TARGETS = ("floor", "recording", "qos")
-STAGE_ORDER = (
-    "schedule",
-    "pre_decide",
-    "hop_in",
-    "decode",
-    "convert_in",
-    "policy",
-    "convert_out",
-    "handle_rest",
-    "hop_out",
-    "encode",
-    "write",
-    "observe_gap",
-)
+STAGE_ORDER = STAGES  # the order of the breakdown's rows
 
 
 class BenchError(RuntimeError):

@@ -237,19 +237,20 @@ def floor_main(socket_path: str, register: bytes, configure_reply: bytes) -> Non
 
 # --- the plugin child with taps ------------------------------------------------------------
 
-# Steps of the request path the --stages instrumentation times (ns, per request):
+# Steps of the request path the --stages instrumentation times (ns, per request). The
+# policy thread writes the reply itself (one hop: loop -> policy thread); the loop's
+# work after the reply (intents) is outside "received -> written".
 STAGES = (
-    "schedule",  # handler task created (the histogram's "received") -> it runs
-    "pre_decide",  # method lookup, request counter
-    "hop_in",  # run_in_executor submitted -> the policy thread runs _handle
+    "pre_submit",  # read (the histogram's "received") -> lookup, counter, deadline, submit
+    "hop_in",  # submitted -> the policy thread runs Session._run
     "decode",  # protobuf decode of the NRI payload (services.decode)
-    "convert_in",  # protobuf -> qos_model (pod_from_pb, container_from_pb, resources_from_pb)
+    "convert_in",  # protobuf -> qos_model (pod_for_policy, container_for_policy, ...)
     "policy",  # the policy hook (engine)
     "convert_out",  # qos_model -> protobuf reply (adjustment_to_pb, updates_to_pb)
     "handle_rest",  # the rest of _handle / dispatch.handle (isinstance chain, Outcome, ...)
-    "hop_out",  # _handle returned -> the event loop resumes _decide
+    "claim",  # _handle returned -> the reply is claimed and _answer starts
     "encode",  # reply SerializeToString + ttrpc/mux framing (_answer minus the write)
-    "write",  # NriChannel.write (transport write: the send syscall)
+    "write",  # NriChannel.write_from_thread (the send syscall from the policy thread)
     "observe_gap",  # _answer returned -> histogram observation
 )
 
@@ -260,8 +261,21 @@ class _Recorder:
         self.stages = stages
         self.observed: list[tuple[str, float]] = []  # (method, seconds) as the histogram got
         self.records: list[dict[str, Any]] = []  # per request, with --stages
-        self.current: dict[str, Any] | None = None
+        # A request's record: kept by stream id while the loop handles it, then carried
+        # by the policy thread (which writes the reply and observes its duration while
+        # the loop may already be reading the next request).
+        self.pending: dict[int, dict[str, Any]] = {}
+        self.local = threading.local()
         self.lock = threading.Lock()
+
+    @property
+    def current(self) -> dict[str, Any] | None:
+        """The record of the request this thread is on (the policy thread's)."""
+        return getattr(self.local, "current", None)
+
+    @current.setter
+    def current(self, record: dict[str, Any] | None) -> None:
+        self.local.current = record
 
     def write(self, *_: object) -> None:
         with self.lock:
@@ -338,6 +352,8 @@ def _timed(rec: _Recorder, stage: str, fn: Callable[..., Any]) -> Callable[..., 
 
 
 def _install_stages(rec: _Recorder) -> None:
+    import concurrent.futures
+
     from nri_plugin import channel as channel_mod
     from nri_plugin import dispatch
     from nri_plugin import session as session_mod
@@ -347,30 +363,35 @@ def _install_stages(rec: _Recorder) -> None:
 
     perf = time.perf_counter_ns
     S = session_mod.Session
+    pool = concurrent.futures.ThreadPoolExecutor
 
-    orig_received, orig_serve, orig_decide = S._received, S._serve, S._decide
+    orig_received, orig_run = S._received, S._run
     orig_handle, orig_answer = S._handle, S._answer
-    orig_write = channel_mod.NriChannel.write
+    orig_submit = pool.submit
+    channel = channel_mod.NriChannel
+    orig_writes = channel.write, channel.write_from_thread
 
     def received(self: Any, event: Any) -> Any:
-        rec.current = {"method": event.method, "received_at": perf()}
+        rec.pending[event.stream_id] = {"method": event.method, "received_at": perf()}
         return orig_received(self, event)
 
-    async def serve(self: Any, event: Any, received_at: float) -> None:
-        cur = rec.current
+    def submit(self: Any, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        turn = args[0] if args else None
+        event = getattr(turn, "event", None)
+        cur = rec.pending.get(event.stream_id) if event is not None else None
         if cur is not None:
-            cur["serve_at"] = perf()
-        await orig_serve(self, event, received_at)
+            cur["submit_at"] = perf()
+        return orig_submit(self, fn, *args, **kwargs)
 
-    async def decide(self: Any, method: Any, event: Any) -> Any:
-        cur = rec.current
+    def run(self: Any, turn: Any) -> None:
+        cur = rec.pending.pop(turn.event.stream_id, None)
         if cur is not None:
-            cur["decide_at"] = perf()
-        result = await orig_decide(self, method, event)
-        cur = rec.current
-        if cur is not None:
-            cur["decided_at"] = perf()
-        return result
+            cur["run_at"] = perf()
+        rec.current = cur
+        try:
+            orig_run(self, turn)
+        finally:
+            rec.current = None
 
     def handle(self: Any, method: Any, payload: bytes) -> Any:
         cur = rec.current
@@ -385,6 +406,8 @@ def _install_stages(rec: _Recorder) -> None:
     def answer(self: Any, stream_id: int, method: Any, decision: Any) -> bool:
         cur = rec.current
         t0 = perf()
+        if cur is not None:
+            cur["answer_at"] = t0
         try:
             return orig_answer(self, stream_id, method, decision)
         finally:
@@ -393,13 +416,20 @@ def _install_stages(rec: _Recorder) -> None:
                 cur["answered_at"] = perf()
 
     S._received = received  # type: ignore[method-assign]
-    S._serve = serve  # type: ignore[method-assign]
-    S._decide = decide  # type: ignore[method-assign]
+    S._run = run  # type: ignore[method-assign]
     S._handle = handle  # type: ignore[method-assign]
     S._answer = answer  # type: ignore[method-assign]
-    channel_mod.NriChannel.write = _timed(rec, "write", orig_write)  # type: ignore[method-assign]
+    pool.submit = submit  # type: ignore[method-assign]
+    channel.write = _timed(rec, "write", orig_writes[0])  # type: ignore[method-assign]
+    channel.write_from_thread = _timed(rec, "write", orig_writes[1])  # type: ignore[method-assign]
     services.decode = _timed(rec, "decode", services.decode)
-    for name in ("pod_from_pb", "container_from_pb", "resources_from_pb"):
+    for name in (
+        "pod_for_policy",
+        "container_for_policy",
+        "pod_from_pb",
+        "container_from_pb",
+        "resources_from_pb",
+    ):
         setattr(convert, name, _timed(rec, "convert_in", getattr(convert, name)))
     for name in ("adjustment_to_pb", "updates_to_pb"):
         setattr(convert, name, _timed(rec, "convert_out", getattr(convert, name)))
@@ -411,21 +441,20 @@ def _install_stages(rec: _Recorder) -> None:
 
 def stage_breakdown(record: dict[str, Any]) -> dict[str, int] | None:
     """One request's stages (ns) from the timestamps and sums a --stages child recorded."""
-    needed = ("received_at", "serve_at", "decide_at", "handle_at", "handled_at", "decided_at")
-    if any(k not in record for k in (*needed, "answered_at", "observe_at")):
+    needed = ("received_at", "submit_at", "run_at", "handle_at", "handled_at")
+    if any(k not in record for k in (*needed, "answer_at", "answered_at", "observe_at")):
         return None
     inner = sum(record.get(k, 0) for k in ("decode", "convert_in", "policy", "convert_out"))
     write = record.get("write", 0)
     out = {
-        "schedule": record["serve_at"] - record["received_at"],
-        "pre_decide": record["decide_at"] - record["serve_at"],
-        "hop_in": record["handle_at"] - record["decide_at"],
+        "pre_submit": record["submit_at"] - record["received_at"],
+        "hop_in": record["run_at"] - record["submit_at"],
         "decode": record.get("decode", 0),
         "convert_in": record.get("convert_in", 0),
         "policy": record.get("policy", 0),
         "convert_out": record.get("convert_out", 0),
         "handle_rest": record["handled_at"] - record["handle_at"] - inner,
-        "hop_out": record["decided_at"] - record["handled_at"],
+        "claim": record["answer_at"] - record["handled_at"],
         "encode": record.get("answer_ns", 0) - write,
         "write": write,
         "observe_gap": record["observe_at"] - record["answered_at"],

@@ -9,8 +9,15 @@ Rules:
   task, so a handler that waits (for a lock, for a call of its own) never stops replies
   from being read; a handler's failure is logged, since nobody else would see it.
 - Writes are whole messages through the synchronous `writer.write`, so frames of two
-  messages never interleave and need no lock, and a reply costs no `await` (the plugin's
-  reply latency matters). Callers that want back-pressure await `drain()`.
+  messages never interleave, and a reply costs no `await` (the plugin's reply latency
+  matters). Callers that want back-pressure await `drain()`.
+- One writer may live in another thread: `write_from_thread` lets the plugin's policy
+  thread put its reply on the socket itself, sparing the reply a hop back to the loop
+  (a wakeup that costs most under the CPU contention of a container start). It writes
+  straight to the socket only while nothing is queued before it (transport buffer and
+  carry empty); otherwise its bytes are carried to the loop in order. One lock orders
+  every write and the close, and the socket is written through a duplicate descriptor
+  the channel owns, so a thread can never write to a reused descriptor number.
 - A request `NriConnection` refuses (`BadRequest`) is answered with its error here: the
   refusal is the protocol's, not the owner's. The owner is told, to count it.
 - The first close wins and says why (an `Ending` and a sentence): every pending call
@@ -37,6 +44,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import threading
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
@@ -148,6 +157,13 @@ class NriChannel:
         self.stats = ChannelStats()
         self.ending: Ending | None = None
         self.close_reason = ""
+        # Writes from another thread (write_from_thread): every write and the close take
+        # the lock; `_carry` holds a thread's bytes the loop has yet to hand to the
+        # transport (they go before anything written after them).
+        self._loop = asyncio.get_running_loop()
+        self._write_lock = threading.Lock()
+        self._carry = bytearray()
+        self._fd = _dup_socket(writer)
 
     @property
     def closed(self) -> bool:
@@ -211,16 +227,68 @@ class NriChannel:
     # --- writing -------------------------------------------------------------------------
 
     def write(self, data: bytes) -> bool:
-        """Write whole messages. False: closed (or closing), the bytes were dropped. A
-        transport closing under us is not an ending: the reader will see why it closed."""
-        if self.closed or self._writer.is_closing():
-            return False
-        try:
-            self._writer.write(data)
-        except (OSError, RuntimeError) as exc:
-            self._close(Ending.WRITE_FAILED, f"write failed: {exc}")
+        """Write whole messages (from the loop). False: closed (or closing), the bytes
+        were dropped. A transport closing under us is not an ending: the reader will see
+        why it closed."""
+        with self._write_lock:
+            if self.closed or self._writer.is_closing():
+                return False
+            failed: Exception | None = None
+            try:
+                if self._carry:
+                    self._writer.write(bytes(self._carry))
+                    self._carry.clear()
+                self._writer.write(data)
+            except (OSError, RuntimeError) as exc:
+                failed = exc
+        if failed is not None:
+            self._close(Ending.WRITE_FAILED, f"write failed: {failed}")
             return False
         return self._check_write_buffer()
+
+    def write_from_thread(self, data: bytes) -> bool:
+        """Write whole messages from a thread other than the loop's. Straight to the
+        socket when nothing waits before them (the common case: a reply without a hop
+        back to the loop); else, or for what the socket did not take, through the loop,
+        in order. False: the channel is closed (or closing) and the bytes were dropped."""
+        with self._write_lock:
+            if self.closed or self._writer.is_closing():
+                return False
+            sent = 0
+            if self._fd >= 0 and not self._carry and self.write_buffer_size == 0:
+                try:
+                    sent = os.write(self._fd, data)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    # The loop's reader or writer sees the same failure and says why.
+                    sent = 0
+            if sent == len(data):
+                return True
+            self._carry += data[sent:]
+        try:
+            self._loop.call_soon_threadsafe(self._flush_carry)
+        except RuntimeError:  # the loop is closed: nobody will ever send it
+            return False
+        return True
+
+    def _flush_carry(self) -> None:
+        """In the loop: hand what threads left to the transport, before anything newer."""
+        with self._write_lock:
+            if not self._carry or self.closed or self._writer.is_closing():
+                self._carry.clear()
+                return
+            data = bytes(self._carry)
+            self._carry.clear()
+            failed: Exception | None = None
+            try:
+                self._writer.write(data)
+            except (OSError, RuntimeError) as exc:
+                failed = exc
+        if failed is not None:
+            self._close(Ending.WRITE_FAILED, f"write failed: {failed}")
+            return
+        self._check_write_buffer()
 
     def _check_write_buffer(self) -> bool:
         """The hard cap: reading pauses above the high-water mark, so only replies of
@@ -426,11 +494,17 @@ class NriChannel:
         for reply in pending.values():
             if not reply.done():
                 reply.set_exception(ChannelClosed(reason))
-        with contextlib.suppress(OSError, RuntimeError):
-            if ending in _ABORTING:
-                self._writer.transport.abort()
-            else:
-                self._writer.close()
+        with self._write_lock:  # a thread's write in progress ends first; none starts after
+            self._carry.clear()
+            if self._fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(self._fd)
+                self._fd = -1
+            with contextlib.suppress(OSError, RuntimeError):
+                if ending in _ABORTING:
+                    self._writer.transport.abort()
+                else:
+                    self._writer.close()
         task = self._reader_task
         if task is not None and task is not asyncio.current_task(task.get_loop()):
             task.cancel()
@@ -445,3 +519,17 @@ class NriChannel:
                 task.cancel()
         tasks = [t for t in (self._reader_task, self._pumper, *self._handlers) if t is not None]
         await asyncio.gather(*(t for t in tasks if t is not current), return_exceptions=True)
+
+
+def _dup_socket(writer: asyncio.StreamWriter) -> int:
+    """A descriptor of the writer's socket that the channel owns (-1: not a socket, so
+    threads always write through the loop)."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return -1
+    try:
+        fd = os.dup(sock.fileno())
+    except (OSError, ValueError):
+        return -1
+    os.set_blocking(fd, False)
+    return fd

@@ -182,8 +182,8 @@ def handle(policy: PolicyBase, method: Method, request: Message, sync: SyncColle
     if isinstance(request, pb.SynchronizeRequest):
         if not sync.add(request):
             return Outcome(pb.SynchronizeResponse(more=True))
-        pods = [convert.pod_from_pb(p) for p in sync.pods]
-        containers = [convert.container_from_pb(c) for c in sync.containers]
+        pods = [convert.pod_for_policy(p) for p in sync.pods]
+        containers = [convert.container_for_policy(c) for c in sync.containers]
         sync.reset()
         intents = policy.synchronize(pods, containers)
         reply = pb.SynchronizeResponse()
@@ -191,7 +191,7 @@ def handle(policy: PolicyBase, method: Method, request: Message, sync: SyncColle
         return Outcome(reply, intents)
     if isinstance(request, pb.CreateContainerRequest):
         intents = policy.create_container(
-            convert.pod_from_pb(request.pod), convert.container_from_pb(request.container)
+            convert.pod_for_policy(request.pod), convert.container_for_policy(request.container)
         )
         create_reply = pb.CreateContainerResponse()
         adjustment = intents.adjustment
@@ -206,8 +206,8 @@ def handle(policy: PolicyBase, method: Method, request: Message, sync: SyncColle
             else None
         )
         intents = policy.update_container(
-            convert.pod_from_pb(request.pod),
-            convert.container_from_pb(request.container),
+            convert.pod_for_policy(request.pod),
+            convert.container_for_policy(request.container),
             requested,
         )
         update_reply = pb.UpdateContainerResponse()
@@ -215,14 +215,14 @@ def handle(policy: PolicyBase, method: Method, request: Message, sync: SyncColle
         return Outcome(update_reply, intents)
     if isinstance(request, pb.StopContainerRequest):
         intents = policy.stop_container(
-            convert.pod_from_pb(request.pod), convert.container_from_pb(request.container)
+            convert.pod_for_policy(request.pod), convert.container_for_policy(request.container)
         )
         stop_reply = pb.StopContainerResponse()
         convert.updates_to_pb(intents.reply_updates, stop_reply.update)
         return Outcome(stop_reply, intents)
     if isinstance(request, pb.UpdatePodSandboxRequest):
         intents = policy.update_pod(
-            convert.pod_from_pb(request.pod),
+            convert.pod_for_policy(request.pod),
             convert.resources_from_pb(request.overhead_linux_resources)
             if request.HasField("overhead_linux_resources")
             else None,
@@ -258,7 +258,7 @@ def notify(
     policy: PolicyBase, event: Event, pod_pb: pb.PodSandbox, container_pb: pb.Container | None
 ) -> Intents:
     """Deliver a pure notification, whether it came as StateChange or its own RPC."""
-    pod = convert.pod_from_pb(pod_pb)
+    pod = convert.pod_for_policy(pod_pb)
     if container_pb is None:
         pod_hooks = {
             Event.RUN_POD_SANDBOX: policy.run_pod,
@@ -267,7 +267,7 @@ def notify(
         }
         hook = pod_hooks.get(event)  # POST_UPDATE_POD_SANDBOX adds nothing to UpdatePodSandbox
         return hook(pod) if hook is not None else NO_INTENTS
-    container = convert.container_from_pb(container_pb)
+    container = convert.container_for_policy(container_pb)
     container_hooks = {
         Event.POST_CREATE_CONTAINER: policy.post_create_container,
         Event.START_CONTAINER: policy.start_container,

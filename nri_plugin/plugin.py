@@ -195,6 +195,9 @@ class NriPlugin:
         self._session: Session | None = None
         self._stopping = asyncio.Event()
         self.configured = asyncio.Event()  # set while a runtime connection is configured
+        # set once this connection's (final) Synchronize was decided by the policy, not
+        # answered fail-open; cleared with `configured` (readiness reads it)
+        self.synchronized = asyncio.Event()
         # set when a connection ends (cleared when the next one starts): what waits for a
         # disconnect awaits this instead of polling `configured`
         self.disconnected = asyncio.Event()
@@ -219,6 +222,7 @@ class NriPlugin:
         finally:
             self._session = None
             self.configured.clear()
+            self.synchronized.clear()
             self.disconnected.set()
             self.metrics.connection_changed(ConnectionState.DISCONNECTED)
             await asyncio.get_running_loop().run_in_executor(

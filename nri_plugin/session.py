@@ -11,17 +11,19 @@ bounds ends the connection instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
 from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from google.protobuf.message import Message
 
 from nri_plugin import dispatch
 from nri_plugin.channel import Ending, NriChannel
-from nri_plugin.metrics import ConnectionState
+from nri_plugin.metrics import ConnectionState, MethodMetrics
 from nri_plugin.policy.intents import Intents
 from nri_plugin.protocol import convert, services
 from nri_plugin.protocol import nri_pb2 as pb
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     from nri_plugin.plugin import NriPlugin
 
 log = logging.getLogger("nri_qos.plugin")
+_R = TypeVar("_R")
 
 # The protocol level we implement; runtimes log it, none reject on it.
 NRI_VERSION = "v0.12.2"
@@ -71,6 +74,7 @@ class Session:
         self.tasks: set[asyncio.Task[None]] = set()  # deferred updates; the channel has handlers
         self.end_reason = "runtime closed the connection"
         self.configured = False
+        self._loop_thread = threading.get_ident()
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -136,7 +140,12 @@ class Session:
     # --- reading ---------------------------------------------------------------------------
 
     def _received(self, event: RequestReceived) -> Coroutine[Any, Any, None]:
-        return self._serve(event, time.monotonic())
+        """Called by the channel as it reads a request: start serving it at once (the
+        policy thread gets it before the loop does anything else), and return what the
+        channel's handler task awaits (the rest, after the reply)."""
+        received = time.monotonic()
+        turn = self._start(event, received)
+        return self._finish(turn) if turn is not None else _nothing()
 
     def _refused(self, event: BadRequest) -> None:
         """The channel answers it; we count and log it."""
@@ -166,36 +175,166 @@ class Session:
             return s.handler_budget
         return max(0.001, min(s.handler_budget, remaining * s.deadline_fraction))
 
-    async def _serve(self, event: RequestReceived, received: float) -> None:
+    def _start(self, event: RequestReceived, received: float) -> _Turn | None:
         """Answer one request, whatever happens on the way: a policy that is late or
         raises, a payload that does not decode, a reply too large to send, or a bug of
         ours all end in a reply that changes nothing. The one exception is a split
-        Synchronize past its bounds, which ends the connection."""
+        Synchronize past its bounds, which ends the connection.
+
+        One thread hop per request: the policy thread decodes, decides, encodes and
+        writes the reply itself (`_run`), then tells the loop, which carries out the
+        intents (`_finish`). The loop arms the deadline: past the budget it writes the
+        fail-open reply instead. Whichever comes first claims the request
+        (`_Turn.claim`); the other's reply is dropped, and a late policy's intents still
+        go out when it ends. A reply the policy cannot change (an empty message: every
+        notification) is written here, before the policy runs. None: already answered
+        (unknown method, or a bug here)."""
         method = services.lookup(event.service, event.method)
         if method is None or event.service != services.PLUGIN_SERVICE:
             self._unimplemented(event)
-            return
-        name = method.name
-        self.plugin.metrics.requests.labels(name).inc()
+            return None
+        loop = asyncio.get_running_loop()
+        turn = _Turn(method, event, received, loop.create_future())
         try:
-            decision = await self._decide(method, event)
-        except dispatch.SyncOverflow as exc:
-            self._sync_overflowed(exc, event.stream_id)
+            turn.metrics = self.plugin.metrics.of_method(method.name)
+            turn.metrics.requests.inc()
+            if method.reply_is_fixed:
+                # Nothing the policy decides goes in this reply (what it asks of other
+                # containers goes out after, as for every request): answer now, decide
+                # after, in order in the policy thread. No deadline: nothing is left to
+                # answer, and the channel's bound on requests in flight still holds.
+                turn.claim()
+                self._reply_now(turn, _Decision(None, dispatch.Outcome(method.response())))
+            else:
+                budget = self._budget(event.timeout_nano)
+                turn.timer = loop.call_later(budget, self._deadline_passed, turn, budget)
+            self.plugin.policy_thread.submit(self._run, turn)
+        except Exception as exc:
+            # A bug between the socket and the policy, or no policy thread any more.
+            if turn.timer is not None:
+                turn.timer.cancel()
+            if turn.claim():
+                decision = self._internal_error(method, event.stream_id, exc)
+                self._reply_now(turn, decision)
+                self._after(turn, decision)
+            return None
+        return turn
+
+    async def _finish(self, turn: _Turn) -> None:
+        """In the handler task: wait for the policy thread, then act on its decision."""
+        try:
+            ran = await turn.done
+        finally:
+            if turn.timer is not None:
+                turn.timer.cancel()
+        if isinstance(ran, dispatch.SyncOverflow):
+            self._sync_overflowed(ran, turn.event.stream_id if turn.claim() else None)
             return
+        if turn.late:
+            if not self.channel.closed:
+                log.info(
+                    "%s: the late policy call ended; carrying out its other intents",
+                    turn.method.name,
+                )
+                self._carry_out_safely(turn.method.name, ran.outcome.intents)
+                self._note_synchronized(ran)
+            return
+        self._after(turn, ran)
+        self._note_synchronized(ran)
+
+    def _note_synchronized(self, decision: _Decision) -> None:
+        """The final chunk of Synchronize, decided by the policy: the engine holds this
+        runtime's containers (what readiness waits for)."""
+        request = decision.request
+        if (
+            isinstance(request, pb.SynchronizeRequest)
+            and not request.more
+            and not decision.failed_open
+        ):
+            self.plugin.synchronized.set()
+
+    def _run(self, turn: _Turn) -> None:
+        """In the policy thread: decode, decide, and write the reply unless the deadline
+        already did; then hand the decision to the loop. Never raises."""
+        method, event = turn.method, turn.event
+        result: _Decision | dispatch.SyncOverflow
+        request: Message | None
+        try:
+            try:
+                request, outcome = self._handle(method, event.payload)
+            except _HandlerFailed as exc:
+                if not turn.late:
+                    self._log_failure(method.name, event.stream_id, exc)
+                else:
+                    log.warning("%s: the late policy call failed too: %s", method.name, exc.message)
+                request = exc.request
+                result = _Decision(
+                    request, dispatch.fail_open(method, request, self.plugin.policy), True
+                )
+            else:
+                result = _Decision(request, outcome)
+            if turn.claim():
+                self._reply_now(turn, result)
+        except dispatch.SyncOverflow as exc:
+            result = exc
+        except Exception as exc:  # a bug of ours: still answered, with no change
+            result = _Decision(None, dispatch.fail_open(method, None, self.plugin.policy), True)
+            if turn.claim():
+                self._reply_now(turn, self._internal_error(method, event.stream_id, exc))
+        _settle(turn.done, result)
+
+    def _reply_now(self, turn: _Turn, decision: _Decision) -> None:
+        """Write the reply (from whichever thread claimed the request) and observe its
+        latency, received -> written."""
+        if not self._answer(turn.event.stream_id, turn.method, decision):
+            self._answer_last_resort(turn.event.stream_id, turn.method)
+        metrics = turn.metrics or self.plugin.metrics.of_method(turn.method.name)
+        metrics.seconds.observe(time.monotonic() - turn.received)
+
+    def _deadline_passed(self, turn: _Turn, budget: float) -> None:
+        """In the loop, when the budget is spent: answer with no change, unless the
+        policy thread answered first. The call goes on in the policy thread and its
+        state change stands: what it asks of others is carried out when it ends."""
+        if not turn.claim():
+            return
+        turn.late = True
+        method, event = turn.method, turn.event
+        self.plugin.metrics.fail_open.labels(method.name, "deadline").inc()
+        log.warning(
+            "%s: policy did not answer within %.0f ms; replying with no change "
+            "(the runtime's deadline is %.0f ms)",
+            method.name,
+            budget * 1000,
+            event.timeout_nano / 1e6,
+        )
+        try:
+            request = _decode_quietly(method, event.payload)
+            decision = _Decision(
+                request, dispatch.fail_open(method, request, self.plugin.policy), True
+            )
         except Exception as exc:
             decision = self._internal_error(method, event.stream_id, exc)
-        if not self._answer(event.stream_id, method, decision):
-            self._answer_last_resort(event.stream_id, method)
-        self.plugin.metrics.request_seconds.labels(name).observe(time.monotonic() - received)
+        self._reply_now(turn, decision)
+        self._after(turn, decision)
+
+    def _after(self, turn: _Turn, decision: _Decision) -> None:
+        """In the loop, after the reply is written: what Configure set up, the intents,
+        and the end of the connection after Shutdown."""
+        name = turn.method.name
         try:
             self._after_configure(decision.outcome, decision.request)
-            self._carry_out(decision.outcome.intents)
         except Exception:
             log.exception("%s: acting on the reply failed", name)
+        if not turn.late:
+            self._carry_out_safely(name, decision.outcome.intents)
         if name == "Shutdown":
             self.close("runtime sent Shutdown")
-        if decision.late is not None:
-            await self._late(name, decision.late)
+
+    def _carry_out_safely(self, name: str, intents: Intents) -> None:
+        try:
+            self._carry_out(intents)
+        except Exception:
+            log.exception("%s: acting on the reply failed", name)
 
     def _unimplemented(self, event: RequestReceived) -> None:
         """Go's wording; NRI v0.12 runtimes fall back to StateChange on this code."""
@@ -205,38 +344,6 @@ class Session:
             else f"service {event.service}"
         )
         self._write(self.conn.send_error(event.stream_id, Code.UNIMPLEMENTED, what))
-
-    async def _decide(self, method: services.Method, event: RequestReceived) -> _Decision:
-        """Run the policy under the request's budget; fail open when it is late or fails."""
-        plugin = self.plugin
-        name = method.name
-        budget = self._budget(event.timeout_nano)
-        loop = asyncio.get_running_loop()
-        job = loop.run_in_executor(plugin.policy_thread, self._handle, method, event.payload)
-        # If this handler is cancelled (the connection ended) while the policy thread still
-        # works, nobody awaits the job: mark its outcome seen, or asyncio would log a
-        # failed one as "never retrieved", with a traceback, for a request long gone.
-        job.add_done_callback(_mark_seen)
-        done, _ = await asyncio.wait({job}, timeout=budget)
-        if not done:
-            # The call goes on in the policy thread and its state change stands: what it
-            # asks of others is carried out when it ends (its own reply is gone).
-            plugin.metrics.fail_open.labels(name, "deadline").inc()
-            log.warning(
-                "%s: policy did not answer within %.0f ms; replying with no change "
-                "(the runtime's deadline is %.0f ms)",
-                name,
-                budget * 1000,
-                event.timeout_nano / 1e6,
-            )
-            request = _decode_quietly(method, event.payload)
-            return _Decision(request, dispatch.fail_open(method, request, plugin.policy), job)
-        try:
-            request, outcome = job.result()
-        except _HandlerFailed as exc:
-            self._log_failure(name, event.stream_id, exc)
-            return _Decision(exc.request, dispatch.fail_open(method, exc.request, plugin.policy))
-        return _Decision(request, outcome)
 
     def _log_failure(self, name: str, stream_id: int, exc: _HandlerFailed) -> None:
         """An undecodable request is the runtime's input, not our bug: one line, the
@@ -255,7 +362,9 @@ class Session:
             metrics.fail_open.labels(name, "error").inc()
             log.error("%s: %s; replying with no change", name, exc.message, exc_info=exc.__cause__)
 
-    def _internal_error(self, method: services.Method, stream_id: int, exc: Exception) -> _Decision:
+    def _internal_error(
+        self, method: services.Method, stream_id: int, exc: BaseException
+    ) -> _Decision:
         """A bug between the socket and the policy: still answer, with no change."""
         self.plugin.metrics.fail_open.labels(method.name, "internal").inc()
         log.error(
@@ -264,7 +373,7 @@ class Session:
             stream_id,
             exc_info=exc,
         )
-        return _Decision(None, dispatch.fail_open(method, None, self.plugin.policy))
+        return _Decision(None, dispatch.fail_open(method, None, self.plugin.policy), True)
 
     def _answer(self, stream_id: int, method: services.Method, decision: _Decision) -> bool:
         """Write the reply; False when nothing could be written (then answer otherwise).
@@ -361,24 +470,6 @@ class Session:
             except Exception:
                 log.exception("carrying out intents failed")
 
-    async def _late(self, name: str, job: _Job) -> None:
-        """A policy call that missed its deadline: the request was answered, but it stays
-        outstanding (and counts against the connection's bound on requests in flight)
-        until the policy thread is done with it; then carry out its other intents."""
-        try:
-            _, outcome = await asyncio.shield(job)
-        except dispatch.SyncOverflow as exc:
-            if not self.channel.closed:
-                self._sync_overflowed(exc, None)
-            return
-        except _HandlerFailed as exc:
-            log.warning("%s: the late policy call failed too: %s", name, exc.message)
-            return
-        if self.channel.closed:
-            return
-        log.info("%s: the late policy call ended; carrying out its other intents", name)
-        self._carry_out(outcome.intents)
-
     def _after_configure(self, outcome: dispatch.Outcome, request: Message | None) -> None:
         if outcome.runtime is None:
             return
@@ -390,7 +481,12 @@ class Session:
         self.plugin.metrics.connection_changed(ConnectionState.CONFIGURED)
 
     def _write(self, data: bytes) -> None:
-        self.channel.write(data)
+        """Write from whichever thread we are in (replies are written by the policy
+        thread when it answers in time, by the loop otherwise)."""
+        if threading.get_ident() == self._loop_thread:
+            self.channel.write(data)
+        else:
+            self.channel.write_from_thread(data)
 
     # --- calling the runtime ---------------------------------------------------------------
 
@@ -422,16 +518,32 @@ class Session:
             log.warning("UpdateContainers for %s failed: %s", ids, exc or type(exc).__name__)
 
 
-_Job = asyncio.Future[tuple[Message, dispatch.Outcome]]
-
-
 @dataclass(frozen=True, slots=True)
 class _Decision:
     """What to answer a request with, and what to do after."""
 
     request: Message | None  # None when it could not be decoded
     outcome: dispatch.Outcome
-    late: _Job | None = None  # the policy call still running after a fail-open reply
+    failed_open: bool = False  # the policy did not decide it (late, failed, undecodable)
+
+
+@dataclass(slots=True)
+class _Turn:
+    """One request being served. The policy thread and the loop's deadline race to
+    answer it; `claim` lets exactly one of them write the reply."""
+
+    method: services.Method
+    event: RequestReceived
+    received: float  # time.monotonic() when the request was read
+    done: asyncio.Future[_Decision | dispatch.SyncOverflow]  # set by the policy thread
+    late: bool = False  # the deadline answered; the policy call may still be running
+    metrics: MethodMetrics | None = None
+    timer: asyncio.TimerHandle | None = None  # the deadline
+    _claimed: threading.Lock = field(default_factory=threading.Lock)
+
+    def claim(self) -> bool:
+        """True exactly once, for whoever answers first."""
+        return self._claimed.acquire(blocking=False)
 
 
 # Channel endings that mean the runtime made us hit a bound, as metric labels.
@@ -449,9 +561,20 @@ class _HandlerFailed(Exception):
         self.message = message
 
 
-def _mark_seen(job: asyncio.Future[Any]) -> None:
-    if not job.cancelled():
-        job.exception()
+async def _nothing() -> None:
+    """The handler of a request answered as it was read."""
+
+
+def _settle(done: asyncio.Future[_R], result: _R) -> None:
+    """From the policy thread: hand `result` to the loop (nobody waits any more when the
+    connection ended, or the loop is gone)."""
+
+    def set_result() -> None:
+        if not done.done():
+            done.set_result(result)
+
+    with contextlib.suppress(RuntimeError):  # the loop is closed
+        done.get_loop().call_soon_threadsafe(set_result)
 
 
 def _decode_quietly(method: services.Method, payload: bytes) -> Message | None:

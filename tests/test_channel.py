@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import threading
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -503,3 +505,83 @@ async def test_wait_closed_cancels_handlers_still_running(opened: list[Side]) ->
     assert not cancelled.is_set()  # close leaves handlers running: they may need to notice
     await asyncio.wait_for(runtime.channel.wait_closed(), 2)
     assert cancelled.is_set()
+
+
+# --- writes from another thread ------------------------------------------------------------
+
+
+def _reply_bytes(channel: NriChannel, stream_id: int, payload: bytes) -> bytes:
+    return channel.conn.send_response(stream_id, payload)
+
+
+async def test_a_thread_write_waits_behind_bytes_the_transport_still_holds(
+    opened: list[Side],
+) -> None:
+    """While the transport holds unsent bytes, a thread's reply must not jump the queue
+    (its frame would land inside the other one): it goes after them, and a loop write
+    made after it goes after it."""
+    plugin, reader, writer = await _raw_peer(opened)
+    channel = plugin.channel
+    big = b"b" * (2 << 20)  # far over a socketpair's buffer: the transport keeps the rest
+    assert channel.write(_reply_bytes(channel, 1, big))
+    assert channel.write_buffer_size > 0
+    # Make room in the socket without letting the loop run (it would refill it): only
+    # the transport's buffer now stands between the thread and a torn frame.
+    peer = writer.get_extra_info("socket")
+    early = os.read(peer.fileno(), 64 << 10)
+    results: list[bool] = []
+    thread = threading.Thread(
+        target=lambda: results.append(
+            channel.write_from_thread(_reply_bytes(channel, 3, b"thread"))
+        )
+    )
+    thread.start()
+    thread.join()
+    assert results == [True]
+    assert channel.write(_reply_bytes(channel, 5, b"loop"))
+    demux = mux.MuxReader((Role.PLUGIN.serve_conn,))
+    frames = ttrpc.FrameReader()
+    got: list[ttrpc.Frame | ttrpc.OversizedFrame] = []
+    for _, chunk in demux.feed(early):
+        got.extend(frames.feed(chunk))
+    async with asyncio.timeout(5):
+        while len(got) < 3:
+            for _, chunk in demux.feed(await reader.read(1 << 16)):
+                got.extend(frames.feed(chunk))
+    assert [f.stream_id for f in got] == [1, 3, 5]
+    replies = [ttrpc.decode_response(f).payload for f in got if isinstance(f, ttrpc.Frame)]
+    assert replies == [big, b"thread", b"loop"]
+    writer.close()
+
+
+async def test_a_thread_write_goes_straight_to_the_socket_when_nothing_waits(
+    opened: list[Side],
+) -> None:
+    """The reply reaches the peer while the loop is blocked: no hop back to the loop."""
+    plugin, _, writer = await _raw_peer(opened)
+    channel = plugin.channel
+    peer = writer.get_extra_info("socket")
+    arrived: list[bool] = []
+
+    def blocked_loop() -> None:
+        import select
+
+        readable, _, _ = select.select([peer.fileno()], [], [], 2.0)
+        arrived.append(bool(readable))
+
+    loop = asyncio.get_running_loop()
+    loop.call_soon(blocked_loop)
+    # the thread writes while blocked_loop() holds the loop
+    await asyncio.to_thread(lambda: channel.write_from_thread(_reply_bytes(channel, 1, b"x")))
+    assert arrived == [True]
+    writer.close()
+
+
+async def test_a_thread_write_after_close_is_dropped(opened: list[Side]) -> None:
+    plugin, _, writer = await _raw_peer(opened)
+    channel = plugin.channel
+    channel.close("test")
+    done = await asyncio.to_thread(channel.write_from_thread, _reply_bytes(channel, 1, b"late"))
+    assert done is False
+    assert channel._fd == -1  # its own descriptor of the socket is closed with it
+    writer.close()

@@ -148,3 +148,48 @@ def test_the_checks_see_a_violation() -> None:
     allowed = (STDLIB - {"asyncio"}) | ours | {"google", "prometheus_client"}
     offenders = violations("nri_plugin", allowed)
     assert any(o.startswith("nri_plugin/plugin.py:") and "imports asyncio" in o for o in offenders)
+
+
+# Code that sees the pods and containers the policy was given (the engine, what acts on
+# its intents and what shows its state): none of it may read a field the request path
+# leaves out of them, or it would silently read the field's default.
+POLICY_READERS = (
+    "nri_plugin/policy",
+    "nri_plugin/control",
+    "nri_plugin/debug",
+    "nri_plugin/views.py",
+    "nri_plugin/exporter.py",
+    "nri_plugin/reporter.py",
+    "nri_plugin/protect.py",
+    "nri_plugin/dispatch.py",
+)
+
+
+def left_out_fields_read(paths: list[Path]) -> list[str]:
+    from nri_plugin.protocol.convert import LEFT_OUT_FOR_POLICY
+
+    found = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Attribute) or node.attr not in LEFT_OUT_FOR_POLICY:
+                continue
+            if isinstance(node.value, ast.Name) and node.value.id in ("_P", "self"):
+                continue  # ParamSpec's P.args, an object's own attribute: not a container's
+            where = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+            found.append(f"{where}:{node.lineno} reads .{node.attr}")
+    return found
+
+
+def test_nothing_after_the_request_path_reads_a_field_it_leaves_out() -> None:
+    paths: list[Path] = []
+    for entry in POLICY_READERS:
+        target = REPO / entry
+        paths.extend(sorted(target.rglob("*.py")) if target.is_dir() else [target])
+    assert left_out_fields_read(paths) == []
+
+
+def test_the_left_out_check_sees_a_read(tmp_path: Path) -> None:
+    reader = tmp_path / "reader.py"
+    reader.write_text("def f(pod):\n    return pod.sandbox_resources\n")
+    (found,) = left_out_fields_read([reader])
+    assert found.endswith("reader.py:2 reads .sandbox_resources")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import threading
 import time
 from collections.abc import Sequence
@@ -256,6 +257,7 @@ async def test_notifications_arrive_the_same_via_statechange_and_dedicated_rpcs(
     await runtime.call(
         "RemoveContainer", pb.RemoveContainerRequest(pod=_pod("p1"), container=_ctr("c1", "p1"))
     )
+    await plugin.in_policy_thread(lambda: None)  # notifications are decided after the reply
     seen = [
         (o.event, o.pod.id if o.pod else None, o.container.id if o.container else None)
         for o in policy.observations[2:]
@@ -672,4 +674,105 @@ async def test_a_failure_while_encoding_the_reply_still_gets_a_reply(
     assert calls == [sid, sid]
     update = await runtime.expect_call("UpdateContainers")  # what it asked of others stands
     runtime.reply(update, pb.UpdateContainersResponse())
+    await end_plugin(plugin, runtime, task)
+
+
+# --- one thread hop: the policy thread writes its own reply ------------------------------
+
+
+class LoopBlockingPolicy(RecordingPolicy):
+    """Blocks the event loop while it decides, and keeps it blocked until the runtime's
+    end of the socket becomes readable (or 2 s pass): only a reply written by the
+    policy thread itself can arrive while the loop cannot run."""
+
+    def __init__(self, runtime_fd: int) -> None:
+        super().__init__()
+        self.runtime_fd = runtime_fd
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.arrived_while_blocked: bool | None = None
+
+    def create_container(self, pod: Pod, container: Container) -> Intents:
+        blocked = threading.Event()
+
+        def block() -> None:
+            blocked.set()
+            readable, _, _ = select.select([self.runtime_fd], [], [], 2.0)
+            self.arrived_while_blocked = bool(readable)
+
+        assert self.loop is not None
+        self.loop.call_soon_threadsafe(block)
+        blocked.wait(2.0)
+        return Intents(adjustment=Adjustment(annotations={"decided": "in time"}))
+
+
+async def test_the_policy_thread_writes_its_reply_without_waiting_for_the_loop() -> None:
+    plugin, runtime, task = await serve_plugin(RecordingPolicy())
+    await runtime.handshake()
+    fd = runtime.channel._writer.get_extra_info("socket").fileno()
+    policy = LoopBlockingPolicy(fd)
+    policy.loop = asyncio.get_running_loop()
+    plugin.policy = policy
+    reply = await runtime.call(
+        "CreateContainer", pb.CreateContainerRequest(pod=_pod(), container=_ctr())
+    )
+    assert dict(pb.CreateContainerResponse.FromString(reply.payload).adjust.annotations) == {
+        "decided": "in time"
+    }
+    assert policy.arrived_while_blocked is True
+    assert (
+        metric(plugin.metrics, "nri_qos_fail_open", method="CreateContainer", reason="deadline")
+        == 0
+    )
+    await end_plugin(plugin, runtime, task)
+
+
+async def test_a_late_policy_reply_is_dropped_after_the_fail_open_one() -> None:
+    """The deadline and the policy thread race for the same request: exactly one reply."""
+    plugin, runtime, task = await serve_plugin(SlowPolicy(0.3))
+    await runtime.handshake()
+    sid = runtime.send(
+        "CreateContainer", pb.CreateContainerRequest(pod=_pod(), container=_ctr()), timeout=0.2
+    )
+    reply = await runtime.response(sid)
+    assert pb.CreateContainerResponse.FromString(reply.payload) == pb.CreateContainerResponse()
+    update = await runtime.expect_call("UpdateContainers", timeout=3)  # the late call ended
+    runtime.reply(update, pb.UpdateContainersResponse())
+    # a second reply on the same stream (written before the update) counts as late
+    assert runtime.conn.stats.late_responses == 0
+    await end_plugin(plugin, runtime, task)
+
+
+class GatedStartPolicy(RecordingPolicy):
+    """Decides StartContainer only when the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def start_container(self, pod: Pod, container: Container) -> Intents:
+        assert self.gate.wait(5)
+        super().start_container(pod, container)
+        return Intents(updates=(Update("other", Resources(cpu=CpuResources(cpus="1"))),))
+
+
+async def test_a_notification_is_answered_before_the_policy_decides_it() -> None:
+    """Its reply is empty whatever the policy decides: written at once, decided after,
+    in order with the requests that follow; what it asks of others still goes out."""
+    policy = GatedStartPolicy()
+    plugin, runtime, task = await serve_plugin(policy)
+    await runtime.handshake()
+    reply = await runtime.call(
+        "StartContainer", pb.StartContainerRequest(pod=_pod(), container=_ctr("c1")), timeout=1
+    )
+    assert reply.code == 0 and reply.payload == b""
+    assert [o.event for o in policy.observations[2:]] == []  # not decided yet
+    sid = runtime.send("CreateContainer", pb.CreateContainerRequest(pod=_pod(), container=_ctr()))
+    policy.gate.set()
+    await runtime.response(sid)
+    update = await runtime.expect_call("UpdateContainers", timeout=3)
+    runtime.reply(update, pb.UpdateContainersResponse())
+    assert [o.event for o in policy.observations[2:]] == ["StartContainer", "CreateContainer"]
+    assert (
+        metric(plugin.metrics, "nri_qos_fail_open", method="StartContainer", reason="deadline") == 0
+    )
     await end_plugin(plugin, runtime, task)

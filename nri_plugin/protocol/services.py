@@ -29,6 +29,13 @@ class Method:
     # True for the v0.12 per-event notifications that fall back to StateChange.
     notification: bool = False
 
+    @property
+    def reply_is_fixed(self) -> bool:
+        """The response message has no fields: the reply is the same whatever the
+        policy decides (StateChange, every notification, UpdatePodSandbox, Shutdown), so
+        it can be written before the policy runs."""
+        return not self.response.DESCRIPTOR.fields
+
 
 def _methods(*methods: Method) -> dict[str, Method]:
     return {m.name: m for m in methods}
