@@ -376,6 +376,7 @@ async def test_policy_runs_in_one_thread_one_call_at_a_time() -> None:
     ]
     got = [await runtime.next_event() for _ in sids]
     assert sorted(e.stream_id for e in got) == sids
+    await plugin.in_policy_thread(lambda: None)  # notifications are decided after the reply
     assert len(threads) == 1 and next(iter(threads)).startswith("nri-policy")
     await end_plugin(plugin, runtime, task)
 
@@ -469,6 +470,9 @@ async def test_host_intents_and_notes_go_to_the_sink_after_the_reply() -> None:
     plugin.on_intents = seen.append
     await runtime.handshake()
     await runtime.call("RunPodSandbox", pb.RunPodSandboxRequest(pod=_pod()))
+    async with asyncio.timeout(2):  # a notification is decided after its reply
+        while not seen:
+            await asyncio.sleep(0.005)
     (intents,) = seen  # Configure and Synchronize asked for nothing: not delivered
     assert [h.domain for h in intents.host] == ["oom"]
     assert [n.message for n in intents.notes] == ["pod seen"]

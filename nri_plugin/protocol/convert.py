@@ -9,6 +9,7 @@ way out. The cpu and memory fields come from one table, `nri_plugin.protocol.fie
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 from google.protobuf.message import Message
@@ -130,19 +131,10 @@ def resources_to_pb(
 def pod_from_pb(msg: pb.PodSandbox) -> model.Pod:
     linux = msg.linux
     has_linux = msg.HasField("linux")
-    return model.Pod(
-        id=msg.id,
-        name=msg.name,
-        uid=msg.uid,
-        namespace=msg.namespace,
-        labels=dict(msg.labels),
-        annotations=dict(msg.annotations),
+    return replace(
+        pod_for_policy(msg),
         runtime_handler=msg.runtime_handler,
-        cgroup_parent=linux.cgroup_parent,
-        cgroups_path=linux.cgroups_path,
-        pid=msg.pid or None,
         ips=tuple(msg.ips),
-        namespaces=_namespaces(linux.namespaces),
         overhead=resources_from_pb(linux.pod_overhead)
         if has_linux and linux.HasField("pod_overhead")
         else None,
@@ -185,25 +177,10 @@ def pod_to_pb(pod: model.Pod, out: pb.PodSandbox | None = None) -> pb.PodSandbox
 
 
 def container_from_pb(msg: pb.Container) -> model.Container:
-    linux = msg.linux
-    has_linux = msg.HasField("linux")
-    return model.Container(
-        id=msg.id,
-        pod_id=msg.pod_sandbox_id,
-        name=msg.name,
-        state=_state(msg.state),
-        labels=dict(msg.labels),
-        annotations=dict(msg.annotations),
+    return replace(
+        container_for_policy(msg),
         args=tuple(msg.args),
         env=tuple(msg.env),
-        cgroups_path=linux.cgroups_path,
-        resources=resources_from_pb(linux.resources)
-        if has_linux and linux.HasField("resources")
-        else None,
-        oom_score_adj=_opt(linux, "oom_score_adj") if has_linux else None,
-        pid=msg.pid or None,
-        namespaces=_namespaces(linux.namespaces),
-        created_at=msg.created_at,
         started_at=msg.started_at,
         finished_at=msg.finished_at,
         exit_code=msg.exit_code,
