@@ -32,16 +32,19 @@ from embedded_runtime.records import (
     PluginState,
 )
 from embedded_runtime.runtime import EmbeddedRuntime
+from embedded_runtime.validator import REQUIRED_PLUGINS_ANNOTATION, DefaultValidatorConfig
 
 __all__ = [
     "CONTAINERD_1_7",
     "CONTAINERD_2_3",
     "CRIO_1_36",
     "FLAVORS",
+    "REQUIRED_PLUGINS_ANNOTATION",
     "AdjustmentError",
     "BackendCall",
     "BackendError",
     "ContainerBackend",
+    "DefaultValidatorConfig",
     "EmbeddedRuntime",
     "EmbeddedRuntimeError",
     "ExchangeRecord",

@@ -25,6 +25,7 @@ from embedded_runtime.plugins import ConnectedPlugin, Reply, call, code_name
 from embedded_runtime.records import parse
 from embedded_runtime.runtime_state import RuntimeState, log
 from embedded_runtime.state import ContainerRecord, container_view, create_request_view
+from embedded_runtime.validator import VALIDATOR_NAME, required_plugins_rejection
 from nri_plugin.protocol import nri_pb2 as pb
 from nri_plugin.protocol import services
 from nri_plugin.protocol.errors import Code, RemoteProtocolError
@@ -94,6 +95,16 @@ class EventRelay:
     ) -> None:
         if not self._state.flavor.has_pod_update_and_validation:
             return
+        builtin = self._state.default_validator
+        if builtin is not None and builtin.enable:
+            # the built-in validator runs beside the plugins; any rejection fails creation
+            present = [(p.name, p.idx) for p in plugins]
+            why = required_plugins_rejection(builtin, pod_msg.annotations, pristine.name, present)
+            if why is not None:
+                raise ValidationRejectedError(
+                    VALIDATOR_NAME,
+                    f'validator "{VALIDATOR_NAME}" rejected container adjustment, reason: {why}',
+                )
         validators = [
             p
             for p in self._state.active()

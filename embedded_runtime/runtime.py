@@ -54,6 +54,7 @@ from embedded_runtime.state import (
     container_view,
     pod_view,
 )
+from embedded_runtime.validator import DefaultValidatorConfig
 from nri_plugin.protocol import convert
 from nri_plugin.protocol import nri_pb2 as pb
 from nri_plugin.protocol.versions import Event
@@ -70,13 +71,17 @@ class EmbeddedRuntime:
         request_timeout: float = 2.0,
         registration_timeout: float = 5.0,
         backend: ContainerBackend | None = None,
+        default_validator: DefaultValidatorConfig | None = None,
     ) -> None:
+        """`default_validator`: the runtime's built-in validator (containerd >= 2.2 and
+        CRI-O >= 1.34 only; ignored by flavors without validation), see `validator`."""
         self.socket_path = Path(socket_path)
         self._state = RuntimeState(
             flavor=flavor,
             request_timeout=request_timeout,
             registration_timeout=registration_timeout,
             backend=backend if backend is not None else InMemoryBackend(),
+            default_validator=default_validator,
         )
         self._relay = EventRelay(self._state)
         self._bringup = PluginBringUp(self._state, RuntimeService(self._state).serve)

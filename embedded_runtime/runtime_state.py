@@ -22,6 +22,7 @@ from embedded_runtime.merge import apply_update as apply_resource_update
 from embedded_runtime.plugins import ConnectedPlugin
 from embedded_runtime.records import ExchangeRecord, PluginState
 from embedded_runtime.state import ContainerRecord, PodRecord, container_model
+from embedded_runtime.validator import DefaultValidatorConfig
 from nri_plugin.protocol import nri_pb2 as pb
 from nri_plugin.protocol.versions import Event
 
@@ -35,6 +36,8 @@ class RuntimeState:
     request_timeout: float
     registration_timeout: float
     backend: ContainerBackend
+    # the built-in default validator (None or not enabled: none), see `validator`
+    default_validator: DefaultValidatorConfig | None = None
     log: list[ExchangeRecord] = field(default_factory=list)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one event at a time
     plugins: list[ConnectedPlugin] = field(default_factory=list)

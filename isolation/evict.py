@@ -15,6 +15,12 @@ container, and only for a group that is provably the container's own
 of the group at once, forks included; without it each member gets SIGKILL through a
 pidfd, in passes, because a process can fork while its siblings are being killed.
 
+Before evicting, the pod can be read (`controller_of`): its controller ownerReference
+is the workload that re-creates it, which the caller uses to refuse eviction loops
+(the same owner evicted from this node again and again). When it refuses, `report`
+posts a Warning Event on the pod, so the loop is visible where people look
+(`kubectl describe pod`, `kubectl get events`).
+
 Every action goes through `HostWriter` with its reason, so it is logged and a dry run
 records it without doing it. This module does not import `kubernetes` until an evictor
 is built: the client takes about a second to import, and most nodes never evict.
@@ -28,9 +34,11 @@ import logging
 import os
 import re
 import signal
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -69,6 +77,26 @@ class EvictResult:
 
     def __str__(self) -> str:
         return f"{self.outcome}: {self.message}"
+
+
+@dataclass(frozen=True)
+class PodController:
+    """A pod's controller ownerReference ("ReplicaSet", "web-5d8f7c9b4"), as the API
+    server has it."""
+
+    kind: str
+    name: str
+    uid: str = ""
+
+
+def controller_of(pod: Mapping[str, Any]) -> PodController | None:
+    """The ownerReference marked `controller: true` in a Pod object (None: none)."""
+    metadata = pod.get("metadata")
+    refs = metadata.get("ownerReferences") if isinstance(metadata, dict) else None
+    for ref in refs if isinstance(refs, list) else ():
+        if isinstance(ref, dict) and ref.get("controller") and ref.get("kind") and ref.get("name"):
+            return PodController(str(ref["kind"]), str(ref["name"]), str(ref.get("uid") or ""))
+    return None
 
 
 class EvictorUnavailable(Exception):
@@ -242,6 +270,75 @@ class KubernetesEvictor:
             release()
         reason = getattr(response, "reason", "")
         return _answer(where, status, reason, data, response.headers, uid)
+
+    def controller(self, namespace: str, pod: str) -> PodController | None:
+        """The pod's controller, read from the API server (``GET .../pods/<pod>``); None
+        when it has none or cannot be read now (the caller then goes on without it)."""
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        try:
+            response: Any = self.api.read_namespaced_pod(
+                pod, namespace, _preload_content=False, _request_timeout=self.timeout_s
+            )
+        except (ApiException, HTTPError, OSError) as exc:
+            log.debug("reading pod %s/%s for its owner failed: %s", namespace, pod, exc)
+            return None
+        data = getattr(response, "data", b"")
+        release = getattr(response, "release_conn", None)
+        if callable(release):
+            release()
+        return controller_of(_status_body(data))
+
+    def report(self, namespace: str, pod: str, uid: str, reason: str, message: str) -> EvictResult:
+        """Post a Warning Event about the pod (``reason``: a CamelCase word such as
+        "EvictionLoop"). Never raises for what the server answers."""
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        now = datetime.now(UTC)
+        text = message[:1024]  # the API server refuses longer event messages
+        event = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(generate_name=f"{pod}.", namespace=namespace),
+            involved_object=client.V1ObjectReference(
+                api_version="v1", kind="Pod", name=pod, namespace=namespace, uid=uid or None
+            ),
+            reason=reason,
+            message=text,
+            type="Warning",
+            source=client.V1EventSource(component="nri-qos", host=socket.gethostname()),
+            first_timestamp=now,
+            last_timestamp=now,
+            count=1,
+            reporting_component="nri-qos",
+            reporting_instance=socket.gethostname(),
+        )
+        where = f"pod {namespace}/{pod}"
+
+        def post() -> EvictResult:
+            try:
+                response: Any = self.api.create_namespaced_event(
+                    namespace, event, _preload_content=False, _request_timeout=self.timeout_s
+                )
+            except ApiException as exc:
+                line = f"HTTP {exc.status}: {_status_message(_status_body(exc.body))}"
+                return EvictResult(
+                    EvictOutcome.FAILED, f"event on {where}: {line}", None, exc.status
+                )
+            except (HTTPError, OSError) as exc:
+                return EvictResult(EvictOutcome.FAILED, f"event on {where}: {_cause(exc)}")
+            release = getattr(response, "release_conn", None)
+            if callable(release):
+                release()
+            status = int(getattr(response, "status", 0) or 0)
+            return EvictResult(EvictOutcome.EVICTED, f"event {reason} on {where}", None, status)
+
+        change = HostChange("report event", f"{namespace}/{pod}", reason, text)
+        result = self.writer.apply(change, post)
+        if result is None:
+            return EvictResult(EvictOutcome.DRY_RUN, f"would post event {reason} on {where}")
+        return result
 
 
 def _configuration() -> Any:

@@ -13,15 +13,67 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from isolation.cgroups import CgroupError, CgroupFs, CgroupNotFound, CgroupUnsupported
+from isolation import inflight
+from isolation.cgroups import (
+    CgroupError,
+    CgroupFs,
+    CgroupNotFound,
+    CgroupUnsupported,
+    CgroupVersion,
+    HostLayout,
+)
 from isolation.errors import HostError
 from isolation.oom import OomAdjOutcome, OomAdjResult, ProcessControls, ProcfsError
 from isolation.ownership import ForeignCgroup, in_group, own_group
+from qos_model.cpulist import CpuListError, parse_cpu_list
 
 log = logging.getLogger("nri_qos.host")
+
+
+@dataclass(frozen=True, slots=True)
+class StateFiles:
+    """The files one container's cpuset and processes are read from (`state_files`)."""
+
+    cpus: str
+    mems: str
+    effective_cpus: str
+    effective_mems: str
+    procs: str
+    procfs: str
+
+
+def _read(path: str) -> str | None:
+    """A small kernel file in one read(2) (cgroupfs and procfs values are short)."""
+    inflight.touching(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 65536).decode("ascii", errors="replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _cpu_list(path: str, effective: str) -> frozenset[int] | None:
+    for each in (path, effective):
+        text = _read(each)
+        if text is None:
+            return None
+        try:
+            values = parse_cpu_list(text)
+        except CpuListError:
+            return None
+        if values:
+            return values
+    return None
 
 
 class LinuxHost:
@@ -136,6 +188,102 @@ class LinuxHost:
                 )
             return unified
         return self.cgroupfs.group_dir(group, controller)
+
+    def cpuset_of(
+        self, cgroups_path: str, container_id: str
+    ) -> tuple[frozenset[int] | None, frozenset[int] | None]:
+        """The container's cpuset.cpus and cpuset.mems as its own group shows them (v1 or
+        v2; on v2 an empty file means "the parent's", so the effective set is read then).
+        None for a value that cannot be read: a gone group, no cpuset controller, a path
+        that is not provably the container's. Raises nothing."""
+        try:
+            group = own_group(cgroups_path, container_id)
+        except ForeignCgroup:
+            return None, None
+        return self._cpuset(group, "cpus"), self._cpuset(group, "mems")
+
+    def _cpuset(self, group: PurePosixPath, what: str) -> frozenset[int] | None:
+        fs = self.cgroupfs
+        get, effective = (
+            (fs.get_cpuset_cpus, fs.get_effective_cpus)
+            if what == "cpus"
+            else (fs.get_cpuset_mems, fs.get_effective_mems)
+        )
+        try:
+            return get(group) or effective(group)
+        except (CgroupError, ValueError):
+            return None
+
+    def oom_score_adjs(
+        self, cgroups_path: str, container_id: str, pid: int | None, limit: int = 32
+    ) -> tuple[tuple[int, int], ...]:
+        """(pid, oom_score_adj) of the container's processes, at most `limit` of them
+        (the first listed: the main process and its oldest children); processes that
+        exit meanwhile are skipped. Read-only, so membership is not re-checked per pid:
+        a repair it leads to goes through `set_oom_score_adj`, which checks. Empty when
+        nothing can be read; raises nothing."""
+        try:
+            group = own_group(cgroups_path, container_id)
+        except ForeignCgroup:
+            return ()
+        try:
+            pids = self._pids(group, pid)[:limit]
+        except CgroupError:
+            return ()
+        out = []
+        for each in pids:
+            try:
+                out.append((each, self.procs.get_oom_score_adj(each)))
+            except (ProcfsError, ValueError):
+                continue
+        return tuple(out)
+
+    def state_files(self, cgroups_path: str, container_id: str) -> StateFiles | None:
+        """Where the container's cpuset and processes are read, resolved once (the
+        reconcile loop reads them every period: path handling would cost more than the
+        reads). None when the path is not provably the container's or the host has no
+        cpuset controller."""
+        try:
+            group = own_group(cgroups_path, container_id)
+            cpuset = self.cgroupfs.group_dir(group, "cpuset")
+            v1 = self.cgroupfs.version_of("cpuset") is CgroupVersion.V1
+            procs_dir = (
+                self.cgroupfs.group_dir(group, "cpu")
+                if self.cgroupfs.layout is not HostLayout.UNIFIED
+                else cpuset
+            )
+        except (ForeignCgroup, CgroupError):
+            return None
+        effective = ("cpuset.effective_cpus", "cpuset.effective_mems")
+        if not v1:
+            effective = ("cpuset.cpus.effective", "cpuset.mems.effective")
+        return StateFiles(
+            cpus=str(cpuset / "cpuset.cpus"),
+            mems=str(cpuset / "cpuset.mems"),
+            effective_cpus=str(cpuset / effective[0]),
+            effective_mems=str(cpuset / effective[1]),
+            procs=str(procs_dir / "cgroup.procs"),
+            procfs=str(self.procs.procfs),
+        )
+
+    def read_state(
+        self, files: StateFiles, pid: int | None, limit: int = 32
+    ) -> tuple[frozenset[int] | None, frozenset[int] | None, tuple[tuple[int, int], ...]]:
+        """cpuset.cpus, cpuset.mems (the effective sets where the file is empty: v2's
+        "the parent's") and (pid, oom_score_adj) of up to `limit` processes, read through
+        `files`; None / () for what cannot be read (a gone container). Raises nothing."""
+        cpus = _cpu_list(files.cpus, files.effective_cpus)
+        mems = _cpu_list(files.mems, files.effective_mems)
+        text = _read(files.procs)
+        pids = [int(p) for p in text.split()[:limit] if p.isdigit()] if text else []
+        if not pids and pid and pid > 0 and text is not None:
+            pids = [pid]
+        ooms = []
+        for each in pids:
+            value = _read(f"{files.procfs}/{each}/oom_score_adj")
+            if value is not None and value.strip().lstrip("-").isdigit():
+                ooms.append((each, int(value)))
+        return cpus, mems, tuple(ooms)
 
     def _pids(self, group: PurePosixPath, pid: int | None) -> list[int]:
         """The group's processes; the runtime's pid when the group cannot be listed (it is

@@ -1,5 +1,5 @@
-"""`nri-qos status|pods|explain|events|signals|numa|dry-run|config check`: ask a running
-daemon, over its debug API, what it is doing and why.
+"""`nri-qos status|ready|pods|explain|events|signals|numa|dry-run|config check`: ask a
+running daemon, over its debug API, what it is doing and why.
 
 Each command takes `--socket PATH` (default /run/nri-qos/debug.sock) and `--json` (one
 JSON document; `events --follow` prints one JSON object per line). Tables are for people;
@@ -14,6 +14,10 @@ exit codes:
        daemon's group), a container that matches none or several, an invalid config
        file, or a bad command line
   130  interrupted (Ctrl-C), e.g. ending `events --follow` or `signals --watch`
+
+`ready` (the readiness probe) exits 0 when nri-qos is registered with a runtime, that
+connection's Synchronize is applied and no request failed open lately, and 1 when not,
+with one line saying why; 2 as above when the daemon cannot be asked.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ EXIT_ERROR = 1
 EXIT_SETUP = 2
 EXIT_INTERRUPTED = 130
 
-COMMANDS = ("status", "pods", "explain", "events", "signals", "numa", "dry-run", "config")
+COMMANDS = ("status", "ready", "pods", "explain", "events", "signals", "numa", "dry-run", "config")
 SPARKS = "▁▂▃▄▅▆▇█"
 HISTORY = 30  # windows a sparkline shows
 
@@ -61,6 +65,7 @@ def add_debug_commands(subparsers: Any) -> None:
         return p
 
     command("status", "the daemon: runtime connection, policy, controllers, signal sources")
+    command("ready", "exit 0 if registered with a runtime and synchronized, else 1 (a probe)")
     command("pods", "every planned container, its class, pool and CPUs")
     explain = command("explain", "one container's plan and the reason for every field")
     explain.add_argument("container", help="id or id prefix, name, or pod/container")
@@ -161,6 +166,15 @@ def _status(client: Any, args: argparse.Namespace) -> int:
     lines += [f"  stuck {s.path} ({s.job}) for {s.seconds:.0f}s" for s in ex.stuck]
     lines += [f"  quarantined {k}: {v}" for k, v in sorted(ex.quarantined.items())]
     return _print_lines(lines)
+
+
+def _ready(client: Any, args: argparse.Namespace) -> int:
+    reply = client.ready()
+    if args.json:
+        _print_json(to_plain(reply))
+    else:
+        print(f"{'ready' if reply.ready else 'not ready'}: {reply.reason}")
+    return EXIT_OK if reply.ready else EXIT_ERROR
 
 
 def _pods(client: Any, args: argparse.Namespace) -> int:
@@ -343,6 +357,7 @@ def _config_check(path: Path, as_json: bool) -> int:
 
 _HANDLERS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
     "status": _status,
+    "ready": _ready,
     "pods": _pods,
     "explain": _explain,
     "events": _events,

@@ -26,6 +26,11 @@ from nri_plugin.config_protection import (
     ProtectionSettings,
     parse_protection,
 )
+from nri_plugin.config_reconcile import (
+    ReconcileSectionError,
+    ReconcileSettings,
+    parse_reconcile,
+)
 from nri_plugin.control.executor import HostLimits
 from nri_plugin.plugin import DEFAULT_SOCKET, PluginSettings, PluginSetupError
 from nri_plugin.policy.engine import EngineConfig
@@ -70,6 +75,7 @@ class Config:
     protection: ProtectionSettings = field(default_factory=ProtectionSettings)
     operations: OperationsSettings = field(default_factory=OperationsSettings)
     reporter: ReporterSettings = field(default_factory=ReporterSettings)
+    reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)
 
 
 _PLUGIN_KEYS: dict[str, tuple[str, Callable[[Any], object]]] = {
@@ -131,7 +137,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     _check_finite(raw, source, "")
     sections = (
         "plugin", "log", "policy", "host", "rdt", "io", "net", "interference", "eviction",
-        "debug", "metrics", "reporter",
+        "debug", "metrics", "reporter", "reconcile",
     )  # fmt: skip
     unknown = set(raw) - set(sections)
     if unknown:
@@ -144,7 +150,14 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         protection = parse_protection(raw)
         operations = parse_operations(raw)
         reporter = parse_reporter(_table(raw, "reporter", source))
-    except (SectionError, ProtectionSectionError, OperationsSectionError, ValueError) as exc:
+        reconcile = parse_reconcile(raw)
+    except (
+        SectionError,
+        ProtectionSectionError,
+        OperationsSectionError,
+        ReconcileSectionError,
+        ValueError,
+    ) as exc:
         raise ConfigError(f"{source}: {exc}") from None
     plugin = _plugin_settings(_table(raw, "plugin", source), source)
     log = _log_config(_table(raw, "log", source), source)
@@ -182,6 +195,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         protection=protection,
         operations=operations,
         reporter=reporter,
+        reconcile=reconcile,
     )
 
 

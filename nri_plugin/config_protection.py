@@ -27,6 +27,9 @@ window_ms = 60000
 cooldown_ms = 30000
 memory_available_min = 0.05
 memory_full_psi = 0.10
+owner_window_ms = 600000 # an owner that lost a pod here is not evicted from here again
+holdback_ms = 30000      # after evicting a reclaimed pod, publish that much less
+                         # reclaimable capacity for this long (default: cooldown_ms)
 api = "auto"             # "in-cluster", "kubeconfig", "off"
 kubeconfig = ""
 kill_fallback = false    # kill the container's processes when the API cannot be used
@@ -65,6 +68,7 @@ class EvictApiSettings:
     kubeconfig: str = ""
     kill_fallback: bool = False
     dry_run: bool = False
+    owner_window_s: float = 600.0  # the evict controller's check on real ownerReferences
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +115,8 @@ _INTERFERENCE_KEYS = {
 }  # fmt: skip
 _EVICTION_KEYS = {
     "enabled", "dry_run", "burst", "window_ms", "cooldown_ms", "memory_available_min",
-    "memory_full_psi", "api", "kubeconfig", "kill_fallback",
+    "memory_full_psi", "api", "kubeconfig", "kill_fallback", "owner_window_ms",
+    "holdback_ms",
 }  # fmt: skip
 
 
@@ -161,6 +166,8 @@ def parse_protection(raw: Mapping[str, Any]) -> ProtectionSettings:
         cooldown_s=_number(e, s, "cooldown_ms", 30000) / 1000,
         memory_available_min=_number(e, s, "memory_available_min", 0.05),
         memory_full_psi=_number(e, s, "memory_full_psi", 0.10),
+        owner_window_s=_number(e, s, "owner_window_ms", 600_000) / 1000,
+        holdback_s=_number(e, s, "holdback_ms", 0) / 1000 if "holdback_ms" in e else None,
     )
     engine = ProtectionConfig(
         detection=detection,
@@ -188,5 +195,6 @@ def parse_protection(raw: Mapping[str, Any]) -> ProtectionSettings:
             kubeconfig=kubeconfig,
             kill_fallback=_bool(e, "eviction", "kill_fallback", False),
             dry_run=eviction.dry_run,
+            owner_window_s=eviction.owner_window_s,
         ),
     )

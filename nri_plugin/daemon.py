@@ -20,7 +20,7 @@ import socket
 import sys
 import time
 import tomllib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ from nri_plugin.exporter import MetricsSnapshot, NodeExporter, serve_metrics, sn
 from nri_plugin.metrics import Metrics
 from nri_plugin.plugin import NotConnected, NriPlugin, PluginSetupError
 from nri_plugin.policy.api import PolicyBase, RecordingPolicy
+from nri_plugin.policy.drift import DriftBook
 from nri_plugin.policy.engine import Engine, EngineConfig
 from nri_plugin.policy.intents import ContainerRef
 from nri_plugin.policy.qos_policy import QosPolicy
@@ -58,6 +59,7 @@ from nri_plugin.protect import (
     reraise_if_cancelled,
 )
 from nri_plugin.protocol.errors import RpcError
+from nri_plugin.reconcile import HostReader, ReconcileState, new_metrics, reconcile_loop
 from nri_plugin.reporter import Reporter, ReporterUnavailable, from_numa, zone_sizes
 from nri_plugin.usage import UsageMeter
 from nri_plugin.watchdog import executor_health, start_watchdog
@@ -112,6 +114,7 @@ def build_services(config: Config) -> Services:
             kubeconfig=ev.kubeconfig,
             kill_fallback=ev.kill_fallback,
             dry_run=ev.dry_run,
+            owner_window_s=ev.owner_window_s,
         ),
         host,
         writer,
@@ -356,6 +359,27 @@ def _set_dry_run(services: Services, on: bool) -> None:
     log.warning("host changes are now %s", "DRY-RUN (logged, not made)" if on else "made")
 
 
+def _reconcile(
+    config: Config, plugin: NriPlugin, policy: QosPolicy, services: Services, metrics: Metrics
+) -> Coroutine[Any, Any, None]:
+    """The drift reconciliation loop ([reconcile]); its state is observed before the
+    first request, so no CPU manager evidence from the request path is missed."""
+    settings = config.reconcile
+    assert services.host is not None
+    policy.drift = DriftBook(settings.drift)
+    state = ReconcileState(metrics=new_metrics(metrics.registry))
+    services.executor.observe(state.observe_intents)
+    reader = HostReader(
+        config.host_root,
+        unknown_containers=settings.unknown_containers,
+        max_pids=settings.max_pids,
+        cpu_manager_state=settings.cpu_manager_state,
+    )
+    return reconcile_loop(
+        plugin, policy, services.host, services.executor, reader, settings.period_s, state
+    )
+
+
 def _metrics_server(address: str, registry: Any) -> Any:
     """The /metrics endpoint; an address that cannot be served is one error line, never a
     reason not to serve the runtime (isolation matters more than its dashboard)."""
@@ -455,6 +479,9 @@ async def run_daemon(
             after,
         )
         background.append(asyncio.create_task(loop_))
+    if isinstance(policy, QosPolicy) and services.host is not None and config.reconcile.enabled:
+        reconciling = _reconcile(config, plugin, policy, services, metrics)
+        background.append(asyncio.create_task(reconciling))
     try:
         if launched_by_runtime():
             fd = int(os.environ["NRI_PLUGIN_SOCKET"])

@@ -17,6 +17,13 @@ look. Two places, both the way Katalyst's consumers read them:
   batch pod placed on the wrong one has remote memory. Note that NFD's topology updater
   writes an object of the same name: run one of the two.
 
+What was just taken away is not offered again: after the engine evicts a reclaimed_cores
+pod, `Engine.reclaimable` (this module's input, through `from_numa`) is lower by that
+pod's request for `[eviction] holdback_ms` (`Protection.withhold`). The lower value is
+published like any change (subject to `min_interval_s`), and so is the return to the
+full value when the hold-back ends, so a scheduler placing by these resources does not
+put the re-created pod straight back onto the node that just evicted it.
+
 How often: on change only (the values are compared with what was last published), and
 at most once per `min_interval_s` (10 s): a node's plan can change many times a second
 while pods start, and every write is an API-server write plus a watch event to each

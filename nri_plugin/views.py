@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from nri_plugin.control.executor import HostExecutor
 from nri_plugin.policy.api import PolicyBase, RecordingPolicy
+from nri_plugin.policy.drift import CPU_MANAGER_FIX, DriftBook
 from nri_plugin.policy.engine import Engine
 from nri_plugin.policy.plan import ContainerPlan
 from nri_plugin.policy.planner import NodePlan
@@ -23,7 +24,7 @@ from qos_model.runtime import RuntimeInfo
 def policy_view(policy: PolicyBase) -> dict[str, object]:
     """The status socket's `plan` answer for whichever policy runs."""
     if isinstance(policy, QosPolicy):
-        return engine_view(policy.engine)
+        return {**engine_view(policy.engine), "reconcile": drift_view(policy.drift)}
     if isinstance(policy, RecordingPolicy):
         return {"policy": policy.name, "observations": [o.event for o in policy.observations]}
     return {"policy": policy.name}
@@ -87,6 +88,36 @@ def interference_view(engine: Engine) -> dict[str, object]:
             for victim, rungs in protection.ladder.in_force().items()
         },
         "evictions_in_flight": sorted(protection.evicting),
+    }
+
+
+def drift_view(book: DriftBook) -> dict[str, object]:
+    """Drift reconciliation: periods, repairs, conflicts with other agents, containers
+    the runtime never delivered, and whether the kubelet's CPU manager fights us (with
+    the fix)."""
+    evidence = book.fighting()
+    return {
+        "periods": book.period,
+        "last_read_ms": round(book.last_read_seconds * 1000, 2),
+        "last_drifted_containers": book.last_drifted,
+        "repairs": dict(book.repaired),
+        "conflicts": [
+            {
+                "container": c.container,
+                "field": c.field,
+                "found": c.found,
+                "planned": c.planned,
+                "since_period": c.since,
+            }
+            for c in book.conflicts.values()
+        ],
+        "unknown_containers": book.flagged(),
+        "cpu_manager": {
+            "fighting": bool(evidence),
+            "evidence": evidence,
+            "state_file_policy": book.cpu_manager.state_file,
+            "fix": CPU_MANAGER_FIX if evidence else "",
+        },
     }
 
 

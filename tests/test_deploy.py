@@ -44,6 +44,7 @@ RBAC = {
     ("", "pods", "list"),
     ("", "nodes", "get"),
     ("", "nodes/status", "patch"),
+    ("", "events", "create"),
     ("topology.node.k8s.io", "noderesourcetopologies", "get"),
     ("topology.node.k8s.io", "noderesourcetopologies", "create"),
     ("topology.node.k8s.io", "noderesourcetopologies", "update"),
@@ -126,6 +127,7 @@ def test_the_daemonset_has_what_a_node_agent_needs() -> None:
     resources = container["resources"]
     assert set(resources["requests"]) == set(resources["limits"]) == {"cpu", "memory"}
     assert "exec" in container["livenessProbe"]
+    assert "exec" in container["readinessProbe"]
 
 
 def test_the_daemonset_has_exactly_its_mounts() -> None:
@@ -244,6 +246,55 @@ async def test_the_liveness_probe_asks_the_debug_api(tmp_path: Path) -> None:
     try:
         assert await _probe(local) == 0
     finally:
+        await server.stop()
+        plugin.close()
+        executor.close()
+
+
+async def test_the_readiness_probe_is_ready_only_once_registered_and_synchronized(
+    tmp_path: Path,
+) -> None:
+    """`nri-qos ready`: not ready without an agent, nor while the agent waits for its
+    runtime; ready once the runtime registered and synchronized it; not ready again when
+    the runtime goes away. The liveness probe stays as it was (a restart is not wanted
+    for a missing runtime)."""
+    [container] = pod_spec(plain_objects())["containers"]
+    args = container["args"]
+    manifest_socket = args[args.index("--debug-socket") + 1]
+    probe = container["readinessProbe"]
+    command = probe["exec"]["command"]
+    assert command[:2] == ["nri-qos", "ready"] and manifest_socket in command
+    assert container["livenessProbe"]["exec"]["command"][:2] == ["nri-qos", "status"]
+    assert probe["timeoutSeconds"] >= 5  # the client waits up to 10 s for a busy agent
+    socket_path = tmp_path / "debug.sock"
+    local = [sys.executable, "-m", "nri_plugin", *command[1:]]
+    local[local.index(manifest_socket)] = str(socket_path)
+
+    assert await _probe(local) != 0  # no agent: not ready
+
+    from embedded_runtime import CONTAINERD_2_3, EmbeddedRuntime, InMemoryBackend
+
+    policy = RecordingPolicy()
+    settings = PluginSettings(socket_path=tmp_path / "nri.sock", backoff_initial=0.05)
+    plugin = NriPlugin(policy, settings)
+    executor = HostExecutor(Controllers([]))
+    server = await start_debug_server(socket_path, plugin, policy, executor)
+    runner = asyncio.create_task(plugin.run())
+    runtime = EmbeddedRuntime(
+        tmp_path / "nri.sock", flavor=CONTAINERD_2_3, backend=InMemoryBackend()
+    )
+    try:
+        assert await _probe(local) == 1  # alive, but no runtime: not ready
+        await runtime.start()
+        await runtime.wait_for_plugins(1)
+        assert await _probe(local) == 0
+        await runtime.stop()
+        await asyncio.wait_for(plugin.disconnected.wait(), 10)
+        assert await _probe(local) == 1
+    finally:
+        plugin.stop()
+        await asyncio.gather(runner, return_exceptions=True)
+        await runtime.stop()
         await server.stop()
         plugin.close()
         executor.close()

@@ -468,3 +468,42 @@ async def test_values_that_are_no_quantity_are_refused(make: Any) -> None:
     reporter = make()
     with pytest.raises(ValueError, match="not a whole number"):
         reporter.update({0: (-1, 0)})
+
+
+async def test_an_eviction_lowers_what_is_published_for_the_holdback_then_restores_it(
+    api: FakeApiServer, make: Any
+) -> None:
+    """The engine's reclaimable report, as the daemon hands it to the reporter, is lower
+    by an evicted reclaimed pod's request for the hold-back, so a scheduler does not put
+    its replacement straight back; then it is published whole again."""
+    from nri_plugin.reporter import from_numa
+    from qos_model.signals import SignalSnapshot
+    from tests.builders import container
+    from tests.policy.test_eviction_loops import MiB, evicted, node, replica, short_of_memory
+
+    engine = node(holdback_s=30)
+    batch, cid = replica("aaaaa")
+    engine.container_created(batch, container("aaaaa", 1500, oom=1000, memory=512 * MiB))
+    reporter = make()
+
+    def published() -> tuple[int, int]:
+        capacity = api.calls("PATCH", NODE_STATUS)[-1].body["status"]["capacity"]
+        return int(capacity[RECLAIMED_MILLICPU]), int(capacity[RECLAIMED_MEMORY])
+
+    reporter.update(from_numa(engine.reclaimable()))
+    await settled(reporter)
+    before = published()
+
+    assert evicted(engine.signals_sampled(short_of_memory(10.0, cid)).intents)
+    engine.pod_removed(batch)
+    engine.container_stopped(batch, container("aaaaa"))
+    reporter.update(from_numa(engine.reclaimable()))
+    await settled(reporter)
+    during = published()
+    assert during == (before[0] - 1500, before[1] - 512 * MiB)
+
+    engine.signals_sampled(SignalSnapshot(end_s=41.0, window_s=0.5))  # 30 s later
+    reporter.update(from_numa(engine.reclaimable()))
+    await settled(reporter)
+    assert published() == before
+    assert len(api.calls("PATCH", NODE_STATUS)) == 3

@@ -10,12 +10,23 @@ when the API server cannot be reached or fails: it relieves the node at once, bu
 not an eviction (the kubelet restarts the container as its restartPolicy says, and no
 budget is consulted). Without the fallback a failed eviction is raised as a transient
 HostError, so the executor retries it. Optional: a node without API access still runs.
+
+Eviction loops: before evicting through the API, the pod is read and its controller
+ownerReference (the real owner, whatever made it: a ReplicaSet, an operator's custom
+resource) is checked against the owners this controller evicted a pod of within
+`owner_window_s`. The engine already refuses loops it can see in the pod's labels
+(`policy.eviction.owner_of`); this catches the owners labels do not name. A refused
+eviction is an outcome ("not evicted: ..."), never an error, and is reported as a
+Warning Event ("EvictionLoop") on the pod, as is each `ReportEvictionLoop` the engine
+asks for.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from isolation.errors import HostError
@@ -25,11 +36,12 @@ from isolation.evict import (
     EvictOutcome,
     EvictResult,
     KubernetesEvictor,
+    PodController,
 )
 from isolation.host import LinuxHost
 from isolation.writes import HostChange, HostWriter
 from nri_plugin.control.base import Controller, ControllerUnavailable, Mode
-from nri_plugin.policy.intents import Evict, HostIntent
+from nri_plugin.policy.intents import Evict, HostIntent, ReportEvictionLoop
 
 log = logging.getLogger("nri_qos.control.evict")
 
@@ -43,6 +55,10 @@ class EvictSettings:
     kubeconfig: str = ""  # a kubeconfig file, for nodes where nri-qos runs outside a pod
     kill_fallback: bool = False  # kill the container's processes when the API fails
     dry_run: bool = False  # decide and report, evict and kill nothing
+    owner_window_s: float = 600.0  # an owner evicted within this long is not again (0: off)
+
+
+LOOP_EVENT_REASON = "EvictionLoop"
 
 
 class EvictController(Controller):
@@ -56,8 +72,12 @@ class EvictController(Controller):
         host: LinuxHost,
         writer: HostWriter,
         evictor: KubernetesEvictor | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
+        self._clock = clock
+        # (namespace, kind, name) of an owner -> (when one of its pods was evicted, pod)
+        self._evicted_owners: dict[tuple[str, str, str], tuple[float, str]] = {}
         self.host = host
         # A dry run of this controller alone must not act through a shared real writer.
         self.writer = writer if writer.dry_run or not settings.dry_run else HostWriter(dry_run=True)
@@ -106,12 +126,20 @@ class EvictController(Controller):
             self.evictor = None
 
     def post_update(self, intent: HostIntent) -> str:
+        if isinstance(intent, ReportEvictionLoop):
+            return self._report(intent.namespace, intent.pod, intent.pod_uid, intent.reason)
         if not isinstance(intent, Evict):
             raise TypeError(f"the evict controller cannot apply {type(intent).__name__}")
         if self.dry_run:
             return self._plan(intent)
         if self.evictor is None:
             return self._kill(intent, f"no API server ({self.api_unavailable})")
+        owner = self._owner(intent)
+        if owner is not None:
+            loop = self._loop(intent, owner)
+            if loop:
+                posted = self._report(intent.namespace, intent.pod, intent.pod_uid, loop)
+                return f"not evicted: {loop} ({posted})"
         result = self.evictor.evict(
             intent.namespace,
             intent.pod,
@@ -120,6 +148,9 @@ class EvictController(Controller):
             uid=intent.pod_uid or None,
         )
         if result.outcome is EvictOutcome.EVICTED:
+            if owner is not None:
+                key = (intent.namespace, owner.kind, owner.name)
+                self._evicted_owners[key] = (self._clock(), f"{intent.namespace}/{intent.pod}")
             return f"evicted pod {intent.namespace}/{intent.pod}: {intent.reason}"
         if result.outcome is EvictOutcome.NOT_NOW:
             # A budget said no: respected, never escalated (the policy asks again later).
@@ -130,6 +161,43 @@ class EvictController(Controller):
         if self.settings.kill_fallback:
             return self._kill(intent, f"eviction failed ({result.message})")
         raise HostError(self.evictor.server, _errno(result), f"eviction failed: {result.message}")
+
+    def _owner(self, intent: Evict) -> PodController | None:
+        """The pod's real controller, when loops are guarded and the API tells."""
+        if self.settings.owner_window_s <= 0 or self.evictor is None:
+            return None
+        return self.evictor.controller(intent.namespace, intent.pod)
+
+    def _loop(self, intent: Evict, owner: PodController) -> str:
+        """Why evicting this pod would be a loop ("" when it would not)."""
+        now = self._clock()
+        window = self.settings.owner_window_s
+        for key, (when, _) in list(self._evicted_owners.items()):
+            if now - when >= window:
+                del self._evicted_owners[key]
+        seen = self._evicted_owners.get((intent.namespace, owner.kind, owner.name))
+        if seen is None:
+            return ""
+        when, earlier = seen
+        return (
+            f"pod {intent.namespace}/{intent.pod}: its owner {owner.kind} "
+            f"{intent.namespace}/{owner.name} lost pod {earlier} here {now - when:.0f} s ago "
+            f"(window {window:g} s), so it is being rescheduled onto this node in a loop; "
+            "keep it off this node (a taint it does not tolerate, or node anti-affinity), "
+            "or have the scheduler place reclaimed pods by the node's published "
+            "reclaimable resources"
+        )
+
+    def _report(self, namespace: str, pod: str, uid: str, message: str) -> str:
+        """A Warning Event on the pod; the outcome line says whether it was posted."""
+        if self.evictor is None:
+            return f"no event posted: no API server ({self.api_unavailable})"
+        if self.dry_run:
+            return f"dry-run: would post event {LOOP_EVENT_REASON} on pod {namespace}/{pod}"
+        result = self.evictor.report(namespace, pod, uid, LOOP_EVENT_REASON, message)
+        if result.outcome is EvictOutcome.FAILED:
+            return f"event not posted: {result.message}"
+        return f"event {LOOP_EVENT_REASON} posted on pod {namespace}/{pod}"
 
     def _kill(self, intent: Evict, why: str) -> str:
         """The fallback: kill the container's processes (ForeignCgroup propagates as

@@ -86,6 +86,9 @@ class DebugClient:
     def status(self) -> pb.StatusReply:
         return self._call(self._stub.Status, pb.StatusRequest())  # type: ignore[no-any-return]
 
+    def ready(self) -> pb.ReadyReply:
+        return self._call(self._stub.Ready, pb.ReadyRequest())  # type: ignore[no-any-return]
+
     def containers(self, include_plan_json: bool = False) -> pb.ListContainersReply:
         request = pb.ListContainersRequest(include_plan_json=include_plan_json)
         return self._call(self._stub.ListContainers, request)  # type: ignore[no-any-return]

@@ -61,6 +61,7 @@ from nri_plugin import __version__
 from nri_plugin.debug import DEFAULT_SOCKET
 from nri_plugin.debug.proto import debug_pb2 as pb
 from nri_plugin.debug.proto import debug_pb2_grpc as pb_grpc
+from nri_plugin.debug.readiness import Readiness
 from nri_plugin.events import DecisionEvent, EventLog
 from nri_plugin.plugin import PluginSetupError
 
@@ -295,6 +296,7 @@ class DebugSources:
     # not block. None: this daemon cannot switch at runtime (SetDryRun is UNIMPLEMENTED).
     set_dry_run: Callable[[bool], object] | None = None
     reconnects: Callable[[], int] | None = None
+    readiness: Readiness | None = None  # None: Ready answers from the connection alone
 
 
 class DebugServer:
@@ -681,6 +683,19 @@ class _Servicer(pb_grpc.DebugServicer):  # type: ignore[misc]
                 ex.stuck.append(pb.StuckIo(path=s["path"], job=s["job"], seconds=s["seconds"]))
         return reply
 
+    async def Ready(self, request: pb.ReadyRequest, context: Any) -> pb.ReadyReply:
+        readiness = self.sources.readiness
+        if readiness is None:
+            readiness = Readiness(self.sources.plugin)
+        state = readiness.check()
+        return pb.ReadyReply(
+            ready=state.ready,
+            reason=state.reason,
+            connection=state.connection,
+            synchronized=state.synchronized,
+            fail_open_recent=state.fail_open_recent,
+        )
+
     async def ListContainers(
         self, request: pb.ListContainersRequest, context: Any
     ) -> pb.ListContainersReply:
@@ -996,6 +1011,7 @@ async def start_debug_server(
         )
         return max(0, int(made or 0) - 1)
 
+    readiness = Readiness(plugin)
     sources = DebugSources(
         plugin=plugin,
         plan_view=lambda: policy_view(policy),
@@ -1009,6 +1025,7 @@ async def start_debug_server(
         dry_run=bool(getattr(config, "dry_run", False)),
         set_dry_run=set_dry_run,
         reconnects=reconnects,
+        readiness=readiness,
     )
     server = DebugServer(path, sources, allowed_gid=allowed_gid)
     await server.start()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from nri_plugin.policy.cpuallocator import AllocationError, CpuAllocation, CpuRequest, allocate_cpus
 from nri_plugin.policy.workload import (
@@ -30,6 +30,7 @@ from nri_plugin.policy.workload import (
     is_dedicated,
 )
 from qos_model.cpulist import format_cpu_list
+from qos_model.text import clip
 from qos_model.topology import Topology
 
 
@@ -122,8 +123,13 @@ def _place_once(
     refused: dict[str, str] = {}
     usable = free
     pending: list[Workload] = []
+    resizing: list[tuple[Workload, CpuAllocation]] = []
     for w in dedicated:
         request = _request(config, w, numa)
+        held = _resized(w, request, free, previous)
+        if held is not None:
+            resizing.append((w, held))  # after every exact holder: growth takes free CPUs
+            continue
         kept = _keep(topology, w, request, free, previous)
         if (
             kept is not None
@@ -140,6 +146,20 @@ def _place_once(
         free = free - kept.taken
         allocations[w.container_id] = kept
         _record_numa(topology, numa, w, kept)
+    # Every resizing container's held CPUs stay out of the others' reach until its turn:
+    # a growth never takes a CPU that another resizing container holds.
+    still_held = frozenset().union(*(held.taken for _, held in resizing))
+    for w, held in resizing:
+        still_held = still_held - held.taken
+        request = _request(config, w, numa)
+        resized, problem = resize_in_place(
+            topology, config, held, request, free - still_held, reserved
+        )
+        if problem:
+            warnings.append(PlanWarning(w.container_id, problem))
+        free = free - resized.taken
+        allocations[w.container_id] = resized
+        _record_numa(topology, numa, w, resized)
     for w in pending:
         request = _request(config, w, numa)
         try:
@@ -221,6 +241,114 @@ def _keep(
         idle_siblings=frozenset(),
         reason=f"kept CPUs {format_cpu_list(cpus)} it already had (exclusive, still free)",
     )
+
+
+def _resized(
+    w: Workload,
+    request: CpuRequest,
+    free: frozenset[int],
+    previous: Mapping[str, CpuAllocation] | None,
+) -> CpuAllocation | None:
+    """The set a running container holds when its size changed (an in-place resize)."""
+    held = None if previous is None else previous.get(w.container_id)
+    if held is None or not held.taken <= free or _size_fits(len(held.cpus), request):
+        return None
+    return held
+
+
+def resize_in_place(
+    topology: Topology,
+    config: PlannerConfig,
+    held: CpuAllocation,
+    request: CpuRequest,
+    free: frozenset[int],
+    reserved: frozenset[int],
+) -> tuple[CpuAllocation, str]:
+    """A held exclusive set resized to `request.count`, keeping the CPUs it has: a shrink
+    keeps a subset (whole cores where it can), a growth adds CPUs on its own NUMA node(s)
+    first, then elsewhere unless it is NUMA-bound. `free` includes `held`. When that is
+    not possible the old set is kept, and the second value says why (else "").
+
+    Deterministic in its inputs and never quoting `held.reason`, so that repeating the
+    dedicated pass on its own result gives the same allocation (the pass is a fixpoint)."""
+    old, want = len(held.cpus), request.count
+    try:
+        if request.numa_exclusive:
+            raise AllocationError(
+                f"it owns NUMA node(s) {format_cpu_list(held.mems)} exclusively, and a "
+                "numa_exclusive set is not resized in place"
+            )
+        if want < old:
+            return _shrink(topology, held, request), ""
+        return _grow(topology, config, held, request, free, reserved), ""
+    except AllocationError as exc:
+        why = (
+            f"asked for {want} CPU(s) but keeps its {old} ({format_cpu_list(held.cpus)}): "
+            f"{clip(str(exc), 400)}"
+        )
+        return CpuAllocation(held.cpus, held.mems, held.idle_siblings, why), why
+
+
+def _shrink(topology: Topology, held: CpuAllocation, request: CpuRequest) -> CpuAllocation:
+    within = replace(request, avoid_nodes=frozenset(), preferred_nodes=frozenset())
+    kept = allocate_cpus(topology, held.cpus, within)
+    released = held.taken - kept.cpus
+    return CpuAllocation(
+        kept.cpus,
+        kept.mems,
+        frozenset(),
+        f"resized in place from {len(held.cpus)} to {len(kept.cpus)} CPUs: kept "
+        f"{format_cpu_list(kept.cpus)}, released {format_cpu_list(released)}",
+    )
+
+
+def _grow(
+    topology: Topology,
+    config: PlannerConfig,
+    held: CpuAllocation,
+    request: CpuRequest,
+    free: frozenset[int],
+    reserved: frozenset[int],
+) -> CpuAllocation:
+    extra = replace(
+        request,
+        count=request.count - len(held.cpus),
+        numa_binding=False,
+        preferred_nodes=frozenset(),
+    )
+    others = free - held.taken
+    own_nodes = frozenset(topology.node_of(cpu) for cpu in held.cpus)
+    local = frozenset().union(*(topology.node(n).cpus for n in own_nodes)) & others
+    tries = [(local, f"on its NUMA node(s) {format_cpu_list(own_nodes)}")]
+    if not request.numa_binding:
+        tries.append((others, "beyond its NUMA node(s), which had no room"))
+    failures = []
+    for candidates, where in tries:
+        try:
+            added = allocate_cpus(topology, candidates, extra)
+        except AllocationError as exc:
+            failures.append(f"{where}: {exc}")
+            continue
+        cpus = held.cpus | added.cpus
+        if not _shape_fits(topology, cpus, request, free):
+            failures.append(f"{where}: {format_cpu_list(added.cpus)} would split a 2nd core")
+            continue
+        left = free - held.taken - added.taken
+        if len(left) < config.min_shared_cpus:
+            raise AllocationError(
+                f"growing would leave {len(left)} CPU(s) for all other containers "
+                f"(min_shared_cpus is {config.min_shared_cpus})"
+            )
+        mems = frozenset(topology.node_of(cpu) for cpu in cpus)
+        return CpuAllocation(
+            cpus,
+            mems,
+            held.idle_siblings | added.idle_siblings,
+            f"resized in place from {len(held.cpus)} to {len(cpus)} CPUs: kept "
+            f"{format_cpu_list(held.cpus)}, added {format_cpu_list(added.cpus)} {where}",
+        )
+    bound = " (NUMA-bound: nowhere else)" if request.numa_binding else ""
+    raise AllocationError("; ".join(failures) + bound)
 
 
 def _shape_fits(

@@ -36,6 +36,7 @@ from nri_plugin.policy.class_intents import (
     paths_for,
     while_running,
 )
+from nri_plugin.policy.drift import DriftBook, Observation, cpuset_request_notes
 from nri_plugin.policy.eviction import PRIORITY_ANNOTATION
 from nri_plugin.policy.incremental import Planner, PlanStep
 from nri_plugin.policy.intents import (
@@ -64,6 +65,7 @@ from nri_plugin.policy.plan import (
 from nri_plugin.policy.planner import NodePlan
 from nri_plugin.policy.protection import Member, Protection, ProtectionConfig
 from nri_plugin.policy.qos import Classification, QosConfig, classify
+from nri_plugin.policy.roles import Role, apply_role, decide_role
 from nri_plugin.policy.state import (
     ORIGINAL_ANNOTATION,
     ContainerRecord,
@@ -170,6 +172,7 @@ class Engine:
         self.config.protection.check()
         self.protection = Protection(self.config.protection)
         self._noted: dict[str, set[tuple[str, str]]] = {}  # container -> notes given once
+        self._pod_roles: dict[str, dict[str, str]] = {}  # pod uid -> container -> role
 
     # --- reading --------------------------------------------------------------------------
 
@@ -178,11 +181,14 @@ class Engine:
         return self.planner.plan
 
     def reclaimable(self) -> Mapping[int, NumaReclaimable]:
-        return reclaimable_by_numa(
-            self.topology,
-            self.plan,
-            list(self.planner.workloads()),
-            self.config.system_reserved_memory,
+        # minus what an eviction just took away (`Protection.withhold`, docs/interference.md)
+        return self.protection.withhold(
+            reclaimable_by_numa(
+                self.topology,
+                self.plan,
+                list(self.planner.workloads()),
+                self.config.system_reserved_memory,
+            )
         )
 
     def watch_list(self) -> list[tuple[ContainerRef, str | None]]:
@@ -271,6 +277,7 @@ class Engine:
     def pod_removed(self, pod: Pod) -> Step:
         self.table.pods.pop(pod.id, None)
         self.protection.forget_pod(pod.id)
+        self._pod_roles.pop(pod.uid, None)
         return self._forget(self.table.of_pod(pod.id))
 
     @_recovering
@@ -321,14 +328,20 @@ class Engine:
     ) -> Step:
         known = self.table.get(container.id)
         base = known.container if known is not None else restore_original(container)
+        resized = known is not None and known.resized
         if requested is not None:
+            resized = resized or _kubelet_resized(base.resources, requested)
             base = base.with_resources(merge_requested(base.resources, requested))
         notes: list[Note] = []
-        record = self._admit(base, notes, pod)
+        record = self._admit(base, notes, pod, resized)
         planned = self.planner.add(_workload(record))
         plan = self._plan_of(container.id)
+        notes.extend(cpuset_request_notes(plan, requested))  # the kubelet's CPU manager
+        self._allocation_notes(notes)  # e.g. a resize that does not fit, and why
         # Always answer with our placement: a CRI update may carry the kubelet's cpuset,
-        # and it must not undo ours.
+        # and it must not undo ours. Nothing else: the weight, quota and memory of a
+        # resize are the kubelet's (the plan keeps them, `_kubelet_resized`), since a
+        # kubelet before 1.33 compares what it reads back with what it asked for.
         own = Intents(reply_updates=(plan.update(),), notes=tuple(notes))
         diff = _diff(planned)
         return self._step(diff, own + self._route(planned, diff, skip_runtime=container.id))
@@ -336,6 +349,37 @@ class Engine:
     @_recovering
     def container_stopped(self, pod: Pod, container: Container) -> Step:
         return self._forget([container.id])
+
+    @_recovering
+    def pod_roles(self, pod_uid: str, roles: Mapping[str, str]) -> Step:
+        """What an in-cluster adapter read from the pod spec: each container's role
+        (roles.Role values by container name; the only source that tells a sidecar from
+        an init container unasked). Kept for the pod's life, bounded, even before its
+        containers arrive; its live containers whose classification changes are
+        re-planned at once (updates after the reply, with notes)."""
+        self._pod_roles.pop(pod_uid, None)
+        self._pod_roles[pod_uid] = dict(roles)
+        while len(self._pod_roles) > _POD_ROLES_LIMIT:  # the adapter may know pods we never see
+            del self._pod_roles[next(iter(self._pod_roles))]
+        notes: list[Note] = []
+        diff: dict[str, tuple[FieldChange, ...]] = {}
+        routed = NO_INTENTS
+        for pod in [p for p in self.table.pods.values() if p.uid == pod_uid]:
+            for cid in self.table.of_pod(pod.id):
+                record = self.table.get(cid)
+                assert record is not None, cid
+                again = self._admit(record.container, notes, pod, record.resized)
+                if again.classification == record.classification:
+                    continue
+                planned = self.planner.add(_workload(again))
+                moved = _diff(planned)
+                diff.update(moved)
+                routed = routed + self._route(planned, moved)
+        latest = {u.container_id: u for u in routed.all_updates()}  # one per container
+        if len(latest) < len(routed.all_updates()):
+            routed = replace(routed, updates=tuple(latest.values()))
+        self._allocation_notes(notes)
+        return self._step(diff, routed + Intents(notes=tuple(notes)))
 
     @_recovering
     def usage_sampled(self, usage: UsageSample) -> Step:
@@ -402,6 +446,13 @@ class Engine:
                 oom_score_adj=p.oom_score_adj.value,
                 priority=_priority(annotations),
                 config=config_for(annotations, base),
+                labels=pod.labels,  # the pod's owner, for eviction loops (eviction.owner_of)
+                cpu_request_millicores=record.classification.cpu_request_millicores
+                or record.classification.cpu_limit_millicores
+                or 0,
+                memory_request_bytes=res.memory.limit or 0
+                if res is not None and res.memory is not None
+                else 0,
             )
         return out
 
@@ -451,15 +502,28 @@ class Engine:
         return plan
 
     def _admit(
-        self, container: Container, notes: list[Note], pod: Pod | None = None
+        self,
+        container: Container,
+        notes: list[Note],
+        pod: Pod | None = None,
+        resized: bool = False,
     ) -> ContainerRecord:
         pod = pod or self.table.pods.get(container.pod_id) or Pod(id=container.pod_id)
         classification = self._classify(pod, container, notes)
-        return self.table.admit(container, classification)
+        return self.table.admit(container, classification, resized)
 
     def _classify(self, pod: Pod, container: Container, notes: list[Note]) -> Classification:
-        c = classify(pod, container, self.config.qos)
+        """The Katalyst class (qos.classify), then what the container's role in its pod
+        allows (roles.apply_role); warnings and a non-app role are noted once."""
+        role = decide_role(pod, container, self._pod_roles.get(pod.uid) if pod.uid else None)
+        c = apply_role(classify(pod, container, self.config.qos), role)
         subject = clip(f"{pod.namespace}/{pod.name}/{container.name}", NAME_LIMIT)
+        for text in role.warnings:
+            note = Note("role", subject, text, Severity.WARNING)
+            self._note_once(container.id, note, notes)
+        if c.role != Role.APP:
+            said = f"{c.role_reason}: {c.qos_class} ({clip(c.reason, 300)})"
+            self._note_once(container.id, Note("role", subject, said), notes)
         for w in c.warnings:
             scope = f"[{w.field}]" if w.field else ""
             text = (
@@ -557,6 +621,13 @@ class Engine:
     def _step(self, diff: Mapping[str, tuple[FieldChange, ...]], intents: Intents) -> Step:
         return Step(self.plan, diff, intents)
 
+    def drift_found(self, observed: Observation, book: DriftBook) -> Step:
+        """One reconcile period: the host as read (`observed`) against the plan; drifted
+        fields are re-applied (cpuset: a runtime update, oom_score_adj: a host intent),
+        each with a note. The plan does not move; `book` (the caller's, kept across
+        periods) remembers streaks, conflicts and foreign containers (`policy.drift`)."""
+        return self._step({}, book.judge(self.plan.containers, self.table, observed))
+
 
 def _priority(annotations: Mapping[str, str]) -> int:
     """The pod's Kubernetes priority as far as NRI lets us know it (see eviction.py)."""
@@ -576,7 +647,34 @@ def _workload(record: ContainerRecord) -> Workload:
         created_at=record.order,
         current_cpus=_reported_cpus(record.container),
         memory_limit=res.memory.limit if res is not None and res.memory is not None else None,
+        kubelet_resized=record.resized,
     )
+
+
+_POD_ROLES_LIMIT = 4096  # pods whose roles an adapter told us (a node runs ~110 to ~1000)
+
+
+def _kubelet_resized(current: Resources | None, requested: Resources) -> bool:
+    """Whether a CRI update changes what the kubelet itself set (CPU weight, CFS quota,
+    memory limit): an in-place resize, as opposed to a cpuset-only update (the CPU
+    manager's reconcile loop) or a repeat of the values it already had."""
+    cpu = current.cpu if current is not None else None
+    wanted = requested.cpu
+    if wanted is not None:
+        if wanted.shares is not None and wanted.shares != (cpu.shares if cpu else None):
+            return True
+        if _quota(wanted.quota) is not None and _quota(wanted.quota) != _quota(
+            cpu.quota if cpu else None
+        ):
+            return True
+    memory = current.memory if current is not None else None
+    limit = requested.memory.limit if requested.memory is not None else None
+    return limit is not None and limit != (memory.limit if memory is not None else None)
+
+
+def _quota(quota: int | None) -> int | None:
+    """A CFS quota, None for "no limit" (-1, 0 and absent all mean that)."""
+    return quota if quota is not None and quota > 0 else None
 
 
 def _diff(step: PlanStep) -> dict[str, tuple[FieldChange, ...]]:

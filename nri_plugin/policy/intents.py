@@ -136,6 +136,19 @@ class Evict(HostIntent):
     grace_period_s: int | None = None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReportEvictionLoop(HostIntent):
+    """The pod was NOT evicted: its owner lost a pod on this node a short while ago and
+    is being rescheduled here in a loop. The evict controller tells the cluster (a
+    Warning Event on the pod); `reason` says what to do about it."""
+
+    domain: ClassVar[str] = "evict"
+    namespace: str
+    pod: str
+    pod_uid: str
+    owner: str  # "ReplicaSet ns/name"
+
+
 class Severity(StrEnum):
     INFO = "info"
     WARNING = "warning"

@@ -73,6 +73,7 @@ class ContainerPlan:
     net_class: Decision[str | None] = field(
         default=Decision(None, NOT_MANAGED), metadata=_domain(NET)
     )
+    role: str = "app"  # roles.Role: app, init, sidecar or ephemeral (not a planned value)
 
     def decisions(self) -> dict[str, Decision[Any]]:
         """Every planned field by name, in declaration order."""

@@ -314,7 +314,8 @@ def pool_cpus_decision(
     c = w.classification
     if pool == DEDICATED:
         allocation = pools.dedicated[w.container_id]
-        cpus = Decision(allocation.cpus, f"dedicated_cores: {allocation.reason}")
+        why = f"dedicated_cores: {allocation.reason}"
+        cpus = Decision(allocation.cpus, why if c.role == "app" else f"{c.role} container, {why}")
         if c.numa_binding:
             nodes = format_cpu_list(allocation.mems)
             return cpus, Decision(
@@ -391,6 +392,20 @@ _RECLAIMED_WEIGHT: Decision[int | None] = Decision(
 _KUBELET_WEIGHT: Decision[int | None] = Decision(
     None, "kept the weight the kubelet set from the CPU request"
 )
+_RESIZED_WEIGHT: Decision[int | None] = Decision(
+    None,
+    "reclaimed_cores, but the kubelet resized it in place: the weight is the kubelet's "
+    "(a kubelet before 1.33 compares the resources it reads back with those it asked "
+    "for, kubernetes#130598, and would retry the resize for ever)",
+)
+
+
+def _weight(reclaimed: bool, kubelet_resized: bool) -> Decision[int | None]:
+    if not reclaimed:
+        return _KUBELET_WEIGHT
+    return _RESIZED_WEIGHT if kubelet_resized else _RECLAIMED_WEIGHT
+
+
 _KUBELET_QUOTA: Decision[int | None] = Decision(
     None, "kept the CFS quota the kubelet set from the CPU limit"
 )
@@ -414,12 +429,13 @@ def container_plan(
         pool=pool,
         cpus=cpus,
         mems=mems,
-        cpu_shares=_RECLAIMED_WEIGHT if reclaimed else _KUBELET_WEIGHT,
+        cpu_shares=_weight(reclaimed, w.kubelet_resized),
         cpu_quota=_KUBELET_QUOTA,
         oom_score_adj=_oom_decision(c.qos_class, c.kube_qos, c.oom_priority, config.oom_bands),
         rdt_class=levels.rdt_class,
         io_weight=levels.io_weight,
         net_class=levels.net_class,
+        role=c.role,
     )
 
 
@@ -449,8 +465,11 @@ def _pool_reason(c: Classification, pool: str, refused: str | None) -> str:
     if refused:
         return f"dedicated_cores refused ({refused}): the shared pool"
     if c.qos_class is QosClass.SYSTEM_CORES and pool != SYSTEM:
-        return "system_cores, but no CPUs are reserved: the shared pool"
-    return _POOL_REASONS.get(pool) or f"shared_cores: the named pool {pool.partition(':')[2]!r}"
+        why = "system_cores, but no CPUs are reserved: the shared pool"
+    else:
+        named = f"shared_cores: the named pool {pool.partition(':')[2]!r}"
+        why = _POOL_REASONS.get(pool) or named
+    return why if c.role == "app" else f"{c.role} container, {why}"
 
 
 _POOL_REASONS: Mapping[str, str] = {

@@ -15,18 +15,30 @@ Under memory pressure (node or NUMA node below `memory_available_min`, or memory
 pressure above `memory_full_psi`), one reclaimed pod is evicted per window, in the OOM
 killer's order, before the kernel has to kill anything. Every detection, step,
 relaxation and eviction is a note. Pure: no clock (the snapshot's), no I/O.
+
+Two guards keep an eviction from being undone by the scheduler:
+* the owner memory (`eviction.OwnerMemory`): a pod whose owner lost a pod here within
+  `owner_window_s` is passed over (the next candidate is taken), with a note and a
+  `ReportEvictionLoop` host intent (a Kubernetes Event on the pod) once per loop;
+* the hold-back: evicting a reclaimed_cores pod lowers the reclaimable CPU and memory
+  the engine reports (and the reporter publishes) by that pod's request for
+  `holdback` seconds (`withhold`), so the capacity just taken away is not offered to
+  the very pod its owner is re-creating.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from nri_plugin.policy.eviction import (
     Candidate,
     EvictionConfig,
+    EvictionLoop,
+    OwnerMemory,
     RateLimit,
-    choose,
+    choose_without_loops,
+    owner_of,
     rank,
     rank_for_memory,
 )
@@ -37,6 +49,7 @@ from nri_plugin.policy.intents import (
     Note,
     Phase,
     PlaceInRdtClass,
+    ReportEvictionLoop,
     Severity,
 )
 from nri_plugin.policy.interference import (
@@ -48,11 +61,13 @@ from nri_plugin.policy.interference import (
     WindowResult,
 )
 from nri_plugin.policy.mitigation import Action, Ladder, LadderConfig, Move, Rung
+from nri_plugin.policy.numa_reclaim import MILLICORES_PER_CPU, NumaReclaimable
 from nri_plugin.policy.qos import QosClass
 from qos_model.containers import CpuResources, Resources, Update
 from qos_model.signals import SignalSnapshot
 
 CFS_PERIOD_US = 100_000
+_UNLIMITED = 1 << 60  # a memory "limit" this large is none (the runtime's "max")
 EVICTION_PENDING_S = 120.0  # an eviction not seen through by then may be tried again
 
 
@@ -88,6 +103,22 @@ class Member:
     oom_score_adj: int
     priority: int
     config: InterferenceConfig
+    labels: Mapping[str, str] = field(default_factory=dict)  # the pod's (for its owner)
+    # what the container asked for as NRI shows it (0: nothing visible): the hold-back
+    cpu_request_millicores: int = 0
+    memory_request_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Holdback:
+    """Reclaimable capacity not offered again until `until_s`: an evicted reclaimed pod's
+    request, on the NUMA nodes its CPUs were on (every node when unknown)."""
+
+    pod: str  # "namespace/name"
+    until_s: float
+    millicores: int
+    memory_bytes: int
+    cpus: frozenset[int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +147,12 @@ class Protection:
         self._evict_unavailable = ""
         self._verdicts: dict[str, Verdict] = {}
         self.last_detections: dict[str, Detection] = {}
+        self.owners = OwnerMemory(self.config.eviction.owner_window_s)
+        self.holdbacks: list[Holdback] = []
+        self._now: float | None = None  # the last window's end (the engine's only clock)
+        self._snapshot: SignalSnapshot | None = None
+        self._loops: list[EvictionLoop] = []  # found while judging candidates this window
+        self._loops_said: set[tuple[str, str]] = set()  # (owner, earlier pod) told once
 
     def forget_pod(self, pod_id: str) -> None:
         self.evicting.pop(pod_id, None)
@@ -132,6 +169,10 @@ class Protection:
         """One window. `evict_unavailable`: why no eviction executor runs ("" when one
         does): the ladder then stops below eviction and says so."""
         now = snapshot.end_s
+        self._now = now
+        self._snapshot = snapshot
+        self._loops = []
+        self.holdbacks = [h for h in self.holdbacks if h.until_s > now]
         self._evict_unavailable = evict_unavailable
         for pod, since in list(self.evicting.items()):
             if now - since > EVICTION_PENDING_S:
@@ -191,6 +232,7 @@ class Protection:
         for action in actions:
             self._carry_out(action, members, now, updates, host, notes)
         host += self._memory_pressure(snapshot, members, now, notes)
+        host += self._report_loops(members, notes)
         avoid, why = self._avoid(members)
         return Outcome(avoid, why, tuple(updates), tuple(host), tuple(notes), result)
 
@@ -249,7 +291,11 @@ class Protection:
             for a in d.antagonists
             if a.container_id in members
         ]
-        return choose(rank(candidates), frozenset(self.evicting), self.limit, now)
+        choice = choose_without_loops(
+            rank(candidates), frozenset(self.evicting), self.limit, now, self.owners
+        )
+        self._loops.extend(choice.loops)
+        return choice.pick, choice.why_not
 
     def _carry_out(
         self,
@@ -296,7 +342,7 @@ class Protection:
                 if m is None:
                     continue
                 why = f"interference with {subject}: {action.reason}"
-                host += self._evict(m, why, now, notes)
+                host += self._evict(m, why, now, notes, members)
             return
         notes.append(
             Note(
@@ -307,10 +353,33 @@ class Protection:
             )
         )
 
-    def _evict(self, m: Member, why: str, now: float, notes: list[Note]) -> list[HostIntent]:
+    def _evict(
+        self,
+        m: Member,
+        why: str,
+        now: float,
+        notes: list[Note],
+        members: Mapping[str, Member],
+    ) -> list[HostIntent]:
         cfg = self.config.eviction
         self.limit.record(now)
         self.evicting[m.ref.pod_id] = now
+        owner = owner_of(m.namespace, m.pod, m.labels)
+        if owner is not None:
+            self.owners.record(owner, f"{m.namespace}/{m.pod}", now)
+        if m.qos_class is QosClass.RECLAIMED_CORES and cfg.holdback > 0:
+            hold = self._holdback(m, members, now + cfg.holdback)
+            if hold.millicores or hold.memory_bytes:
+                self.holdbacks.append(hold)
+                notes.append(
+                    Note(
+                        "eviction",
+                        m.ref.name,
+                        f"reclaimable capacity held back for {cfg.holdback:g} s: "
+                        f"{hold.millicores}m CPU, {hold.memory_bytes} bytes of memory "
+                        f"(what pod {hold.pod} asked for), so it is not placed straight back",
+                    )
+                )
         if cfg.dry_run:
             notes.append(Note("eviction", m.ref.name, f"dry-run: would evict pod "
                               f"{m.namespace}/{m.pod}: {why}", Severity.WARNING))  # fmt: skip
@@ -358,12 +427,109 @@ class Protection:
             usage = s.memory.usage_bytes if s is not None and s.memory is not None else 0
             candidates.append(_candidate(m, float(usage)))
         ranked = rank_for_memory(candidates)
-        pick, why_not = choose(ranked, frozenset(self.evicting), self.limit, now)
-        if pick is None:
-            notes.append(Note("eviction", "node", f"memory pressure ({why}): none: {why_not}"))
+        choice = choose_without_loops(
+            ranked, frozenset(self.evicting), self.limit, now, self.owners
+        )
+        self._loops.extend(choice.loops)
+        if choice.pick is None:
+            text = f"memory pressure ({why}): none: {choice.why_not}"
+            notes.append(Note("eviction", "node", text))
             return []
-        member = members[pick.container_id]
-        return self._evict(member, f"memory pressure: {why}; batch yields first", now, notes)
+        member = members[choice.pick.container_id]
+        why = f"memory pressure: {why}; batch yields first"
+        return self._evict(member, why, now, notes, members)
+
+    # --- eviction loops and the hold-back ---------------------------------------------
+
+    def _report_loops(self, members: Mapping[str, Member], notes: list[Note]) -> list[HostIntent]:
+        """Each loop found this window, once per (owner, earlier eviction): a warning
+        note, and a Kubernetes Event on the pod through the evict controller."""
+        host: list[HostIntent] = []
+        live = set()
+        for loop in self._loops:
+            key = (str(loop.owner), loop.earlier_pod)
+            live.add(key)
+            if key in self._loops_said:
+                continue
+            self._loops_said.add(key)
+            m = members.get(loop.candidate.container_id)
+            if m is None:
+                continue
+            text = loop.message()
+            notes.append(Note("eviction", m.ref.name, text, Severity.WARNING))
+            if not self.config.eviction.dry_run:
+                host.append(
+                    ReportEvictionLoop(
+                        phase=Phase.POST_UPDATE,
+                        container=m.ref,
+                        reason=text,
+                        namespace=m.namespace,
+                        pod=m.pod,
+                        pod_uid=m.pod_uid,
+                        owner=str(loop.owner),
+                    )
+                )
+        # forget what was said about loops whose earlier eviction left the window
+        remembered = {
+            (str(owner), pod) for owner, (_, pod) in self.owners.entries(self._now or 0.0).items()
+        }
+        self._loops_said &= live | remembered
+        return host
+
+    def _holdback(self, m: Member, members: Mapping[str, Member], until: float) -> Holdback:
+        """The pod's request (all its containers): what NRI shows of it (the CPU request
+        from cpu.shares, else the limit; the memory limit), and for a container showing
+        none (BestEffort, or Katalyst's reclaimed_* extended resources, which NRI does
+        not carry) what it used in the last window."""
+        millicores = memory = 0
+        cpus: set[int] = set()
+        snapshot = self._snapshot
+        for cid, other in members.items():
+            if other.ref.pod_id != m.ref.pod_id:
+                continue
+            cpus |= other.cpus
+            used = snapshot.containers.get(cid) if snapshot is not None else None
+            cpu = other.cpu_request_millicores
+            if not cpu and used is not None and used.cpu_usage_ns and snapshot is not None:
+                window_ns = max(snapshot.window_s, 1e-3) * 1e9
+                cpu = round(used.cpu_usage_ns / window_ns * MILLICORES_PER_CPU)
+            mem = other.memory_request_bytes if other.memory_request_bytes < _UNLIMITED else 0
+            if not mem and used is not None and used.memory is not None:
+                mem = used.memory.usage_bytes
+            millicores += max(0, cpu)
+            memory += max(0, mem)
+        return Holdback(f"{m.namespace}/{m.pod}", until, millicores, memory, frozenset(cpus))
+
+    def withhold(self, reclaimable: Mapping[int, NumaReclaimable]) -> Mapping[int, NumaReclaimable]:
+        """`reclaimable` minus the hold-backs in force: each one first from the NUMA
+        nodes the evicted pod's CPUs were on, the rest from the others in order, never
+        below zero; the reason says so."""
+        now = self._now
+        holds = [h for h in self.holdbacks if now is None or h.until_s > now]
+        if not holds:
+            return reclaimable
+        out = dict(reclaimable)
+        for h in holds:
+            home = [n for n, r in sorted(out.items()) if r.cpus & h.cpus]
+            order = home + [n for n in sorted(out) if n not in home]
+            cpu_left, mem_left = h.millicores, h.memory_bytes
+            for node in order:
+                r = out[node]
+                cpu = min(cpu_left, r.millicores)
+                mem = min(mem_left, r.memory_bytes)
+                if not cpu and not mem:
+                    continue
+                cpu_left -= cpu
+                mem_left -= mem
+                until = f"{h.until_s - now:.0f} s more" if now is not None else "a while"
+                out[node] = replace(
+                    r,
+                    millicores=r.millicores - cpu,
+                    memory_bytes=r.memory_bytes - mem,
+                    reason=f"{r.reason}; held back {cpu}m and {mem} bytes after evicting "
+                    f"{h.pod} ({until})",
+                )
+        return out
 
 
 def _memory_short(snapshot: SignalSnapshot, cfg: EvictionConfig) -> str:
@@ -394,6 +560,7 @@ def _candidate(m: Member, usage: float) -> Candidate:
         priority=m.priority,
         usage=usage,
         oom_score_adj=m.oom_score_adj,
+        owner=owner_of(m.namespace, m.pod, m.labels),
     )
 
 

@@ -184,6 +184,10 @@ class Classification:
     cpuset_pool: str | None = None  # None: the class's default pool
     oom_priority: int | None = None  # in the class range, or OOM_PRIORITY_IGNORE/_TOP
     warnings: tuple[ClassificationWarning, ...] = ()
+    # The container's role in its pod (roles.Role: app, init, sidecar, ephemeral) and, when
+    # the role changed what the annotations asked for, why (roles.apply_role).
+    role: str = "app"
+    role_reason: str = ""
 
 
 # --- annotation lookup -----------------------------------------------------------------------

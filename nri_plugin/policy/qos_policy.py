@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from nri_plugin.policy.api import PolicyBase
+from nri_plugin.policy.drift import DriftBook, Observation, Target, targets
 from nri_plugin.policy.engine import Engine, EngineConfig
 from nri_plugin.policy.intents import NO_INTENTS, Intents, Note, Severity
 from nri_plugin.policy.workload import UsageSample
@@ -30,6 +31,8 @@ class QosPolicy(PolicyBase):
     def __init__(self, engine: Engine, config_parser: ConfigParser | None = None) -> None:
         self.engine = engine
         self._config_parser = config_parser
+        # Drift across reconcile periods (policy thread only; the views show it).
+        self.drift = DriftBook()
 
     def configure(self, runtime: RuntimeInfo, config: str) -> Intents:
         """A pre-installed plugin gets its config (/etc/nri/conf.d/NN-name.conf) here."""
@@ -92,3 +95,11 @@ class QosPolicy(PolicyBase):
     def protect(self, snapshot: SignalSnapshot) -> Intents:
         """One window of interference signals (from the daemon's collectors)."""
         return self.engine.signals_sampled(snapshot).intents
+
+    def drift_targets(self) -> list[Target]:
+        """What the reconcile loop reads on the host: every planned container."""
+        return targets(self.engine.plan.containers, self.engine.table)
+
+    def reconcile(self, observed: Observation) -> Intents:
+        """One reconcile period (from the daemon's loop): repair what drifted."""
+        return self.engine.drift_found(observed, self.drift).intents

@@ -31,6 +31,9 @@ class ContainerRecord:
     classification: Classification
     order: int  # arrival order; ties in planning are broken by id
     name: str  # "<namespace>/<pod>/<container>", or "<pod id>/<container>" if the pod is unknown
+    # The kubelet changed its CPU weight, quota or memory limit since creation (an in-place
+    # resize): from then on those values are the kubelet's, never overridden by us.
+    resized: bool = False
 
     @property
     def id(self) -> str:
@@ -72,11 +75,14 @@ class ContainerTable:
             return clip(f"{container.pod_id}/{container.name}", NAME_LIMIT)
         return clip(f"{pod.namespace}/{pod.name}/{container.name}", NAME_LIMIT)
 
-    def admit(self, container: Container, classification: Classification) -> ContainerRecord:
+    def admit(
+        self, container: Container, classification: Classification, resized: bool = False
+    ) -> ContainerRecord:
         """A new record, last in arrival order (a known id keeps its place)."""
         known = self._records.get(container.id)
         order = known.order if known is not None else self._take_order()
-        record = ContainerRecord(container, classification, order, self.name_for(container))
+        name = self.name_for(container)
+        record = ContainerRecord(container, classification, order, name, resized)
         self._records[container.id] = record
         self._by_pod.setdefault(container.pod_id, set()).add(container.id)
         return record

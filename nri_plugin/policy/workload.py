@@ -80,6 +80,7 @@ class Workload:
     created_at: int = 0  # ordering; ties broken by container id
     current_cpus: frozenset[int] = frozenset()  # what the runtime reports it has now
     memory_limit: int | None = None  # bytes, for the NUMA reclaim report
+    kubelet_resized: bool = False  # its weight and quota are the kubelet's (state.py)
 
     @property
     def order(self) -> tuple[int, str]:

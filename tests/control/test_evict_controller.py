@@ -13,18 +13,19 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from isolation.errors import TRANSIENT_ERRNOS, HostError
-from isolation.evict import KubernetesEvictor
+from isolation.evict import KubernetesEvictor, PodController, controller_of
 from isolation.host import LinuxHost
 from isolation.ownership import ForeignCgroup
 from isolation.writes import HostWriter
 from nri_plugin.control.base import Controllers, ControllerUnavailable
 from nri_plugin.control.evict import EvictController, EvictSettings
-from nri_plugin.policy.intents import ContainerRef, Evict, Phase
+from nri_plugin.policy.intents import ContainerRef, Evict, Phase, ReportEvictionLoop
 from tests.isolation import test_cgroup_kill_real as real_cgroups
 from tests.isolation import test_evict as wire
 
@@ -219,3 +220,97 @@ def test_dry_run_sends_nothing_and_says_the_whole_decision(server: wire.ApiServe
     assert [str(p) for p in c.writer.planned] == [
         "evict pod shop/web-1 'grace period 30s' (memory pressure: reclaimed pod over its share)"
     ]
+
+
+# --- eviction loops: the real owner, read from the API server ------------------------------
+
+
+def owned_pod(
+    name: str, kind: str = "ReplicaSet", owner: str = "web-5d8f7c9b4"
+) -> dict[str, object]:
+    ref = {"apiVersion": "apps/v1", "kind": kind, "name": owner, "uid": "rs-1", "controller": True}
+    other = {"apiVersion": "v1", "kind": "ConfigMap", "name": "x", "uid": "cm-1"}
+    return {"kind": "Pod", "metadata": {"name": name, "ownerReferences": [other, ref]}}
+
+
+def pod_intent(pod: str) -> Evict:
+    return replace(intent(), pod=pod, pod_uid=f"uid-{pod}")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_same_real_owner_is_not_evicted_twice_within_the_window(
+    server: wire.ApiServer,
+) -> None:
+    """Owners the labels do not name (an operator's custom resource) are caught by the
+    ownerReference read before evicting: the second pod is left alone, and a Warning
+    Event on it says why and what to do."""
+    for name in ("web-1", "web-2"):
+        server.objects[f"/api/v1/namespaces/shop/pods/{name}"] = owned_pod(
+            name, kind="CloneSet", owner="web"
+        )
+    writer = HostWriter()
+    evictor = KubernetesEvictor.for_url(server.url, wire.TOKEN, writer)
+    clock = Clock()
+    c = EvictController(EvictSettings(owner_window_s=600), LinuxHost(), writer, evictor, clock)
+    c.start()
+
+    first = c.hook(Phase.POST_UPDATE)(pod_intent("web-1"))
+    assert first.startswith("evicted pod shop/web-1")
+    clock.now += 90
+    second = c.hook(Phase.POST_UPDATE)(pod_intent("web-2"))
+    assert second.startswith("not evicted: pod shop/web-2: its owner CloneSet shop/web lost pod")
+    assert "shop/web-1 here 90 s ago" in second and "event EvictionLoop posted" in second
+    evictions = [r for r in server.requests if r.path.endswith("/eviction")]
+    assert [r.path for r in evictions] == ["/api/v1/namespaces/shop/pods/web-1/eviction"]
+    (event,) = [r for r in server.requests if r.path == "/api/v1/namespaces/shop/events"]
+    assert event.body["involvedObject"] == {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "name": "web-2",
+        "namespace": "shop",
+        "uid": "uid-web-2",
+    }
+    assert (event.body["reason"], event.body["type"]) == ("EvictionLoop", "Warning")
+    assert "taint" in event.body["message"]
+
+    clock.now += 600  # the window is over
+    third = c.hook(Phase.POST_UPDATE)(pod_intent("web-2"))
+    assert third.startswith("evicted pod shop/web-2")
+
+
+def test_a_pod_that_cannot_be_read_is_still_evicted(server: wire.ApiServer) -> None:
+    c, _ = controller(server)  # no objects: the GET answers 404
+    assert c.hook(Phase.POST_UPDATE)(pod_intent("web-1")).startswith("evicted pod")
+    assert c.hook(Phase.POST_UPDATE)(pod_intent("web-1")).startswith("evicted pod")
+    assert server.reads == ["/api/v1/namespaces/shop/pods/web-1"] * 2
+
+
+def test_the_engines_loop_report_becomes_an_event_on_the_pod(server: wire.ApiServer) -> None:
+    c, _ = controller(server)
+    report = ReportEvictionLoop(
+        phase=Phase.POST_UPDATE,
+        container=FOREIGN,
+        reason="not evicting pod shop/web-2: its owner ReplicaSet shop/web-5d8f lost ...",
+        namespace="shop",
+        pod="web-2",
+        pod_uid="uid-web-2",
+        owner="ReplicaSet shop/web-5d8f",
+    )
+    assert c.hook(Phase.POST_UPDATE)(report) == "event EvictionLoop posted on pod shop/web-2"
+    (event,) = server.requests
+    assert event.path == "/api/v1/namespaces/shop/events"
+    assert event.body["message"].startswith("not evicting pod shop/web-2")
+    assert not server.reads  # a report evicts nothing and reads nothing
+
+
+def test_controller_of_takes_the_controller_reference_only() -> None:
+    assert controller_of(owned_pod("a")) == PodController("ReplicaSet", "web-5d8f7c9b4", "rs-1")
+    assert controller_of({"metadata": {"ownerReferences": [{"kind": "X", "name": "y"}]}}) is None
+    assert controller_of({}) is None

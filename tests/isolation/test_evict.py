@@ -101,6 +101,8 @@ class ApiServer:
     url: str
     answers: deque[Answer] = field(default_factory=deque)
     requests: list[Request] = field(default_factory=list)
+    objects: dict[str, dict[str, Any]] = field(default_factory=dict)  # GET path -> object
+    reads: list[str] = field(default_factory=list)  # GET paths asked for
 
     def answer(self, code: int, body: dict[str, Any], **headers: str) -> None:
         self.answers.append(
@@ -125,6 +127,16 @@ def _handler(state: ApiServer) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Length", str(len(data)))
             for name, value in answer.headers.items():
                 self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            state.reads.append(self.path)
+            found = state.objects.get(self.path.partition("?")[0])
+            data = json.dumps(found if found is not None else {"kind": "Status"}).encode()
+            self.send_response(200 if found is not None else 404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
 

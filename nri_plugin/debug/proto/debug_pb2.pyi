@@ -378,3 +378,21 @@ class SetDryRunReply(_message.Message):
     previous: bool
     message: str
     def __init__(self, dry_run: _Optional[bool] = ..., previous: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ReadyRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReadyReply(_message.Message):
+    __slots__ = ("ready", "reason", "connection", "synchronized", "fail_open_recent")
+    READY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CONNECTION_FIELD_NUMBER: _ClassVar[int]
+    SYNCHRONIZED_FIELD_NUMBER: _ClassVar[int]
+    FAIL_OPEN_RECENT_FIELD_NUMBER: _ClassVar[int]
+    ready: bool
+    reason: str
+    connection: str
+    synchronized: bool
+    fail_open_recent: int
+    def __init__(self, ready: _Optional[bool] = ..., reason: _Optional[str] = ..., connection: _Optional[str] = ..., synchronized: _Optional[bool] = ..., fail_open_recent: _Optional[int] = ...) -> None: ...

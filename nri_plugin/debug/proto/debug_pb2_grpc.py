@@ -74,6 +74,11 @@ class DebugStub:
                 request_serializer=nri__plugin_dot_debug_dot_proto_dot_debug__pb2.SetDryRunRequest.SerializeToString,
                 response_deserializer=nri__plugin_dot_debug_dot_proto_dot_debug__pb2.SetDryRunReply.FromString,
                 _registered_method=True)
+        self.Ready = channel.unary_unary(
+                '/nriqos.debug.v1.Debug/Ready',
+                request_serializer=nri__plugin_dot_debug_dot_proto_dot_debug__pb2.ReadyRequest.SerializeToString,
+                response_deserializer=nri__plugin_dot_debug_dot_proto_dot_debug__pb2.ReadyReply.FromString,
+                _registered_method=True)
 
 
 class DebugServicer:
@@ -137,6 +142,15 @@ class DebugServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Ready(self, request, context):
+        """Whether nri-qos isolates what the runtime creates now: registered with a runtime,
+        that connection's Synchronize applied, no request answered fail-open lately. The
+        DaemonSet's readiness probe (`nri-qos ready`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DebugServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -179,6 +193,11 @@ def add_DebugServicer_to_server(servicer, server):
                     servicer.SetDryRun,
                     request_deserializer=nri__plugin_dot_debug_dot_proto_dot_debug__pb2.SetDryRunRequest.FromString,
                     response_serializer=nri__plugin_dot_debug_dot_proto_dot_debug__pb2.SetDryRunReply.SerializeToString,
+            ),
+            'Ready': grpc.unary_unary_rpc_method_handler(
+                    servicer.Ready,
+                    request_deserializer=nri__plugin_dot_debug_dot_proto_dot_debug__pb2.ReadyRequest.FromString,
+                    response_serializer=nri__plugin_dot_debug_dot_proto_dot_debug__pb2.ReadyReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -397,6 +416,33 @@ class Debug:
             '/nriqos.debug.v1.Debug/SetDryRun',
             nri__plugin_dot_debug_dot_proto_dot_debug__pb2.SetDryRunRequest.SerializeToString,
             nri__plugin_dot_debug_dot_proto_dot_debug__pb2.SetDryRunReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Ready(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nriqos.debug.v1.Debug/Ready',
+            nri__plugin_dot_debug_dot_proto_dot_debug__pb2.ReadyRequest.SerializeToString,
+            nri__plugin_dot_debug_dot_proto_dot_debug__pb2.ReadyReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,236 @@
+"""The daemon's drift reconciliation loop: every period, read what the host shows for each
+planned container on the host thread, compare it with the plan on the policy thread, and
+re-apply what drifted.
+
+The shape is `nri_plugin.protect`'s: the period (`[reconcile] period_s`, 10 s by default)
+is the loop's one timer, and it only runs while a runtime is connected and something is
+planned. Per period:
+
+1. policy thread: the targets (`QosPolicy.drift_targets`: each container's ref and
+   planned cpus, mems, oom_score_adj);
+2. host thread, under the executor's deadline: `read_host` reads each container's
+   cpuset.cpus / cpuset.mems (v1 or v2, cgroupfs or systemd paths, through
+   `isolation.host`) and the oom_score_adj of its processes; lists the pod container
+   groups under the kubepods tree (`isolation.kubepods`) and reads the kubelet's CPU
+   manager checkpoint (`isolation.kubelet`);
+3. policy thread: `QosPolicy.reconcile` (pure: `policy.drift`) answers with intents;
+4. the cpuset repairs go out in one UpdateContainers call, the oom_score_adj repairs and
+   the notes to the executor, as after any event.
+
+Evidence that the kubelet's CPU manager asked for other cpusets arrives as engine notes
+on the request path; `ReconcileState.observe_intents` (an executor observer) collects
+them for the next period and counts them at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from isolation.cgroups import CgroupError
+from isolation.host import LinuxHost, StateFiles
+from isolation.kubelet import read_cpu_manager_state
+from isolation.kubepods import container_dirs, populated
+from nri_plugin.control.executor import HostExecutor
+from nri_plugin.metrics import ReconcileMetrics
+from nri_plugin.plugin import NotConnected, NriPlugin
+from nri_plugin.policy.drift import (
+    CPU_MANAGER_KIND,
+    DRIFT_KIND,
+    EVIDENCE,
+    FIELDS,
+    HostGroup,
+    Observation,
+    Seen,
+    Target,
+)
+from nri_plugin.policy.intents import Intents
+from nri_plugin.policy.qos_policy import QosPolicy
+from nri_plugin.protect import reraise_if_cancelled
+from nri_plugin.protocol.errors import RpcError
+
+log = logging.getLogger("nri_qos.reconcile")
+
+# Request-path notes kept for the next period at most (a runaway kubelet must not grow it).
+MAX_PENDING_REQUESTS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class HostReader:
+    """What `read_host` needs besides the host adapter."""
+
+    root: Path
+    unknown_containers: bool = True
+    max_pids: int = 32
+    cpu_manager_state: str = ""  # absolute path below root; "" skips the checkpoint
+
+
+@dataclass(slots=True)
+class ReconcileState:
+    """The loop's own numbers (event loop), and the request-path evidence it collects."""
+
+    periods: int = 0
+    last_read_s: float = 0.0
+    last_decide_s: float = 0.0
+    last_repairs: int = 0
+    pending_requests: list[str] = field(default_factory=list)
+    metrics: ReconcileMetrics | None = None
+
+    def observe_intents(self, intents: Intents) -> None:
+        """Executor observer: keep the CPU manager notes of update requests."""
+        for note in intents.notes:
+            if note.kind == CPU_MANAGER_KIND and note.subject != "node":
+                if len(self.pending_requests) < MAX_PENDING_REQUESTS:
+                    self.pending_requests.append(f"{note.subject}: {note.message}")
+                if self.metrics is not None:
+                    self.metrics.cpu_manager_requests.inc()
+
+    def take_requests(self) -> tuple[str, ...]:
+        taken, self.pending_requests = self.pending_requests, []
+        return tuple(taken)
+
+
+def read_host(
+    host: LinuxHost,
+    targets: Sequence[Target],
+    reader: HostReader,
+    requests: tuple[str, ...] = (),
+    cache: dict[tuple[str, str], StateFiles | None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Observation:
+    """One period's host reading (host thread). Unreadable values are None, not drift.
+    `cache` keeps each container's resolved files across periods (its cgroups_path does
+    not change while it lives); entries of containers no longer listed are dropped."""
+    start = clock()
+    files = cache if cache is not None else {}
+    seen: dict[str, Seen] = {}
+    keys = set()
+    for t in targets:
+        ref = t.ref
+        key = (ref.id, ref.cgroups_path)
+        keys.add(key)
+        if key not in files:
+            files[key] = host.state_files(ref.cgroups_path, ref.id)
+        where = files[key]
+        if where is None:
+            seen[ref.id] = Seen(t.planned)
+            continue
+        cpus, mems, ooms = host.read_state(where, ref.pid, reader.max_pids)
+        seen[ref.id] = Seen(t.planned, cpus, mems, ooms)
+    for stale in [k for k in files if k not in keys]:
+        del files[stale]
+    groups = None
+    if reader.unknown_containers:
+        known = {t.ref.id for t in targets} | {t.ref.pod_id for t in targets}
+        groups = tuple(_foreign_groups(_hierarchy(host), known))
+    policy = None
+    if reader.cpu_manager_state:
+        state = read_cpu_manager_state(reader.root, Path(reader.cpu_manager_state.lstrip("/")))
+        policy = state.policy if state is not None else None
+    return Observation(seen, groups, policy, requests, clock() - start)
+
+
+def _hierarchy(host: LinuxHost) -> Path | None:
+    """The hierarchy root whose kubepods tree is listed: cpuset's (v1) or cgroup2."""
+    fs = host.cgroupfs
+    for controller in ("cpuset", "cpu", "memory"):
+        try:
+            return fs.group_dir("/", controller)
+        except CgroupError:  # not mounted: try the next, then the cgroup2 tree
+            continue
+    return fs.unified_dir("/")
+
+
+def _foreign_groups(hierarchy: Path | None, known: set[str]) -> Iterable[HostGroup]:
+    """Container groups with processes whose name stands for no target (their pod's
+    sandbox is judged against the engine's pods on the policy thread)."""
+    if hierarchy is None:
+        return
+    for d in container_dirs(hierarchy):
+        if known.isdisjoint(d.names) and populated(d.directory):
+            yield HostGroup(d.names, str(d.group))
+
+
+async def reconcile_loop(
+    plugin: NriPlugin,
+    policy: QosPolicy,
+    host: LinuxHost,
+    executor: HostExecutor,
+    reader: HostReader,
+    period_s: float,
+    state: ReconcileState,
+) -> None:
+    metrics = state.metrics
+    files: dict[tuple[str, str], StateFiles | None] = {}  # owned by the host thread
+    while True:
+        await plugin.configured.wait()
+        await asyncio.sleep(period_s)
+        if not plugin.configured.is_set():
+            continue
+        try:
+            targets = await plugin.in_policy_thread(policy.drift_targets)
+            if not targets:
+                continue
+            requests = state.take_requests()
+            read = functools.partial(read_host, host, targets, reader, requests, files)
+            observed = await executor.run(read, key="reconcile")
+            decided, intents = await plugin.in_policy_thread(
+                functools.partial(_timed_reconcile, policy, observed)
+            )
+            state.periods += 1
+            state.last_read_s, state.last_decide_s = observed.read_seconds, decided
+            state.last_repairs = len(intents.all_updates()) + len(intents.host)
+            if metrics is not None:
+                metrics.periods.inc()
+                metrics.seconds.labels("read").observe(observed.read_seconds)
+                metrics.seconds.labels("decide").observe(decided)
+                for note in intents.notes:
+                    if note.kind == DRIFT_KIND:
+                        metrics.repairs.labels(note.message.partition(" ")[0]).inc()
+            executor.submit(intents)
+            if intents.updates:
+                await plugin.update_containers(intents.updates)
+            if metrics is not None:
+                await plugin.in_policy_thread(functools.partial(_show, policy, metrics))
+        except (NotConnected, RpcError, TimeoutError, ConnectionError) as exc:
+            reraise_if_cancelled()
+            log.warning("reconcile period: %s", exc or type(exc).__name__)
+        except Exception:
+            reraise_if_cancelled()
+            log.exception("reconcile period failed; will retry")
+
+
+def _timed_reconcile(policy: QosPolicy, observed: Observation) -> tuple[float, Intents]:
+    """The comparison, timed where it runs (policy thread; queueing not counted)."""
+    start = time.perf_counter()
+    intents = policy.reconcile(observed)
+    return time.perf_counter() - start, intents
+
+
+def _show(policy: QosPolicy, metrics: ReconcileMetrics) -> None:
+    """Gauges from the drift book (policy thread, which owns it)."""
+    book = policy.drift
+    conflicts = {f: 0 for f in FIELDS}
+    for _, fld in book.conflicts:
+        conflicts[fld] = conflicts.get(fld, 0) + 1
+    for fld, n in conflicts.items():
+        metrics.conflicts.labels(fld).set(n)
+    metrics.unknown.set(len(book.flagged()))
+    evidence = book.fighting()
+    for kind in EVIDENCE:
+        metrics.cpu_manager.labels(kind).set(1.0 if kind in evidence else 0.0)
+
+
+def new_metrics(registry: CollectorRegistry) -> ReconcileMetrics:
+    """The loop's metrics on `registry` (every label value made up front)."""
+    metrics = ReconcileMetrics(registry, FIELDS)
+    for kind in EVIDENCE:
+        metrics.cpu_manager.labels(kind).set(0.0)
+    return metrics
