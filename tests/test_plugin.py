@@ -780,3 +780,17 @@ async def test_a_notification_is_answered_before_the_policy_decides_it() -> None
         metric(plugin.metrics, "nri_qos_fail_open", method="StartContainer", reason="deadline") == 0
     )
     await end_plugin(plugin, runtime, task)
+
+
+def test_every_event_the_qos_policy_subscribes_to_says_why() -> None:
+    """A subscribed event is a synchronous round trip on a pod's path: each hook the qos
+    policy overrides names the decision that needs it, and no reason is left over."""
+    from nri_plugin.policy.qos_policy import QosPolicy
+
+    overridden = {
+        hook
+        for hook in dispatch.HOOK_EVENTS
+        if getattr(QosPolicy, hook) is not getattr(PolicyBase, hook)
+    }
+    assert overridden == set(QosPolicy.EVENT_REASONS)
+    assert all(len(why) > 40 for why in QosPolicy.EVENT_REASONS.values())

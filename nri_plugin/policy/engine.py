@@ -282,7 +282,7 @@ class Engine:
 
     @_recovering
     def container_created(self, pod: Pod, container: Container) -> Step:
-        self.table.pods.setdefault(pod.id, pod)
+        self.table.pods[pod.id] = pod  # the pod as the runtime sends it now
         notes: list[Note] = []
         record = self._admit(restore_original(container), notes, pod)
         planned = self.planner.add(_workload(record))

@@ -26,7 +26,32 @@ ConfigParser = Callable[[str], EngineConfig]
 
 
 class QosPolicy(PolicyBase):
+    """Every hook overridden here is an NRI event the runtime sends us synchronously on a
+    pod's start or end path (`dispatch.wanted_events`), so each one is here only for a
+    decision that depends on it (`EVENT_REASONS`, checked by the tests)."""
+
     name = "qos"
+
+    # Why each subscribed event is needed: the decision that depends on it.
+    EVENT_REASONS = {
+        "create_container": "the container's plan: its cpuset, memory nodes, weights, OOM "
+        "band, RDT class and I/O weight go in the CreateContainer adjustment; other "
+        "containers whose pools moved get updates",
+        "update_container": "an in-place resize grows or shrinks an exclusive set, and a "
+        "kubelet cpuset (static CPU manager) is answered with our placement",
+        "stop_container": "a stopped container's exclusive CPUs and pool share are freed "
+        "at once (the kubelet may keep the dead container for long before removing it)",
+        "remove_container": "a container removed without a StopContainer (created, never "
+        "started) is forgotten",
+        "remove_pod": "the pod's record, its container roles and its interference history "
+        "are dropped; containers a runtime never stopped or removed go with it",
+        "post_start_container": "only where something must happen once the container "
+        "runs (Engine.needs_post_start): oom_score_adj on runtimes before NRI v0.7, an "
+        "RDT group or blkio weight we write, network classification",
+    }
+    # Not subscribed: RunPodSandbox (the pod arrives with its first CreateContainer),
+    # StopPodSandbox (RemovePodSandbox follows), UpdatePodSandbox (pod-level resources are
+    # the kubelet's), PostCreate/Start/PostUpdate (nothing to decide there).
 
     def __init__(self, engine: Engine, config_parser: ConfigParser | None = None) -> None:
         self.engine = engine
@@ -64,9 +89,6 @@ class QosPolicy(PolicyBase):
 
     def synchronize(self, pods: Sequence[Pod], containers: Sequence[Container]) -> Intents:
         return self.engine.synchronize(pods, containers).intents
-
-    def run_pod(self, pod: Pod) -> Intents:
-        return self.engine.pod_started(pod).intents
 
     def remove_pod(self, pod: Pod) -> Intents:
         return self.engine.pod_removed(pod).intents
