@@ -196,7 +196,8 @@ def handle(policy: PolicyBase, method: Method, request: Message, sync: SyncColle
         create_reply = pb.CreateContainerResponse()
         adjustment = intents.adjustment
         if adjustment is not None and not adjustment.is_empty():
-            create_reply.adjust.CopyFrom(convert.adjustment_to_pb(adjustment))
+            convert.adjustment_to_pb(adjustment, create_reply.adjust)
+            create_reply.adjust.SetInParent()
         convert.updates_to_pb(intents.reply_updates, create_reply.update)
         return Outcome(create_reply, intents)
     if isinstance(request, pb.UpdateContainerRequest):

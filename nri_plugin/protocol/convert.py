@@ -286,8 +286,11 @@ def container_to_pb(ctr: model.Container, out: pb.Container | None = None) -> pb
 # --- what plugins ask for ----------------------------------------------------------------
 
 
-def adjustment_to_pb(adj: model.Adjustment) -> pb.ContainerAdjustment:
-    msg = pb.ContainerAdjustment()
+def adjustment_to_pb(
+    adj: model.Adjustment, out: pb.ContainerAdjustment | None = None
+) -> pb.ContainerAdjustment:
+    """Into `out` when given (a reply's own field: no copy of a built message)."""
+    msg = pb.ContainerAdjustment() if out is None else out
     msg.annotations.update(adj.annotations)
     for key, value in adj.env:
         msg.env.add(key=key, value=value)
