@@ -31,6 +31,7 @@ from nri_plugin.config_reconcile import (
     ReconcileSettings,
     parse_reconcile,
 )
+from nri_plugin.config_roles import RolesSectionError, RolesSettings, parse_roles
 from nri_plugin.control.executor import HostLimits
 from nri_plugin.plugin import DEFAULT_SOCKET, PluginSettings, PluginSetupError
 from nri_plugin.policy.engine import EngineConfig
@@ -76,6 +77,7 @@ class Config:
     operations: OperationsSettings = field(default_factory=OperationsSettings)
     reporter: ReporterSettings = field(default_factory=ReporterSettings)
     reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)
+    roles: RolesSettings = field(default_factory=RolesSettings)
 
 
 _PLUGIN_KEYS: dict[str, tuple[str, Callable[[Any], object]]] = {
@@ -93,6 +95,7 @@ _PLUGIN_KEYS: dict[str, tuple[str, Callable[[Any], object]]] = {
     "stall_timeout_ms": ("stall_timeout", lambda v: float(v) / 1000),
     "sync_max_chunks": ("sync_max_chunks", int),
     "sync_max_objects": ("sync_max_objects", int),
+    "gil_switch_interval_ms": ("gil_switch_interval", lambda v: float(v) / 1000),
 }
 # [host] keys besides root: the limits of host work (`control.executor.HostLimits`).
 _HOST_KEYS: dict[str, tuple[str, Callable[[Any], object]]] = {
@@ -137,7 +140,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     _check_finite(raw, source, "")
     sections = (
         "plugin", "log", "policy", "host", "rdt", "io", "net", "interference", "eviction",
-        "debug", "metrics", "reporter", "reconcile",
+        "debug", "metrics", "reporter", "reconcile", "roles",
     )  # fmt: skip
     unknown = set(raw) - set(sections)
     if unknown:
@@ -151,11 +154,13 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         operations = parse_operations(raw)
         reporter = parse_reporter(_table(raw, "reporter", source))
         reconcile = parse_reconcile(raw)
+        roles = parse_roles(raw)
     except (
         SectionError,
         ProtectionSectionError,
         OperationsSectionError,
         ReconcileSectionError,
+        RolesSectionError,
         ValueError,
     ) as exc:
         raise ConfigError(f"{source}: {exc}") from None
@@ -196,6 +201,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         operations=operations,
         reporter=reporter,
         reconcile=reconcile,
+        roles=roles,
     )
 
 

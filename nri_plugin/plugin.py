@@ -99,6 +99,11 @@ class PluginSettings:
     stall_timeout: float = 30.0
     sync_max_chunks: int = dispatch.MAX_SYNC_CHUNKS
     sync_max_objects: int = dispatch.MAX_SYNC_OBJECTS
+    # How long a thread may hold the GIL while another waits (sys.setswitchinterval).
+    # Python's 5 ms default lets a background loop (interference sampling, drift reads)
+    # hold up the policy thread, and so a reply, by 5 ms at each handoff; 0.5 ms bounds
+    # that wait at a small cost to those loops' throughput.
+    gil_switch_interval: float = 0.0005
 
     @property
     def channel_limits(self) -> ChannelLimits:
@@ -128,6 +133,8 @@ class PluginSettings:
             raise PluginSetupError(f"connection limits: {exc}") from None
         if self.sync_max_chunks < 1 or self.sync_max_objects < 1:
             raise PluginSetupError("sync_max_chunks and sync_max_objects must be >= 1")
+        if not 0 < self.gil_switch_interval <= 1:
+            raise PluginSetupError("gil_switch_interval_ms must be > 0 and <= 1000")
 
 
 class Backoff:

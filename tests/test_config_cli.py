@@ -335,3 +335,11 @@ kill_fallback = true
 def test_bad_interference_settings_name_the_key(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config(text, "test.toml")
+
+
+def test_the_gil_switch_interval_is_a_plugin_setting_applied_by_the_daemon() -> None:
+    config = parse_config("[plugin]\ngil_switch_interval_ms = 0.25\n", "test.toml")
+    assert config.plugin.gil_switch_interval == 0.00025
+    assert parse_config("", "test.toml").plugin.gil_switch_interval == 0.0005
+    with pytest.raises(ConfigError, match="gil_switch_interval_ms"):
+        parse_config("[plugin]\ngil_switch_interval_ms = 0\n", "test.toml")
