@@ -269,12 +269,14 @@ def _config_text(policy: str, host_root: Path) -> str:
 
 
 def start_plugin(
-    policy: str, sock: Path, tmp: Path, host_root: Path, checkout: Path, stages: bool
+    target: str, sock: Path, tmp: Path, host_root: Path, checkout: Path, stages: bool
 ) -> Child:
-    config = tmp / f"{policy}.toml"
+    """`target`: the policy, or "base-<policy>" for the --baseline-repo checkout's."""
+    policy = target.removeprefix("base-")
+    config = tmp / f"{target}.toml"
     config.write_text(_config_text(policy, host_root))
-    log = tmp / f"{policy}.stderr"
-    dump = tmp / f"{policy}.timings.json"
+    log = tmp / f"{target}.stderr"
+    dump = tmp / f"{target}.timings.json"
     port = _free_port()
     cmd = [sys.executable, str(HELPER), "plugin", "--dump", str(dump)]
     if stages:
@@ -444,7 +446,8 @@ async def measure_target(
             all_events |= 1 << (e - 1)
         child = start_floor(sock, tmp, all_events)
     else:
-        child = start_plugin(target, sock, tmp, host_root, args.plugin_repo, stages)
+        checkout = args.baseline_repo if target.startswith("base-") else args.plugin_repo
+        child = start_plugin(target, sock, tmp, host_root, checkout, stages)
     results: dict[str, Any] = {}
     try:
         await runtime.wait_ready(child)
@@ -627,6 +630,7 @@ def print_report(report: dict[str, Any]) -> None:
     print(
         f"flavor {report['flavor']} ({t['session']}); {report['pairs']} measured lifecycles "
         f"per level after {WARMUP} warm-up; CPUs: {report['cpus']}; plugin: {report['plugin']}"
+        + (f"; baseline: {report['baseline']}" if report.get("baseline") else "")
     )
     print("request sizes (bytes): " + ", ".join(f"{k} {v}" for k, v in t["sizes"].items()))
     targets = report["targets"]
@@ -706,7 +710,10 @@ def print_report(report: dict[str, Any]) -> None:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     templates = load_templates(args.flavor)
-    targets = ["floor", *(["recording", "qos"] if args.policy == "both" else [args.policy])]
+    policies = ["recording", "qos"] if args.policy == "both" else [args.policy]
+    targets = ["floor"]
+    for policy in policies:  # the baseline right before its counterpart: side by side
+        targets += [f"base-{policy}", policy] if args.baseline_repo else [policy]
     report: dict[str, Any] = {
         "date": datetime.date.today().isoformat(),
         "flavor": args.flavor,
@@ -715,6 +722,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "contention": args.contention,
         "cpus": sorted(os.sched_getaffinity(0)),
         "plugin": _describe(args.plugin_repo),
+        "baseline": _describe(args.baseline_repo) if args.baseline_repo else None,
         "templates": {
             "session": "/".join(FLAVORS[args.flavor]),
             "per_event_rpcs": templates.per_event_rpcs,
@@ -790,10 +798,19 @@ def main() -> None:
         help="top N functions of the qos create_container (cProfile)",
     )
     parser.add_argument("--plugin-repo", type=Path, default=REPO)
+    parser.add_argument(
+        "--baseline-repo",
+        type=Path,
+        default=None,
+        help="another checkout (e.g. a git worktree of an older commit) measured in the "
+        "same run, each policy right before this one's (targets base-recording, base-qos)",
+    )
     args = parser.parse_args()
     if args.pairs < 1 or sorted(args.live) != args.live or args.live[0] < 0:
         parser.error("--pairs >= 1; --live ascending, >= 0")
     args.plugin_repo = args.plugin_repo.resolve()
+    if args.baseline_repo is not None:
+        args.baseline_repo = args.baseline_repo.resolve()
     try:
         report = asyncio.run(run(args))
     except BenchError as exc:
