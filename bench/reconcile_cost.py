@@ -1,14 +1,16 @@
 """What one drift reconciliation period costs at 1,000 containers.
 
 A fake kubepods tree in the kernel's formats (tests/fake_kubepods.py: cgroup v1 cpuset,
-cpu,cpuacct and memory hierarchies, one process per container, procfs files) holds
-`--containers` running containers, 10% of them foreign (never delivered: the
-Synchronize-gap scan must walk them too). The engine has them all planned (a Synchronize
-with the planned cpusets, so nothing drifts at rest). Each period is timed in its two
-phases, as the daemon runs them:
+cpu,cpuacct, memory and blkio hierarchies, one process per container, procfs files, and
+a resctrl mount with one control group per RDT class) holds `--containers` running
+containers, 10% of them foreign (never delivered: the Synchronize-gap scan must walk
+them too). The engine has them all planned with the rdt and io controllers running (a
+Synchronize with the planned cpusets, RDT groups and I/O weights, so nothing drifts at
+rest). Each period is timed in its two phases, as the daemon runs them:
 
-* read: `reconcile.read_host` (cpuset.cpus, cpuset.mems, cgroup.procs and each process's
-  oom_score_adj per container, the kubepods scan, the kubelet checkpoint);
+* read: `reconcile.read_host` (cpuset.cpus, cpuset.mems, cgroup.procs, each process's
+  oom_score_adj and blkio.bfq.weight per container; the tasks of each resctrl control
+  group once; the kubepods scan, the kubelet checkpoint);
 * decide: `QosPolicy.reconcile` (the pure comparison in `policy.drift`).
 
 `--drift N` changes N containers' cpusets before every period, so the repairs are
@@ -30,12 +32,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from isolation.host import StateFiles  # noqa: E402
+from nri_plugin.policy.class_intents import rdt_clos_id  # noqa: E402
+from nri_plugin.policy.class_isolation import Backend, HostSupport, IsolationConfig  # noqa: E402
 from nri_plugin.policy.engine import Engine, EngineConfig  # noqa: E402
 from nri_plugin.policy.qos_policy import QosPolicy  # noqa: E402
 from nri_plugin.policy.workload import PlannerConfig  # noqa: E402
 from nri_plugin.protocol.versions import infer_runtime  # noqa: E402
-from nri_plugin.reconcile import HostReader, read_host  # noqa: E402
+from nri_plugin.reconcile import HostReader, Located, read_host  # noqa: E402
 from qos_model.containers import ContainerState, Pod  # noqa: E402
 from qos_model.cpulist import format_cpu_list  # noqa: E402
 from tests.builders import container, pod  # noqa: E402
@@ -45,7 +48,10 @@ from tests.policy.sysfs_builder import MachineShape  # noqa: E402
 
 def build(root: Path, count: int) -> tuple[QosPolicy, KubepodsTree]:
     topology = MachineShape(nodes_per_die=2, cores_per_l3=32).expected_topology()
-    engine = Engine(topology, EngineConfig(planner=PlannerConfig(reclaimed_min_cpus=0)))
+    on = Backend(True, "started")
+    isolation = IsolationConfig(host=HostSupport(rdt=on, io=on))
+    planner = PlannerConfig(reclaimed_min_cpus=0, isolation=isolation)
+    engine = Engine(topology, EngineConfig(planner=planner))
     engine.connect(infer_runtime("containerd", "v2.3.4", "v0.12.0", has_timeouts=True))
     classes = ("shared_cores", "reclaimed_cores")
     pods: list[Pod] = []
@@ -55,16 +61,20 @@ def build(root: Path, count: int) -> tuple[QosPolicy, KubepodsTree]:
         pods.append(pod(name, classes[i % 2]))
         ctrs.append(container(name, 50, state=ContainerState.RUNNING, created_at=i + 1))
     engine.synchronize(pods, ctrs)
-    tree = KubepodsTree(root)
+    tree = KubepodsTree(root, resctrl=True)
     for ctr in ctrs:
         p = engine.plan.containers[ctr.id]
         mems = p.mems.value
+        rdt, weight = p.rdt_class.value, p.io_weight.value
+        assert rdt is not None and weight is not None  # both controllers "run"
         tree.add(
             ctr.cgroups_path,
             format_cpu_list(p.cpus.value),
             format_cpu_list(mems) if mems else "0-1",
             p.oom_score_adj.value,
             key=ctr.id,
+            io_weight=weight,
+            rdt_group=rdt_clos_id(rdt),
         )
     for i in range(count // 10):  # running, never delivered
         tree.add(f"/kubepods/besteffort/podf{i:07d}/gap{i:04d}", "0-63", key=f"gap{i}")
@@ -95,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         decide_ms: list[float] = []
         targets_ms: list[float] = []
         repairs = 0
-        files: dict[tuple[str, str], StateFiles | None] = {}  # as the daemon's loop keeps
+        files: dict[tuple[str, str], Located] = {}  # as the daemon's loop keeps
+        started = frozenset({"oom", "rdt", "io"})  # the controllers the daemon started
         for n in range(args.periods):
             for k in range(args.drift):
                 ref = targets[(n * args.drift + k) % len(targets)].ref
@@ -103,11 +114,11 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             targets = policy.drift_targets()
             t1 = time.perf_counter()
-            observed = read_host(host, targets, reader, (), files)
+            observed = read_host(host, targets, reader, (), files, started)
             t2 = time.perf_counter()
             intents = policy.reconcile(observed)
             t3 = time.perf_counter()
-            repairs += len(intents.all_updates())
+            repairs += len(intents.all_updates()) + len(intents.host)
             for update in intents.all_updates():  # the runtime applies the repair
                 cpu = update.resources.cpu
                 assert cpu is not None

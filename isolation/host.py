@@ -47,6 +47,22 @@ class StateFiles:
     procfs: str
 
 
+# The most a container's weight file holds: io.weight (cgroup-v2.rst, 1..10000) and
+# blkio.bfq.weight (1..1000, what isolation.blkio writes on v1).
+IO_WEIGHT_MAX = 10000
+BFQ_WEIGHT_MAX = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class WeightFile:
+    """Where one container's I/O weight is read (`weight_file`): cgroup v2 io.weight
+    ("default N" then "MAJ:MIN N" overrides) or v1 blkio.bfq.weight (a bare number)."""
+
+    path: str
+    maximum: int
+    unified: bool
+
+
 def _read(path: str) -> str | None:
     """A small kernel file in one read(2) (cgroupfs and procfs values are short)."""
     inflight.touching(path)
@@ -85,6 +101,9 @@ class LinuxHost:
         self.cgroupfs = cgroupfs if cgroupfs is not None else CgroupFs()
         self.procs = procs if procs is not None else ProcessControls()
         self.outcomes: Counter[str] = Counter()  # for metrics: outcome name -> count
+        # container id -> the oom_score_adj the kernel refused at its latest write (no
+        # CAP_SYS_RESOURCE); the reconcile loop reads it so it does not retry in vain
+        self.oom_refused: dict[str, int] = {}
 
     @classmethod
     def at(cls, root: Path, *, dry_run: bool = False) -> LinuxHost:
@@ -131,6 +150,10 @@ class LinuxHost:
         if failed:
             counts["failed"] = len(failed)
         self.outcomes.update(counts)
+        if counts[OomAdjOutcome.NEEDS_CAP_SYS_RESOURCE.value]:
+            self.oom_refused[container_id] = value
+        else:
+            self.oom_refused.pop(container_id, None)
         if counts[OomAdjOutcome.NEEDS_CAP_SYS_RESOURCE.value]:
             log.warning(
                 "%s: oom_score_adj %d refused for %d process(es): lowering it needs "
@@ -284,6 +307,43 @@ class LinuxHost:
             if value is not None and value.strip().lstrip("-").isdigit():
                 ooms.append((each, int(value)))
         return cpus, mems, tuple(ooms)
+
+    def weight_file(self, cgroups_path: str, container_id: str) -> WeightFile | None:
+        """Where the container's I/O weight is read, resolved once (the reconcile loop
+        reads it every period). The hierarchy the io controller writes: v1 blkio when
+        blkio is mounted there, else the cgroup2 tree. None when the path is not provably
+        the container's or neither hierarchy is mounted."""
+        try:
+            group = own_group(cgroups_path, container_id)
+        except ForeignCgroup:
+            return None
+        fs = self.cgroupfs
+        if fs.mounts.v1_mount("blkio") is not None:
+            try:
+                blkio = fs.group_dir(group, "blkio")
+            except CgroupError:
+                return None
+            return WeightFile(str(blkio / "blkio.bfq.weight"), BFQ_WEIGHT_MAX, unified=False)
+        unified = fs.unified_dir(group)
+        if unified is None:
+            return None
+        return WeightFile(str(unified / "io.weight"), IO_WEIGHT_MAX, unified=True)
+
+    @staticmethod
+    def read_weight(file: WeightFile) -> int | None:
+        """The container's default I/O weight; None when it cannot be read (no such file:
+        no iocost, no BFQ; a gone container; text in another format). Raises nothing."""
+        text = _read(file.path)
+        if text is None:
+            return None
+        if not file.unified:
+            value = text.strip()
+            return int(value) if value.isdigit() else None
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "default":
+                return int(value) if value.strip().isdigit() else None
+        return None
 
     def _pids(self, group: PurePosixPath, pid: int | None) -> list[int]:
         """The group's processes; the runtime's pid when the group cannot be listed (it is

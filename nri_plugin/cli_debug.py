@@ -148,6 +148,8 @@ def _status(client: Any, args: argparse.Namespace) -> int:
     ]
     for src in s.signal_sources:
         lines.append(f"  {src.kind:<16} {src.source:<10} {src.reason}")
+    if s.pod_spec_roles:
+        lines.append(f"roles   {s.pod_spec_roles}")
     lines.append("")
     rows = [
         (c.name, c.mode, "yes" if c.enabled else "no", str(c.applied), str(c.failed),

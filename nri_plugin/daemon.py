@@ -46,6 +46,7 @@ from nri_plugin.events import EventLog
 from nri_plugin.exporter import MetricsSnapshot, NodeExporter, serve_metrics, snapshot_of
 from nri_plugin.metrics import Metrics
 from nri_plugin.plugin import NotConnected, NriPlugin, PluginSetupError
+from nri_plugin.podspec import PodSpecStatus, pod_roles_loop, watch_from_settings
 from nri_plugin.policy.api import PolicyBase, RecordingPolicy
 from nri_plugin.policy.drift import DriftBook
 from nri_plugin.policy.engine import Engine, EngineConfig
@@ -374,6 +375,7 @@ def _reconcile(
         unknown_containers=settings.unknown_containers,
         max_pids=settings.max_pids,
         cpu_manager_state=settings.cpu_manager_state,
+        resctrl_mount=config.isolation.rdt.mount,
     )
     return reconcile_loop(
         plugin, policy, services.host, services.executor, reader, settings.period_s, state
@@ -406,6 +408,7 @@ async def run_daemon(
     deprecated name). `metrics_address`: "HOST:PORT" for /metrics ("" none; None: the
     config's). Returns 0; a problem the user must fix raises PluginSetupError."""
     install_fork_hook()
+    sys.setswitchinterval(config.plugin.gil_switch_interval)  # see PluginSettings
     debug_socket = debug_socket if debug_socket is not None else status_socket
     try:
         services = build_services(config)
@@ -430,6 +433,10 @@ async def run_daemon(
     executor.observe(exporter.observe_intents)
     address = config.operations.metrics.address if metrics_address is None else metrics_address
     metrics_server = _metrics_server(address, metrics.registry) if address else None
+    # Container roles from the pod spec ([roles] pod_spec): built now for the status.
+    pod_watch, pod_spec = None, PodSpecStatus(reason=f"policy {policy.name}")
+    if isinstance(policy, QosPolicy):
+        pod_watch, pod_spec = watch_from_settings(config.roles, os.environ)
     debug = None
     if debug_socket is not None:
         try:
@@ -444,6 +451,7 @@ async def run_daemon(
                 config_source=config_source,
                 set_dry_run=functools.partial(_set_dry_run, services),
                 allowed_gid=_group_id(config.operations.debug.group),
+                pod_spec=pod_spec,
             )
         except PluginSetupError:
             plugin.close()
@@ -482,6 +490,9 @@ async def run_daemon(
     if isinstance(policy, QosPolicy) and services.host is not None and config.reconcile.enabled:
         reconciling = _reconcile(config, plugin, policy, services, metrics)
         background.append(asyncio.create_task(reconciling))
+    if isinstance(policy, QosPolicy) and pod_watch is not None:
+        watching = pod_roles_loop(plugin, policy, executor, pod_watch)
+        background.append(asyncio.create_task(watching))
     try:
         if launched_by_runtime():
             fd = int(os.environ["NRI_PLUGIN_SOCKET"])

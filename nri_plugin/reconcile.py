@@ -7,12 +7,16 @@ is the loop's one timer, and it only runs while a runtime is connected and somet
 planned. Per period:
 
 1. policy thread: the targets (`QosPolicy.drift_targets`: each container's ref and
-   planned cpus, mems, oom_score_adj);
+   planned cpus, mems, oom_score_adj, rdt_class, io_weight);
 2. host thread, under the executor's deadline: `read_host` reads each container's
    cpuset.cpus / cpuset.mems (v1 or v2, cgroupfs or systemd paths, through
-   `isolation.host`) and the oom_score_adj of its processes; lists the pod container
-   groups under the kubepods tree (`isolation.kubepods`) and reads the kubelet's CPU
-   manager checkpoint (`isolation.kubelet`);
+   `isolation.host`) and the oom_score_adj of its processes; while the rdt controller
+   runs, which resctrl group holds those processes (`isolation.rdt.membership`: one
+   `tasks` read per control group, not per container); while the io controller runs,
+   the cgroup's io.weight (v2) or blkio.bfq.weight (v1); the oom_score_adj writes the
+   kernel refused (`LinuxHost.oom_refused`); lists the pod container groups under the
+   kubepods tree (`isolation.kubepods`) and reads the kubelet's CPU manager checkpoint
+   (`isolation.kubelet`);
 3. policy thread: `QosPolicy.reconcile` (pure: `policy.drift`) answers with intents;
 4. the cpuset repairs go out in one UpdateContainers call, the oom_score_adj repairs and
    the notes to the executor, as after any event.
@@ -35,9 +39,10 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from isolation.cgroups import CgroupError
-from isolation.host import LinuxHost, StateFiles
+from isolation.host import IO_WEIGHT_MAX, LinuxHost, StateFiles, WeightFile
 from isolation.kubelet import read_cpu_manager_state
 from isolation.kubepods import container_dirs, populated
+from isolation.rdt.membership import ROOT_GROUP, task_groups
 from nri_plugin.control.executor import HostExecutor
 from nri_plugin.metrics import ReconcileMetrics
 from nri_plugin.plugin import NotConnected, NriPlugin
@@ -51,12 +56,14 @@ from nri_plugin.policy.drift import (
     Seen,
     Target,
 )
-from nri_plugin.policy.intents import Intents
+from nri_plugin.policy.intents import Intents, PlaceInRdtClass, SetIoWeight
 from nri_plugin.policy.qos_policy import QosPolicy
 from nri_plugin.protect import reraise_if_cancelled
 from nri_plugin.protocol.errors import RpcError
 
 log = logging.getLogger("nri_qos.reconcile")
+
+RDT_DOMAIN, IO_DOMAIN = PlaceInRdtClass.domain, SetIoWeight.domain
 
 # Request-path notes kept for the next period at most (a runaway kubelet must not grow it).
 MAX_PENDING_REQUESTS = 256
@@ -70,6 +77,15 @@ class HostReader:
     unknown_containers: bool = True
     max_pids: int = 32
     cpu_manager_state: str = ""  # absolute path below root; "" skips the checkpoint
+    resctrl_mount: str = "sys/fs/resctrl"  # below root, as [rdt] mount
+
+
+@dataclass(frozen=True, slots=True)
+class Located:
+    """One container's files, resolved once while it lives (None: not readable)."""
+
+    state: StateFiles | None
+    weight: WeightFile | None
 
 
 @dataclass(slots=True)
@@ -102,39 +118,63 @@ def read_host(
     targets: Sequence[Target],
     reader: HostReader,
     requests: tuple[str, ...] = (),
-    cache: dict[tuple[str, str], StateFiles | None] | None = None,
+    cache: dict[tuple[str, str], Located] | None = None,
+    started: frozenset[str] = frozenset(),
     clock: Callable[[], float] = time.perf_counter,
 ) -> Observation:
     """One period's host reading (host thread). Unreadable values are None, not drift.
     `cache` keeps each container's resolved files across periods (its cgroups_path does
-    not change while it lives); entries of containers no longer listed are dropped."""
+    not change while it lives); entries of containers no longer listed are dropped.
+    `started`: the domains whose controllers run; RDT and I/O are read only for those
+    (and only for containers whose plan has a value)."""
     start = clock()
     files = cache if cache is not None else {}
     seen: dict[str, Seen] = {}
     keys = set()
+    rdt_groups = None
+    if RDT_DOMAIN in started and any(t.planned.rdt_class is not None for t in targets):
+        rdt_groups = task_groups(reader.root / reader.resctrl_mount.strip("/"))
+    read_io = IO_DOMAIN in started
+    refused = host.oom_refused
     for t in targets:
         ref = t.ref
         key = (ref.id, ref.cgroups_path)
         keys.add(key)
-        if key not in files:
-            files[key] = host.state_files(ref.cgroups_path, ref.id)
-        where = files[key]
+        where = files.get(key)
         if where is None:
-            seen[ref.id] = Seen(t.planned)
+            where = files[key] = Located(
+                host.state_files(ref.cgroups_path, ref.id),
+                host.weight_file(ref.cgroups_path, ref.id) if read_io else None,
+            )
+        elif read_io and where.weight is None and where.state is not None:
+            where = files[key] = Located(where.state, host.weight_file(ref.cgroups_path, ref.id))
+        if where.state is None:
+            seen[ref.id] = Seen(t.planned, oom_refused=refused.get(ref.id))
             continue
-        cpus, mems, ooms = host.read_state(where, ref.pid, reader.max_pids)
-        seen[ref.id] = Seen(t.planned, cpus, mems, ooms)
+        cpus, mems, ooms = host.read_state(where.state, ref.pid, reader.max_pids)
+        rdt: tuple[tuple[int, str], ...] = ()
+        if rdt_groups is not None and t.planned.rdt_class is not None:
+            rdt = tuple((pid, rdt_groups.get(pid, ROOT_GROUP)) for pid, _ in ooms)
+        io_weight, io_max = None, IO_WEIGHT_MAX
+        if read_io and where.weight is not None and t.planned.io_weight is not None:
+            io_weight, io_max = host.read_weight(where.weight), where.weight.maximum
+        seen[ref.id] = Seen(
+            t.planned, cpus, mems, ooms, rdt, io_weight, io_max, refused.get(ref.id)
+        )
     for stale in [k for k in files if k not in keys]:
         del files[stale]
+    ids = {t.ref.id for t in targets}
+    for gone in [c for c in refused if c not in ids]:
+        refused.pop(gone, None)
     groups = None
     if reader.unknown_containers:
-        known = {t.ref.id for t in targets} | {t.ref.pod_id for t in targets}
+        known = ids | {t.ref.pod_id for t in targets}
         groups = tuple(_foreign_groups(_hierarchy(host), known))
     policy = None
     if reader.cpu_manager_state:
-        state = read_cpu_manager_state(reader.root, Path(reader.cpu_manager_state.lstrip("/")))
-        policy = state.policy if state is not None else None
-    return Observation(seen, groups, policy, requests, clock() - start)
+        checkpoint = read_cpu_manager_state(reader.root, Path(reader.cpu_manager_state.lstrip("/")))
+        policy = checkpoint.policy if checkpoint is not None else None
+    return Observation(seen, groups, policy, requests, clock() - start, started)
 
 
 def _hierarchy(host: LinuxHost) -> Path | None:
@@ -168,7 +208,7 @@ async def reconcile_loop(
     state: ReconcileState,
 ) -> None:
     metrics = state.metrics
-    files: dict[tuple[str, str], StateFiles | None] = {}  # owned by the host thread
+    files: dict[tuple[str, str], Located] = {}  # owned by the host thread
     while True:
         await plugin.configured.wait()
         await asyncio.sleep(period_s)
@@ -179,7 +219,8 @@ async def reconcile_loop(
             if not targets:
                 continue
             requests = state.take_requests()
-            read = functools.partial(read_host, host, targets, reader, requests, files)
+            started = frozenset(s.domain for s in executor.controllers.status() if s.enabled)
+            read = functools.partial(read_host, host, targets, reader, requests, files, started)
             observed = await executor.run(read, key="reconcile")
             decided, intents = await plugin.in_policy_thread(
                 functools.partial(_timed_reconcile, policy, observed)

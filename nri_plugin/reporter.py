@@ -363,47 +363,13 @@ class Reporter:
     @classmethod
     def in_cluster(cls, node_name: str, **kwargs: Any) -> Reporter:
         """From the pod's service account (the DaemonSet's)."""
-        from kubernetes import config
-
-        host = os.environ.get("KUBERNETES_SERVICE_HOST", "")
-        port = os.environ.get("KUBERNETES_SERVICE_PORT", "")
-        token = SERVICE_ACCOUNT / "token"
-        hint = (
-            "run nri-qos as a DaemonSet with a service account, "
-            'or set [reporter] api = "kubeconfig"'
-        )
-        if not host or not port:
-            raise ReporterUnavailable(
-                f"not in a cluster: KUBERNETES_SERVICE_HOST/PORT are not set; {hint}"
-            )
-        if not token.is_file():
-            raise ReporterUnavailable(f"not in a cluster: {token} does not exist; {hint}")
-        configuration = _configuration()
-        try:
-            config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-        except config.ConfigException as exc:
-            raise ReporterUnavailable(f"not in a cluster: {_one_line(str(exc))}; {hint}") from None
-        return cls(_api_client(configuration), node_name, **kwargs)
+        hint = 'or set [reporter] api = "kubeconfig"'
+        return cls(in_cluster_client(hint), node_name, **kwargs)
 
     @classmethod
     def from_kubeconfig(cls, path: str | Path, node_name: str, **kwargs: Any) -> Reporter:
         """From a kubeconfig file (its current context), for an agent run outside a pod."""
-        from kubernetes import config
-
-        if not Path(path).is_file():
-            raise ReporterUnavailable(
-                f"kubeconfig {path} does not exist: fix [reporter] kubeconfig"
-            )
-        configuration = _configuration()
-        try:
-            config.load_kube_config(  # type: ignore[no-untyped-call]
-                config_file=str(path), client_configuration=configuration, persist_config=False
-            )
-        except (config.ConfigException, OSError, ValueError) as exc:
-            raise ReporterUnavailable(
-                f"kubeconfig {path} cannot be used: {_one_line(str(exc))}"
-            ) from None
-        return cls(_api_client(configuration), node_name, **kwargs)
+        return cls(kubeconfig_client(path, "[reporter] kubeconfig"), node_name, **kwargs)
 
     @classmethod
     def for_url(
@@ -421,7 +387,7 @@ class Reporter:
     @classmethod
     def from_settings(cls, settings: ReporterSettings, zones: Values | None = None) -> Reporter:
         """What `[reporter]` asks for; ReporterUnavailable says what to fix."""
-        node = settings.node_name or os.environ.get("NODE_NAME", "")
+        node = this_node(settings.node_name)
         kwargs: dict[str, Any] = {
             "zones": zones,
             "min_interval_s": settings.min_interval_s,
@@ -728,6 +694,58 @@ def _api_client(configuration: Any) -> Any:
     return client.ApiClient(configuration)
 
 
+# --------------------------------------------------------------------------- the API client
+
+
+def this_node(configured: str = "") -> str:
+    """The node this agent runs on: the configured name, else $NODE_NAME (the DaemonSet
+    sets it from spec.nodeName through the downward API); "" when neither says."""
+    return configured or os.environ.get("NODE_NAME", "")
+
+
+def in_cluster_client(hint: str) -> Any:
+    """An ApiClient from the pod's service account (a DaemonSet's; the token file is
+    re-read as the kubelet rotates it). ReporterUnavailable says why not, ending with
+    `hint`: what to configure instead. Imports the client (about a second)."""
+    from kubernetes import config
+
+    host = os.environ.get("KUBERNETES_SERVICE_HOST", "")
+    port = os.environ.get("KUBERNETES_SERVICE_PORT", "")
+    token = SERVICE_ACCOUNT / "token"
+    hint = f"run nri-qos as a DaemonSet with a service account, {hint}"
+    if not host or not port:
+        raise ReporterUnavailable(
+            f"not in a cluster: KUBERNETES_SERVICE_HOST/PORT are not set; {hint}"
+        )
+    if not token.is_file():
+        raise ReporterUnavailable(f"not in a cluster: {token} does not exist; {hint}")
+    configuration = _configuration()
+    try:
+        config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    except config.ConfigException as exc:
+        raise ReporterUnavailable(f"not in a cluster: {_one_line(str(exc))}; {hint}") from None
+    return _api_client(configuration)
+
+
+def kubeconfig_client(path: str | Path, key: str) -> Any:
+    """An ApiClient from a kubeconfig file (its current context), for an agent run
+    outside a pod; ReporterUnavailable names `key`, the setting to fix."""
+    from kubernetes import config
+
+    if not Path(path).is_file():
+        raise ReporterUnavailable(f"kubeconfig {path} does not exist: fix {key}")
+    configuration = _configuration()
+    try:
+        config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=str(path), client_configuration=configuration, persist_config=False
+        )
+    except (config.ConfigException, OSError, ValueError) as exc:
+        raise ReporterUnavailable(
+            f"kubeconfig {path} cannot be used: {_one_line(str(exc))}"
+        ) from None
+    return _api_client(configuration)
+
+
 __all__ = [
     "RECLAIMED_MEMORY",
     "RECLAIMED_MILLICPU",
@@ -736,8 +754,11 @@ __all__ = [
     "ReporterUnavailable",
     "Values",
     "from_numa",
+    "in_cluster_client",
+    "kubeconfig_client",
     "node_status_patch",
     "parse_reporter",
+    "this_node",
     "topology_object",
     "zone_sizes",
 ]

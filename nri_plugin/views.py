@@ -10,6 +10,7 @@ the pool has the size it has), which the plan keeps once per pool.
 from __future__ import annotations
 
 from nri_plugin.control.executor import HostExecutor
+from nri_plugin.podspec import PodSpecStatus
 from nri_plugin.policy.api import PolicyBase, RecordingPolicy
 from nri_plugin.policy.drift import CPU_MANAGER_FIX, DriftBook
 from nri_plugin.policy.engine import Engine
@@ -172,9 +173,14 @@ def reasons(plan: NodePlan, p: ContainerPlan) -> dict[str, str]:
     return out
 
 
-def host_view(executor: HostExecutor, protect: ProtectState | None = None) -> dict[str, object]:
+def host_view(
+    executor: HostExecutor,
+    protect: ProtectState | None = None,
+    pod_spec: PodSpecStatus | None = None,
+) -> dict[str, object]:
     """Host work as people need it: each controller's state, files host I/O is stuck on,
-    what is quarantined until when, the counters, and which signal sources measure."""
+    what is quarantined until when, the counters, which signal sources measure, and
+    whether container roles are read from the pod spec (one line)."""
     status = executor.status()
     signals: dict[str, object] = {}
     if protect is not None:
@@ -188,6 +194,7 @@ def host_view(executor: HostExecutor, protect: ProtectState | None = None) -> di
         }
     return {
         "signals": signals,
+        "pod_spec_roles": pod_spec.line() if pod_spec is not None else "",
         "controllers": [
             {
                 "name": c.name,

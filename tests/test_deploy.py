@@ -42,6 +42,7 @@ RBAC = {
     ("", "pods/eviction", "create"),
     ("", "pods", "get"),
     ("", "pods", "list"),
+    ("", "pods", "watch"),  # [roles] pod_spec: the roles of this node's containers
     ("", "nodes", "get"),
     ("", "nodes/status", "patch"),
     ("", "events", "create"),
@@ -208,6 +209,8 @@ def test_the_shipped_config_is_accepted_by_the_agent() -> None:
     config = parse_config(plain_objects()["ConfigMap"]["data"]["config.toml"], "configmap.yaml")
     assert config.host_root == Path("/host")
     assert config.log.target == "stderr"  # kubectl logs
+    # in the cluster the pod specs tell sidecars from init containers
+    assert config.roles.wanted({"KUBERNETES_SERVICE_HOST": "10.96.0.1"})[0]
 
 
 def test_the_namespace_admits_the_critical_pods() -> None:

@@ -7,6 +7,7 @@ runtime never delivered."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -16,22 +17,29 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 from prometheus_client import CollectorRegistry
+from pyfakefs.fake_filesystem import FakeFilesystem
 
 from embedded_runtime import CONTAINERD_2_3, EmbeddedRuntime
 from embedded_runtime.state import ContainerRecord, container_spec
 from isolation.host import LinuxHost
 from isolation.kubelet import read_cpu_manager_state
 from isolation.kubepods import container_dirs, container_names
+from isolation.rdt import RdtClassConfig, Resctrl
+from isolation.rdt.membership import task_groups
+from isolation.writes import HostWriter
 from nri_plugin.config import ConfigError, parse_config
-from nri_plugin.control.base import Controllers
+from nri_plugin.control.base import Controller, Controllers
 from nri_plugin.control.executor import HostExecutor
+from nri_plugin.control.io import IoController, IoSettings
 from nri_plugin.control.oom import OomController
 from nri_plugin.plugin import NriPlugin, PluginSettings
+from nri_plugin.policy.class_intents import rdt_clos_id
+from nri_plugin.policy.class_isolation import Backend, HostSupport, IsolationConfig
 from nri_plugin.policy.drift import Planned, Target
-from nri_plugin.policy.engine import Engine
-from nri_plugin.policy.intents import ContainerRef
+from nri_plugin.policy.engine import Engine, EngineConfig
+from nri_plugin.policy.intents import ContainerRef, HostIntent, PlaceInRdtClass
 from nri_plugin.policy.qos_policy import QosPolicy
-from nri_plugin.policy.workload import SHARED
+from nri_plugin.policy.workload import SHARED, PlannerConfig
 from nri_plugin.protocol import convert
 from nri_plugin.reconcile import (
     HostReader,
@@ -45,6 +53,7 @@ from qos_model.containers import ContainerState, CpuResources, Resources
 from qos_model.cpulist import format_cpu_list
 from tests.builders import MiB, container, pod
 from tests.fake_kubepods import KubepodsTree, TreeBackend
+from tests.isolation.fake_resctrl import FakeResctrl
 from tests.policy.sysfs_builder import MachineShape
 
 PERIOD = 0.05
@@ -215,12 +224,49 @@ async def until(check: Callable[[], bool], timeout: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
-@pytest.fixture
-async def node(tmp_path: Path) -> AsyncIterator[Node]:
-    tree = KubepodsTree(tmp_path / "host")
-    host = tree.host()
-    policy = QosPolicy(Engine(MachineShape(cores_per_l3=8).expected_topology()))
-    executor = HostExecutor(Controllers([OomController(host)]))
+class TreeRdt(Controller):
+    """The rdt domain on the fake tree's resctrl: what the rdt controller does for a
+    running container (its own processes into the class's group). The controller itself
+    runs against the kernel-semantics fake in tests/control/test_class_controllers.py."""
+
+    name = domain = "rdt"
+
+    def __init__(self, tree: KubepodsTree, host: LinuxHost) -> None:
+        self.tree, self.host = tree, host
+
+    def post_update(self, intent: HostIntent) -> str:
+        assert isinstance(intent, PlaceInRdtClass) and intent.rdt_class is not None
+        ref = intent.container
+        _, pids = self.host.member_pids(ref.cgroups_path, ref.id, ref.pid)
+        for pid in pids:
+            self.tree.rdt_move(pid, rdt_clos_id(intent.rdt_class))
+        return f"RDT class {intent.rdt_class}: {len(pids)} process(es) moved"
+
+
+@contextlib.asynccontextmanager
+async def running_node(
+    tmp_path: Path, *, isolation: bool = False, cap_sys_resource: bool = True
+) -> AsyncIterator[Node]:
+    """Two pods (web: shared_cores, batch: reclaimed_cores) on a v1 tree; with
+    `isolation`, the rdt (on the tree's resctrl) and io (blkio) controllers run too, and
+    "sys" (system_cores) joins them."""
+    tree = KubepodsTree(tmp_path / "host", resctrl=isolation)
+    host = tree.host(cap_sys_resource=cap_sys_resource)
+    controllers: list[Controller] = [OomController(host)]
+    config = EngineConfig()
+    if isolation:
+        (tree.root / "sys/block").mkdir(parents=True)  # no disks: weights only
+        controllers += [
+            TreeRdt(tree, host),
+            IoController(host, tree.root, HostWriter(), IoSettings()),
+        ]
+        for cls in ("system", "shared", "reclaimed"):
+            tree.rdt_group(rdt_clos_id(cls))
+        on = Backend(True, "started")
+        support = IsolationConfig(host=HostSupport(rdt=on, io=on))
+        config = EngineConfig(planner=PlannerConfig(isolation=support))
+    policy = QosPolicy(Engine(MachineShape(cores_per_l3=8).expected_topology(), config))
+    executor = HostExecutor(Controllers(controllers))
     executor.start()
     registry = CollectorRegistry()
     state = ReconcileState(metrics=new_metrics(registry))
@@ -238,7 +284,10 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
     )
     try:
         await runtime.wait_for_plugins(1, timeout=10)
-        for name, cls in (("web", "shared_cores"), ("batch", "reclaimed_cores")):
+        pods = [("web", "shared_cores"), ("batch", "reclaimed_cores")]
+        if isolation or not cap_sys_resource:
+            pods.append(("sys", "system_cores"))
+        for name, cls in pods:
             await runtime.run_pod_sandbox(pod(name, cls))
             await runtime.create_container(f"pod-{name}", container(name, 1000, memory=64 * MiB))
             await runtime.start_container(f"ctr-{name}")
@@ -250,6 +299,12 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
         plugin.close()
         executor.close()
         await runtime.stop()
+
+
+@pytest.fixture
+async def node(tmp_path: Path) -> AsyncIterator[Node]:
+    async with running_node(tmp_path) as n:
+        yield n
 
 
 def web_path() -> str:
@@ -377,3 +432,109 @@ def test_groups_of_a_kubepods_tree_are_paths_below_the_hierarchy(tmp_path: Path)
     tree.add("/kubepods/podabcdef12/ctr-q", "1")
     (d,) = container_dirs(tmp_path / "sys/fs/cgroup/cpuset")
     assert d.group == PurePosixPath("/kubepods/podabcdef12/ctr-q")
+
+
+# --- RDT, I/O weight and refused repairs -------------------------------------------------------
+
+
+def test_rdt_task_groups_read_from_the_resctrl_fake(fs: FakeFilesystem) -> None:
+    """The reader against the kernel-semantics fake: a control group's tasks include its
+    monitoring groups'; the root group's tasks are not listed (the default)."""
+    fake = FakeResctrl(fs)
+    resctrl = Resctrl(Path("/"))
+    info = resctrl.probe()
+    for cls in ("shared", "reclaimed"):
+        resctrl.ensure_class(cls, RdtClassConfig(), info)
+    a, b, c = fake.spawn(), fake.spawn(), fake.spawn()
+    resctrl.assign_tasks("shared", [a], "test")
+    resctrl.ensure_mon_group("reclaimed", "ctr-b", "test")
+    resctrl.assign_tasks("reclaimed", [b], "test", mon="ctr-b")
+    groups = task_groups(Path("/sys/fs/resctrl"))
+    assert groups is not None
+    assert groups.get(a) == "nri-qos-shared" and groups.get(b) == "nri-qos-reclaimed"
+    assert c not in groups  # in the root group
+    assert task_groups(Path("/nowhere")) is None
+
+
+def test_read_host_reads_rdt_and_io_only_for_started_controllers(tmp_path: Path) -> None:
+    for v2 in (False, True):
+        tree = KubepodsTree(tmp_path / str(v2), v2=v2, resctrl=True)
+        path = "/kubepods/pod1234abcd/ctr-a"
+        pid = tree.add(path, "0-3", io_weight=250, rdt_group="nri-qos-shared")
+        t = Target(
+            ContainerRef("ctr-a", "default/a/a", "pod-x", path, None),
+            Planned(frozenset(range(4)), None, 0, "shared", 100),
+        )
+        reader = HostReader(tree.root, unknown_containers=False)
+        seen = read_host(tree.host(), [t], reader, started=frozenset({"rdt", "io"}))
+        got = seen.containers["ctr-a"]
+        assert got.rdt == ((pid, "nri-qos-shared"),) and got.io_weight == 250
+        assert got.io_weight_max == (10000 if v2 else 1000)
+        bare = read_host(tree.host(), [t], reader).containers["ctr-a"]
+        assert bare.rdt == () and bare.io_weight is None  # not started: not read
+
+
+async def test_a_task_moved_out_of_its_rdt_group_is_moved_back_within_one_period(
+    tmp_path: Path,
+) -> None:
+    async with running_node(tmp_path, isolation=True) as node:
+        pid = node.tree.pids["ctr-batch"]
+        assert node.tree.rdt_group_of(pid) == "nri-qos-reclaimed"  # runc, from clos_id
+        await until(lambda: node.state.periods >= 2)
+        assert node.events("drift") == []
+        node.tree.rdt_move(pid, "nri-qos-system")  # behind our back
+        start = node.state.periods
+        await until(lambda: node.tree.rdt_group_of(pid) == "nri-qos-reclaimed")
+        assert node.state.periods - start <= 2
+        ((subject, message),) = node.events("drift")
+        assert subject == "default/batch/batch"
+        assert message == (
+            "rdt_class is nri-qos-system (1 process(es)) on the host, planned "
+            "nri-qos-reclaimed: re-applied"
+        )
+        await until(lambda: node.metric("nri_qos_drift_repairs_total", field="rdt_class") == 1)
+
+
+async def test_an_io_weight_changed_behind_our_back_is_rewritten(tmp_path: Path) -> None:
+    async with running_node(tmp_path, isolation=True) as node:
+        path = "/kubepods/pod-web/ctr-web"
+        planned = node.policy.engine.plan.containers["ctr-web"].io_weight.value
+        assert planned == 100
+        await until(lambda: node.state.periods >= 2)
+        node.tree.set_io_weight(path, 900)
+        await until(lambda: node.tree.io_weight(path) == planned)
+        ((subject, message),) = node.events("drift")
+        assert subject == "default/web/web"
+        assert message == f"io_weight is 900 on the host, planned {planned}: re-applied"
+
+
+async def test_an_oom_score_adj_the_kernel_refuses_is_said_once_and_not_retried(
+    tmp_path: Path,
+) -> None:
+    async with running_node(tmp_path, cap_sys_resource=False) as node:
+        pid = node.tree.pids["ctr-sys"]
+        planned = node.policy.engine.plan.containers["ctr-sys"].oom_score_adj.value
+        assert planned < 0 and node.tree.oom(pid) == planned  # the runtime may
+        await until(lambda: node.state.periods >= 2)
+        node.tree.set_oom(pid, 0)  # someone raised it; we cannot lower it again
+        await until(lambda: bool(node.events("drift-refused")))
+        ((subject, message),) = node.events("drift-refused")
+        assert subject == "default/sys/sys"
+        assert message.startswith(
+            f"oom_score_adj is 0 (1 process(es)) on the host, planned {planned}"
+        )
+        assert "refuses the write" in message and "CAP_SYS_RESOURCE" in message
+        assert "securityContext" in message and "Not retried until the plan changes" in message
+        tries = oom_writes(node)
+        periods = node.state.periods
+        await until(lambda: node.state.periods >= periods + 5)
+        assert oom_writes(node) == tries  # stopped retrying
+        assert len(node.events("drift")) == 1  # the one repair that was refused
+        assert len(node.events("drift-refused")) == 1
+        assert node.events("drift-conflict") == []  # no "another agent"
+        assert node.tree.oom(pid) == 0
+
+
+def oom_writes(node: Node) -> int:
+    (oom,) = [s for s in node.executor.controllers.status() if s.domain == "oom"]
+    return oom.applied + oom.failed

@@ -672,6 +672,7 @@ class _Servicer(pb_grpc.DebugServicer):  # type: ignore[misc]
         reply.runq_reason = signals.get("runq_reason", "")
         reply.signal_windows = signals.get("windows", 0)
         reply.signal_sources.extend(_sources(signals.get("sources", {})))
+        reply.pod_spec_roles = host.get("pod_spec_roles", "")
         if host:
             ex = reply.executor
             ex.stalled = host.get("stalled", False)
@@ -987,6 +988,7 @@ async def start_debug_server(
     config_source: str = "defaults",
     set_dry_run: Callable[[bool], object] | None = None,
     allowed_gid: int | None = None,
+    pod_spec: Any = None,
 ) -> DebugServer:
     """Serve the debug API on `path` for a running daemon, and return the server (stop it
     with `await server.stop()` at shutdown).
@@ -998,7 +1000,8 @@ async def start_debug_server(
     came from. `set_dry_run(on)` switches host changes to dry-run or back; it is called on
     the event loop and must not block (None: SetDryRun answers UNIMPLEMENTED).
     `allowed_gid`: members of this group may call too (the socket becomes 0660 and owned
-    by it). Raises DebugSocketError (a PluginSetupError, one line) when it cannot listen."""
+    by it). `pod_spec`: the PodSpecStatus of the pod-spec watch (None: not built).
+    Raises DebugSocketError (a PluginSetupError, one line) when it cannot listen."""
     from nri_plugin.views import host_view, policy_view
 
     metrics = getattr(plugin, "metrics", None)
@@ -1016,7 +1019,7 @@ async def start_debug_server(
         plugin=plugin,
         plan_view=lambda: policy_view(policy),
         policy_name=str(getattr(policy, "name", "")),
-        host_view=lambda: host_view(executor, protect),
+        host_view=lambda: host_view(executor, protect, pod_spec),
         events=executor.events,
         protect=protect,
         config=config,

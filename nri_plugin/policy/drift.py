@@ -13,8 +13,15 @@ Rules of this module:
   still on its way is not drift. A value the host could not read (None) is not drift.
 * "cpus"/"mems" are the runtime's fields: repaired with one runtime `Update` (the whole
   CPU part of the plan). "oom_score_adj" is the oom controller's: a `SetOomScoreAdj`.
-  Every repair is a note naming the container, the field, the value found and the
-  planned value.
+  "rdt_class" (the resctrl group holding the container's processes) and "io_weight"
+  (its cgroup's default weight) are the rdt and io controllers': the running-container
+  intents of `class_intents.while_running`. Those two are compared only while their
+  controller runs (`Observation.started`) and the plan has a value. Every repair is a
+  note naming the container, the field, the value found and the planned value.
+* A repair the kernel refused (oom_score_adj below 0 without CAP_SYS_RESOURCE: EACCES,
+  recorded by the host adapter and read back as `Seen.oom_refused`) is no agent's
+  fight: one warning says so and what to do, and the field is left alone until its
+  planned value changes.
 * A field found drifted again in the period right after its repair (`conflict_after`
   periods in a row) is a conflict: another agent keeps changing it. It is repaired all
   the same (the plan wins) and reported once, naming the field, until it holds again.
@@ -33,18 +40,22 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from nri_plugin.policy.class_intents import Paths, paths_for, rdt_clos_id, while_running
+from nri_plugin.policy.class_isolation import IO_WEIGHT_MAX, Backend, HostSupport
 from nri_plugin.policy.intents import (
     ContainerRef,
     HostIntent,
     Intents,
     Note,
     Phase,
+    PlaceInRdtClass,
+    SetIoWeight,
     SetOomScoreAdj,
     Severity,
 )
-from nri_plugin.policy.plan import ContainerPlan
+from nri_plugin.policy.plan import IO, RDT, ContainerPlan
 from nri_plugin.policy.state import ContainerTable
 from qos_model.containers import Resources, Update
 from qos_model.cpulist import CpuListError, format_cpu_list, parse_cpu_list
@@ -52,13 +63,26 @@ from qos_model.cpulist import CpuListError, format_cpu_list, parse_cpu_list
 CPUS = "cpus"
 MEMS = "mems"
 OOM_SCORE_ADJ = "oom_score_adj"
-FIELDS = (CPUS, MEMS, OOM_SCORE_ADJ)
+RDT_CLASS = "rdt_class"
+IO_WEIGHT = "io_weight"
+FIELDS = (CPUS, MEMS, OOM_SCORE_ADJ, RDT_CLASS, IO_WEIGHT)
 CPUSET_FIELDS = frozenset({CPUS, MEMS})
+# The fields a class controller repairs, by the plan domain `while_running` is asked for.
+CLASS_FIELDS = {RDT_CLASS: RDT, IO_WEIGHT: IO}
 
 DRIFT_KIND = "drift"  # a repair
 CONFLICT_KIND = "drift-conflict"  # a field another agent keeps changing
 CPU_MANAGER_KIND = "cpu-manager"  # the kubelet's CPU manager asked for another cpuset
 UNKNOWN_KIND = "unknown-container"  # running on the host, never delivered to us
+REFUSED_KIND = "drift-refused"  # the kernel refuses our repair: no retry until the plan moves
+
+# Why the kernel refuses a lower oom_score_adj, and what to do about it.
+CAP_SYS_RESOURCE_FIX = (
+    "the kernel refuses the write (EACCES): lowering oom_score_adj below the process's "
+    "floor needs CAP_SYS_RESOURCE, which nri-qos runs without. Run nri-qos with "
+    "CAP_SYS_RESOURCE (the systemd unit keeps it in CapabilityBoundingSet; the DaemonSet "
+    "adds SYS_RESOURCE in securityContext.capabilities.add) and restart it"
+)
 
 # What the kubelet state file says, and what to do about a static CPU manager.
 STATIC = "static"
@@ -86,15 +110,24 @@ class DriftConfig:
 
 @dataclass(frozen=True, slots=True)
 class Planned:
-    """The values a container's host state is compared with (mems None: not pinned)."""
+    """The values a container's host state is compared with (mems None: not pinned;
+    rdt_class / io_weight None: the plan has none, not compared)."""
 
     cpus: frozenset[int]
     mems: frozenset[int] | None
     oom_score_adj: int
+    rdt_class: str | None = None
+    io_weight: int | None = None
 
     @classmethod
     def of(cls, plan: ContainerPlan) -> Planned:
-        return cls(plan.cpus.value, plan.mems.value, plan.oom_score_adj.value)
+        return cls(
+            plan.cpus.value,
+            plan.mems.value,
+            plan.oom_score_adj.value,
+            plan.rdt_class.value,
+            plan.io_weight.value,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +146,11 @@ class Seen:
     cpus: frozenset[int] | None = None
     mems: frozenset[int] | None = None
     oom_score_adj: tuple[tuple[int, int], ...] = ()  # (pid, value) per process read
+    # (pid, resctrl control group holding it; "" for the root group) per process read
+    rdt: tuple[tuple[int, str], ...] = ()
+    io_weight: int | None = None  # the cgroup's default weight as its file shows it
+    io_weight_max: int = IO_WEIGHT_MAX  # the most that file holds (v1 blkio.bfq.weight: 1000)
+    oom_refused: int | None = None  # the oom_score_adj the kernel refused us (EACCES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +170,7 @@ class Observation:
     cpu_manager_policy: str | None = None  # the kubelet checkpoint's policyName, if read
     kubelet_requests: tuple[str, ...] = ()  # CPU manager notes since the last period
     read_seconds: float = 0.0
+    started: frozenset[str] = frozenset()  # domains whose controllers run ("rdt", "io")
 
 
 @dataclass(slots=True)
@@ -150,6 +189,16 @@ class Conflict:
     field: str
     found: str
     planned: str
+    since: int  # period
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A repair the kernel refused: not retried while the plan asks for `planned`."""
+
+    container: str  # name
+    field: str
+    planned: int
     since: int  # period
 
 
@@ -195,6 +244,7 @@ class DriftBook:
     planned: dict[str, Planned] = field(default_factory=dict)
     streaks: dict[tuple[str, str], Streak] = field(default_factory=dict)
     conflicts: dict[tuple[str, str], Conflict] = field(default_factory=dict)
+    refused: dict[tuple[str, str], Refusal] = field(default_factory=dict)
     unknown: dict[str, Unknown] = field(default_factory=dict)
     cpu_manager: CpuManager = field(default_factory=CpuManager)
     repaired: Counter[str] = field(default_factory=Counter)  # field -> repairs since start
@@ -211,6 +261,7 @@ class DriftBook:
         updates: list[Update] = []
         host: list[HostIntent] = []
         found_now: set[tuple[str, str]] = set()
+        paths = _paths(seen.started)
         for cid, observed in seen.containers.items():
             plan = plans.get(cid)
             record = table.get(cid)
@@ -219,9 +270,14 @@ class DriftBook:
             planned = Planned.of(plan)
             stable = self.planned.get(cid) == planned == observed.planned
             self.planned[cid] = planned
+            self._plan_moved(cid, planned)
             if not stable:
                 continue
-            drifted = _drifted(planned, observed)
+            drifted = [
+                d
+                for d in _drifted(planned, observed, seen.started)
+                if not self._refused(cid, plan.name, d, observed, notes)
+            ]
             if not drifted:
                 continue
             for name, found, want in drifted:
@@ -237,23 +293,70 @@ class DriftBook:
                     )
                 )
             names = {n for n, _, _ in drifted}
+            ref = ContainerRef.of(record.container, record.name)
             if names & CPUSET_FIELDS:
                 updates.append(plan.update())
             if OOM_SCORE_ADJ in names:
                 host.append(
                     SetOomScoreAdj(
                         phase=Phase.POST_UPDATE,
-                        container=ContainerRef.of(record.container, record.name),
+                        container=ref,
                         reason=f"drift repair: {plan.oom_score_adj.reason}",
                         value=plan.oom_score_adj.value,
                     )
                 )
+            domains = {CLASS_FIELDS[n] for n in names if n in CLASS_FIELDS}
+            if domains:
+                # netns: only the net domain reads it, and net_class is not compared
+                host.extend(_repair(i) for i in while_running(plan, ref, "", domains, paths))
         self.last_drifted = len({cid for cid, _ in found_now})
         self._settle(found_now, plans, notes)
         if seen.groups is not None:
             self._foreign(seen.groups, table, notes)
         self._cpu_manager(seen, notes)
         return Intents(updates=tuple(updates), host=tuple(host), notes=tuple(notes))
+
+    # --- repairs the kernel refuses --------------------------------------------------
+
+    def _plan_moved(self, cid: str, planned: Planned) -> None:
+        """A refusal lasts while the plan asks for the refused value."""
+        key = (cid, OOM_SCORE_ADJ)
+        refusal = self.refused.get(key)
+        if refusal is not None and refusal.planned != planned.oom_score_adj:
+            del self.refused[key]
+
+    def _refused(
+        self,
+        cid: str,
+        name: str,
+        drifted: tuple[str, str, str],
+        observed: Seen,
+        notes: list[Note],
+    ) -> bool:
+        """True for a drifted field not to repair: the kernel refused the last repair
+        (said once, with the fix), or refuses it still."""
+        fld, found, want = drifted
+        key = (cid, fld)
+        if fld != OOM_SCORE_ADJ:
+            return False
+        if key in self.refused:
+            return True
+        planned = observed.planned.oom_score_adj
+        if observed.oom_refused is None or observed.oom_refused != planned:
+            return False
+        self.refused[key] = Refusal(name, fld, planned, self.period)
+        self.streaks.pop(key, None)
+        self.conflicts.pop(key, None)  # no other agent: the kernel says no
+        notes.append(
+            Note(
+                REFUSED_KIND,
+                name,
+                f"{fld} is {found} on the host, planned {want}: {CAP_SYS_RESOURCE_FIX}. "
+                "Not retried until the plan changes",
+                Severity.WARNING,
+            )
+        )
+        return True
 
     # --- conflicts --------------------------------------------------------------------
 
@@ -295,6 +398,8 @@ class DriftBook:
                 )
         for cid in [c for c in self.planned if c not in plans]:
             del self.planned[cid]
+        for key in [k for k in self.refused if k[0] not in plans]:
+            del self.refused[key]
 
     def cpuset_conflicts(self) -> int:
         return sum(1 for _, fld in self.conflicts if fld in CPUSET_FIELDS)
@@ -402,7 +507,7 @@ def cpuset_request_notes(plan: ContainerPlan, requested: Resources | None) -> tu
     )
 
 
-def _drifted(planned: Planned, seen: Seen) -> list[tuple[str, str, str]]:
+def _drifted(planned: Planned, seen: Seen, started: frozenset[str]) -> list[tuple[str, str, str]]:
     """(field, found, planned) for every field the host shows otherwise."""
     out = []
     if seen.cpus is not None and planned.cpus and seen.cpus != planned.cpus:
@@ -414,7 +519,47 @@ def _drifted(planned: Planned, seen: Seen) -> list[tuple[str, str, str]]:
         pids = sum(1 for _, v in seen.oom_score_adj if v != planned.oom_score_adj)
         found = ",".join(map(str, wrong))
         out.append((OOM_SCORE_ADJ, f"{found} ({pids} process(es))", str(planned.oom_score_adj)))
+    if planned.rdt_class is not None and RDT in started:
+        out.extend(_rdt_drift(planned.rdt_class, seen.rdt))
+    weight = planned.io_weight
+    if weight is not None and IO in started and seen.io_weight is not None:
+        want = min(weight, seen.io_weight_max)  # v1 BFQ holds 1..1000: the io controller caps
+        if seen.io_weight != want:
+            out.append((IO_WEIGHT, str(seen.io_weight), str(want)))
     return out
+
+
+def _rdt_drift(rdt_class: str, seen: tuple[tuple[int, str], ...]) -> list[tuple[str, str, str]]:
+    """The class's group must hold every process read. A group named like the class
+    itself is the runtime's own RDT class of that name ([rdt] runtime_classes): fine."""
+    group = rdt_clos_id(rdt_class)
+    holding = (group, rdt_class)
+    if all(g in holding for _, g in seen):
+        return []
+    elsewhere = Counter(g for _, g in seen if g not in holding)
+    found = ", ".join(
+        f"{g or 'the root group'} ({n} process(es))" for g, n in sorted(elsewhere.items())
+    )
+    return [(RDT_CLASS, found, group)]
+
+
+def _paths(started: frozenset[str]) -> Paths:
+    """The way a repair of a running container takes: always the controllers (no
+    runtime moves a live container between resctrl groups or rewrites its io.weight)."""
+    on, off = Backend(True, "started"), Backend(False, "not started")
+    support = HostSupport(
+        rdt=on if RDT in started else off,
+        io=on if IO in started else off,
+        net=off,  # net_class is not compared
+    )
+    return paths_for(support, runtime_applies_rdt=False)
+
+
+def _repair(intent: HostIntent) -> HostIntent:
+    """A class controller's intent, its reason marked as a drift repair."""
+    if isinstance(intent, PlaceInRdtClass | SetIoWeight):
+        return replace(intent, reason=f"drift repair: {intent.reason}")
+    return intent
 
 
 def _cpus(cpus: frozenset[int]) -> str:

@@ -9,7 +9,7 @@ error (the previous config stays in force).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from nri_plugin.policy.api import PolicyBase
 from nri_plugin.policy.drift import DriftBook, Observation, Target, targets
@@ -125,3 +125,8 @@ class QosPolicy(PolicyBase):
     def reconcile(self, observed: Observation) -> Intents:
         """One reconcile period (from the daemon's loop): repair what drifted."""
         return self.engine.drift_found(observed, self.drift).intents
+
+    def pod_roles(self, pod_uid: str, roles: Mapping[str, str]) -> Intents:
+        """A pod's container roles as its spec gives them (from the pod-spec watch,
+        `nri_plugin.podspec`): its live containers re-planned when a role moves them."""
+        return self.engine.pod_roles(pod_uid, roles).intents

@@ -8,10 +8,13 @@ from collections.abc import Mapping
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nri_plugin.policy.class_intents import RDT_RECHECKS, rdt_clos_id
+from nri_plugin.policy.class_isolation import Backend, HostSupport, IsolationConfig
 from nri_plugin.policy.drift import (
     CONFLICT_KIND,
     CPU_MANAGER_KIND,
     DRIFT_KIND,
+    REFUSED_KIND,
     UNKNOWN_KIND,
     DriftBook,
     DriftConfig,
@@ -24,16 +27,23 @@ from nri_plugin.policy.drift import (
     targets,
 )
 from nri_plugin.policy.engine import Engine
-from nri_plugin.policy.intents import Intents, SetOomScoreAdj
+from nri_plugin.policy.intents import Intents, PlaceInRdtClass, SetIoWeight, SetOomScoreAdj
 from nri_plugin.policy.qos_policy import QosPolicy
 from qos_model.containers import CpuResources, Resources
 from qos_model.cpulist import parse_cpu_list
 from tests.builders import container, pod
 from tests.policy.test_engine import engine
 
+ON = Backend(True, "started")
+STARTED = frozenset({"oom", "rdt", "io"})  # the controllers running on this "host"
 
-def planned_engine(names: tuple[str, ...] = ("web", "db", "batch")) -> QosPolicy:
-    e = engine(8, reclaimed_min_cpus=0)
+
+def planned_engine(
+    names: tuple[str, ...] = ("web", "db", "batch"), support: HostSupport | None = None
+) -> QosPolicy:
+    """Containers planned with the rdt and io controllers running (v1 io: by controller)."""
+    support = support if support is not None else HostSupport(rdt=ON, io=ON)
+    e = engine(8, reclaimed_min_cpus=0, isolation=IsolationConfig(host=support))
     classes = {"web": "shared_cores", "db": "dedicated_cores", "batch": "reclaimed_cores"}
     for name in names:
         e.container_created(pod(name, classes.get(name, "shared_cores")), container(name, 1000))
@@ -43,13 +53,19 @@ def planned_engine(names: tuple[str, ...] = ("web", "db", "batch")) -> QosPolicy
 class Host:
     """The host as a dict: what each container shows. Starts as planned."""
 
-    def __init__(self, e: Engine) -> None:
+    def __init__(self, e: Engine, started: frozenset[str] = STARTED) -> None:
         self.values: dict[str, dict[str, object]] = {}
+        self.started = started
+        self.refused: dict[str, int] = {}  # what the kernel refused (the host adapter's record)
+        self.cap_sys_resource = True
         for cid, p in e.plan.containers.items():
+            rdt = p.rdt_class.value
             self.values[cid] = {
                 "cpus": p.cpus.value,
                 "mems": p.mems.value,
                 "oom": p.oom_score_adj.value,
+                "rdt": rdt_clos_id(rdt) if rdt is not None else "",
+                "io": p.io_weight.value or 100,
             }
 
     def observe(
@@ -63,8 +79,11 @@ class Host:
                 v["cpus"],  # type: ignore[arg-type]
                 v["mems"],  # type: ignore[arg-type]
                 ((100, v["oom"]), (101, v["oom"])),  # type: ignore[arg-type]
+                ((100, v["rdt"]), (101, v["rdt"])),  # type: ignore[arg-type]
+                v["io"],  # type: ignore[arg-type]
+                oom_refused=self.refused.get(t.ref.id),
             )
-        return Observation(seen, groups)
+        return Observation(seen, groups, started=self.started)
 
     def apply(self, policy: QosPolicy, intents: Intents) -> None:
         """What the runtime and the oom controller do with the repairs."""
@@ -76,8 +95,18 @@ class Host:
             if cpu.mems:
                 v["mems"] = parse_cpu_list(cpu.mems)
         for intent in intents.host:
-            assert isinstance(intent, SetOomScoreAdj)
-            self.values[intent.container.id]["oom"] = intent.value
+            v = self.values[intent.container.id]
+            if isinstance(intent, PlaceInRdtClass):
+                assert intent.rdt_class is not None
+                v["rdt"] = rdt_clos_id(intent.rdt_class)
+            elif isinstance(intent, SetIoWeight):
+                v["io"] = intent.weight
+            else:
+                assert isinstance(intent, SetOomScoreAdj)
+                if intent.value < 0 and not self.cap_sys_resource:  # EACCES
+                    self.refused[intent.container.id] = intent.value
+                else:
+                    v["oom"] = intent.value
 
 
 def period(policy: QosPolicy, host: Host) -> Intents:
@@ -124,6 +153,126 @@ def test_a_changed_oom_score_adj_goes_to_the_oom_controller() -> None:
     assert intent.container.id == "ctr-batch" and intent.container.cgroups_path
     (note,) = intents.notes
     assert f"oom_score_adj is -998 (2 process(es)) on the host, planned {planned}" in note.message
+
+
+def test_a_process_outside_its_rdt_group_is_placed_back_naming_the_group_found() -> None:
+    policy = planned_engine()
+    host = Host(policy.engine)
+    period(policy, host)
+    batch = policy.engine.plan.containers["ctr-batch"]
+    assert batch.rdt_class.value == "reclaimed"
+    host.values["ctr-batch"]["rdt"] = ""  # moved back to the root group behind our back
+    intents = period(policy, host)
+    assert not intents.updates
+    (intent,) = intents.host
+    assert isinstance(intent, PlaceInRdtClass) and intent.rdt_class == "reclaimed"
+    assert intent.container.id == "ctr-batch" and intent.recheck_after == RDT_RECHECKS
+    assert intent.reason.startswith("drift repair: ")
+    (note,) = intents.notes
+    assert note.kind == DRIFT_KIND and note.subject == batch.name
+    assert note.message == (
+        "rdt_class is the root group (2 process(es)) on the host, planned "
+        "nri-qos-reclaimed: re-applied"
+    )
+    assert host.values["ctr-batch"]["rdt"] == "nri-qos-reclaimed"
+    assert period(policy, host) == Intents()
+    host.values["ctr-batch"]["rdt"] = "nri-qos-shared"  # another class's group
+    (note,) = period(policy, host).notes
+    assert note.message.startswith("rdt_class is nri-qos-shared (2 process(es)) on the host")
+
+
+def test_the_runtimes_own_rdt_class_of_that_name_is_not_drift() -> None:
+    policy = planned_engine()
+    host = Host(policy.engine)
+    host.values["ctr-batch"]["rdt"] = "reclaimed"  # [rdt] runtime_classes: its group
+    for _ in range(3):
+        assert period(policy, host) == Intents()
+
+
+def test_an_io_weight_changed_behind_our_back_goes_to_the_io_controller() -> None:
+    policy = planned_engine()
+    host = Host(policy.engine)
+    period(policy, host)
+    web = policy.engine.plan.containers["ctr-web"]
+    planned = web.io_weight.value
+    assert planned is not None
+    host.values["ctr-web"]["io"] = planned + 7
+    intents = period(policy, host)
+    (intent,) = intents.host
+    assert isinstance(intent, SetIoWeight) and intent.weight == planned
+    assert intent.qos_class == "shared_cores" and intent.container.id == "ctr-web"
+    (note,) = intents.notes
+    assert note.message == f"io_weight is {planned + 7} on the host, planned {planned}: re-applied"
+    assert period(policy, host) == Intents()
+
+
+def test_an_io_weight_is_compared_within_what_its_file_holds() -> None:
+    policy = planned_engine(("db",))
+    planned = policy.engine.plan.containers["ctr-db"].io_weight.value
+    assert planned == 500
+
+    def look(found: int, maximum: int) -> Intents:
+        seen = {
+            t.ref.id: Seen(t.planned, io_weight=found, io_weight_max=maximum)
+            for t in policy.drift_targets()
+        }
+        return policy.reconcile(Observation(seen, started=STARTED))
+
+    look(500, 10000)
+    assert look(300, 300) == Intents()  # the io controller caps what a file can hold
+    (intent,) = look(299, 300).host
+    assert isinstance(intent, SetIoWeight) and intent.weight == 500
+
+
+def test_rdt_and_io_are_compared_only_with_their_controller_and_a_planned_value() -> None:
+    policy = planned_engine()
+    host = Host(policy.engine, started=frozenset({"oom"}))  # rdt and io did not start
+    for v in host.values.values():
+        v["rdt"], v["io"] = "", 1
+    for _ in range(3):
+        assert period(policy, host) == Intents()
+    bare = planned_engine(support=HostSupport())  # nothing planned for rdt and io
+    assert bare.engine.plan.containers["ctr-web"].rdt_class.value is None
+    host = Host(bare.engine)
+    for v in host.values.values():
+        v["rdt"], v["io"] = "", 1
+    for _ in range(3):
+        assert period(bare, host) == Intents()
+
+
+def test_a_refused_oom_repair_says_why_once_and_stops_until_the_plan_changes() -> None:
+    policy = planned_engine()
+    host = Host(policy.engine)
+    host.cap_sys_resource = False
+    period(policy, host)
+    db = policy.engine.plan.containers["ctr-db"]
+    planned = db.oom_score_adj.value
+    assert planned < 0
+    host.values["ctr-db"]["oom"] = 0
+    first = period(policy, host)  # repaired once: the kernel refuses it (EACCES)
+    assert [type(i) for i in first.host] == [SetOomScoreAdj]
+    assert host.refused == {"ctr-db": planned}
+    second = period(policy, host)
+    assert second.host == () and second.updates == ()
+    (note,) = second.notes
+    assert note.kind == REFUSED_KIND and note.subject == db.name
+    found = f"oom_score_adj is 0 (2 process(es)) on the host, planned {planned}"
+    assert note.message.startswith(found)
+    assert "refuses the write" in note.message and "CAP_SYS_RESOURCE" in note.message
+    assert "securityContext" in note.message and "another agent" not in note.message
+    for _ in range(4):  # no retries, no conflict, no repeat
+        assert period(policy, host) == Intents()
+    assert policy.drift.conflicts == {}
+    assert set(policy.drift.refused) == {("ctr-db", "oom_score_adj")}
+    # the plan changes (here: the container goes and comes back): judged again
+    policy.engine.container_stopped(pod("db", "dedicated_cores"), container("db", 1000))
+    period(policy, host)
+    assert policy.drift.refused == {}
+    host.refused.clear()  # the loop drops the adapter's record of a container gone
+    policy.engine.container_created(pod("db", "dedicated_cores"), container("db", 1000))
+    period(policy, host)  # a first look at the new plan
+    first = period(policy, host)
+    assert [type(i) for i in first.host] == [SetOomScoreAdj]  # tried again, once
 
 
 def test_a_young_or_moving_plan_is_not_judged() -> None:
@@ -246,7 +395,7 @@ NAMES = ("web", "db", "batch", "api")
 CHANGES = st.lists(
     st.tuples(
         st.sampled_from(NAMES),
-        st.sampled_from(("cpus", "mems", "oom")),
+        st.sampled_from(("cpus", "mems", "oom", "rdt", "io")),
         st.integers(0, 7),
     ),
     max_size=6,
@@ -273,6 +422,10 @@ def test_any_drift_is_repaired_within_one_period(history: list[list[tuple[str, s
             cid = f"ctr-{name}"
             if fld == "oom":
                 new: object = value * 100 - 300
+            elif fld == "rdt":
+                new = ("", "nri-qos-shared", "nri-qos-reclaimed", "foreign")[value % 4]
+            elif fld == "io":
+                new = (10, 100, 500, 1000)[value % 4]
             elif fld == "mems":
                 new = frozenset({value % 2})  # 1 NUMA node: {1} is drift, {0} is not
             else:
@@ -280,8 +433,15 @@ def test_any_drift_is_repaired_within_one_period(history: list[list[tuple[str, s
             host.values[cid][fld] = new
         for cid, v in host.values.items():
             p = plans[cid]
-            want = {"cpus": p.cpus.value, "mems": p.mems.value, "oom": p.oom_score_adj.value}
-            for fld in ("cpus", "oom"):
+            rdt = p.rdt_class.value
+            want = {
+                "cpus": p.cpus.value,
+                "mems": p.mems.value,
+                "oom": p.oom_score_adj.value,
+                "rdt": rdt_clos_id(rdt) if rdt is not None else "",
+                "io": p.io_weight.value,
+            }
+            for fld in ("cpus", "oom", "rdt", "io"):
                 if v[fld] != want[fld]:
                     touched.add((cid, fld))
             if want["mems"] and v["mems"] != want["mems"]:
@@ -296,5 +456,5 @@ def test_any_drift_is_repaired_within_one_period(history: list[list[tuple[str, s
             (n.subject, n.message.partition(" ")[0]) for n in intents.notes if n.kind == DRIFT_KIND
         }
         names = {cid: plans[cid].name for cid in plans}
-        short = {"oom": "oom_score_adj"}
+        short = {"oom": "oom_score_adj", "rdt": "rdt_class", "io": "io_weight"}
         assert repaired == {(names[cid], short.get(f, f)) for cid, f in touched}

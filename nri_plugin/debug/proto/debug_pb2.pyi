@@ -89,7 +89,7 @@ class ExecutorCounters(_message.Message):
     def __init__(self, stalled: _Optional[bool] = ..., queued: _Optional[int] = ..., retries_pending: _Optional[int] = ..., counts: _Optional[_Mapping[str, int]] = ..., stuck: _Optional[_Iterable[_Union[StuckIo, _Mapping]]] = ..., quarantined: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("version", "runtime_name", "runtime_version", "nri_version", "connection", "reconnects", "policy", "dry_run", "controllers", "runq_backend", "runq_reason", "signal_windows", "signal_sources", "executor")
+    __slots__ = ("version", "runtime_name", "runtime_version", "nri_version", "connection", "reconnects", "policy", "dry_run", "controllers", "runq_backend", "runq_reason", "signal_windows", "signal_sources", "executor", "pod_spec_roles")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_NAME_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +104,7 @@ class StatusReply(_message.Message):
     SIGNAL_WINDOWS_FIELD_NUMBER: _ClassVar[int]
     SIGNAL_SOURCES_FIELD_NUMBER: _ClassVar[int]
     EXECUTOR_FIELD_NUMBER: _ClassVar[int]
+    POD_SPEC_ROLES_FIELD_NUMBER: _ClassVar[int]
     version: str
     runtime_name: str
     runtime_version: str
@@ -118,7 +119,8 @@ class StatusReply(_message.Message):
     signal_windows: int
     signal_sources: _containers.RepeatedCompositeFieldContainer[SignalSource]
     executor: ExecutorCounters
-    def __init__(self, version: _Optional[str] = ..., runtime_name: _Optional[str] = ..., runtime_version: _Optional[str] = ..., nri_version: _Optional[str] = ..., connection: _Optional[str] = ..., reconnects: _Optional[int] = ..., policy: _Optional[str] = ..., dry_run: _Optional[bool] = ..., controllers: _Optional[_Iterable[_Union[Controller, _Mapping]]] = ..., runq_backend: _Optional[str] = ..., runq_reason: _Optional[str] = ..., signal_windows: _Optional[int] = ..., signal_sources: _Optional[_Iterable[_Union[SignalSource, _Mapping]]] = ..., executor: _Optional[_Union[ExecutorCounters, _Mapping]] = ...) -> None: ...
+    pod_spec_roles: str
+    def __init__(self, version: _Optional[str] = ..., runtime_name: _Optional[str] = ..., runtime_version: _Optional[str] = ..., nri_version: _Optional[str] = ..., connection: _Optional[str] = ..., reconnects: _Optional[int] = ..., policy: _Optional[str] = ..., dry_run: _Optional[bool] = ..., controllers: _Optional[_Iterable[_Union[Controller, _Mapping]]] = ..., runq_backend: _Optional[str] = ..., runq_reason: _Optional[str] = ..., signal_windows: _Optional[int] = ..., signal_sources: _Optional[_Iterable[_Union[SignalSource, _Mapping]]] = ..., executor: _Optional[_Union[ExecutorCounters, _Mapping]] = ..., pod_spec_roles: _Optional[str] = ...) -> None: ...
 
 class ListContainersRequest(_message.Message):
     __slots__ = ("include_plan_json",)
