@@ -500,14 +500,27 @@ async def measure_target(
 
 
 def _paired(items: list[Any], sent: list[str], method_of: Any) -> list[tuple[str, Any]]:
-    """The runtime side sends one request at a time, so the plugin observes them in the
-    order they were sent: pair each with its label (StateChange's event included)."""
+    """Pair each observation with the request it was for (its label, StateChange's event
+    included). The runtime side sends one request at a time, so the requests of one method
+    are observed in the order they were sent; across methods the order may differ (a
+    reply the policy thread writes is observed after it, and the loop may already have
+    answered and observed the next request)."""
     if len(items) != len(sent):
         raise BenchError(f"the plugin observed {len(items)} requests, {len(sent)} were sent")
-    for label, item in zip(sent, items, strict=True):
-        if label.split("(")[0] != method_of(item):
-            raise BenchError(f"out of order: sent {label}, observed {method_of(item)}")
-    return list(zip(sent, items, strict=True))
+    queues: dict[str, list[str]] = {}
+    for label in sent:
+        queues.setdefault(label.split("(")[0], []).append(label)
+    taken: dict[str, int] = {}
+    out = []
+    for item in items:
+        method = method_of(item)
+        queue = queues.get(method, [])
+        k = taken.get(method, 0)
+        if k >= len(queue):
+            raise BenchError(f"observed one {method} more than was sent")
+        taken[method] = k + 1
+        out.append((queue[k], item))
+    return out
 
 
 def _in_plugin(observed: list[Any], sent: list[str]) -> dict[str, Any]:

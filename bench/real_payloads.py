@@ -365,7 +365,7 @@ def _install_stages(rec: _Recorder) -> None:
     S = session_mod.Session
     pool = concurrent.futures.ThreadPoolExecutor
 
-    orig_received, orig_run = S._received, S._run
+    orig_received, orig_run, orig_reply_now = S._received, S._run, S._reply_now
     orig_handle, orig_answer = S._handle, S._answer
     orig_submit = pool.submit
     channel = channel_mod.NriChannel
@@ -393,6 +393,18 @@ def _install_stages(rec: _Recorder) -> None:
         finally:
             rec.current = None
 
+    def reply_now(self: Any, turn: Any, decision: Any) -> None:
+        """A reply the loop writes (a notification's, or a fail-open one) has no policy
+        stages; its record still has to reach the histogram's observation."""
+        if rec.current is not None:
+            orig_reply_now(self, turn, decision)
+            return
+        rec.current = rec.pending.pop(turn.event.stream_id, None)
+        try:
+            orig_reply_now(self, turn, decision)
+        finally:
+            rec.current = None
+
     def handle(self: Any, method: Any, payload: bytes) -> Any:
         cur = rec.current
         if cur is not None:
@@ -417,6 +429,7 @@ def _install_stages(rec: _Recorder) -> None:
 
     S._received = received  # type: ignore[method-assign]
     S._run = run  # type: ignore[method-assign]
+    S._reply_now = reply_now  # type: ignore[method-assign]
     S._handle = handle  # type: ignore[method-assign]
     S._answer = answer  # type: ignore[method-assign]
     pool.submit = submit  # type: ignore[method-assign]
