@@ -31,7 +31,15 @@ default_class = "online"
 pin_root = "/sys/fs/bpf/nri-qos"   # on a bpffs: the classifier's maps survive restarts
 [net.levels]                # QoS class -> network class ("" = unshaped)
 reclaimed_cores = "batch"
-[net.classes.batch]         # unset: system 40 %, online 30 %, batch 30 %, ceil = link
+# [net.classes.*]: unset = system 40 %, online 30 %, batch 30 %, each up to the link.
+# Setting any replaces them all, so a table names every class the levels use:
+[net.classes.system]
+rate = "40%"
+prio = 0
+[net.classes.online]
+rate = "30%"
+prio = 1
+[net.classes.batch]
 rate = "30%"
 ceil = "100%"
 prio = 2

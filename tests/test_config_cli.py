@@ -343,3 +343,16 @@ def test_the_gil_switch_interval_is_a_plugin_setting_applied_by_the_daemon() -> 
     assert parse_config("", "test.toml").plugin.gil_switch_interval == 0.0005
     with pytest.raises(ConfigError, match="gil_switch_interval_ms"):
         parse_config("[plugin]\ngil_switch_interval_ms = 0\n", "test.toml")
+
+
+def test_the_configuration_the_readme_shows_is_accepted() -> None:
+    """The README's full example is what users copy: it must load as written."""
+    import re
+
+    from tests.conftest import REPO
+
+    text = (REPO / "README.md").read_text()
+    example = max(re.findall(r"```toml\n(.*?)```", text, re.S), key=len)
+    assert "[plugin]" in example and "[reconcile]" in example
+    config = parse_config(example, "README.md")
+    assert config.reconcile.period_s == 10
