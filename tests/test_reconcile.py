@@ -260,7 +260,7 @@ async def running_node(
             TreeRdt(tree, host),
             IoController(host, tree.root, HostWriter(), IoSettings()),
         ]
-        for cls in ("system", "shared", "reclaimed"):
+        for cls in ("system", SHARED, "reclaimed"):
             tree.rdt_group(rdt_clos_id(cls))
         on = Backend(True, "started")
         support = IsolationConfig(host=HostSupport(rdt=on, io=on))
@@ -443,10 +443,10 @@ def test_rdt_task_groups_read_from_the_resctrl_fake(fs: FakeFilesystem) -> None:
     fake = FakeResctrl(fs)
     resctrl = Resctrl(Path("/"))
     info = resctrl.probe()
-    for cls in ("shared", "reclaimed"):
+    for cls in (SHARED, "reclaimed"):
         resctrl.ensure_class(cls, RdtClassConfig(), info)
     a, b, c = fake.spawn(), fake.spawn(), fake.spawn()
-    resctrl.assign_tasks("shared", [a], "test")
+    resctrl.assign_tasks(SHARED, [a], "test")
     resctrl.ensure_mon_group("reclaimed", "ctr-b", "test")
     resctrl.assign_tasks("reclaimed", [b], "test", mon="ctr-b")
     groups = task_groups(Path("/sys/fs/resctrl"))
@@ -463,7 +463,7 @@ def test_read_host_reads_rdt_and_io_only_for_started_controllers(tmp_path: Path)
         pid = tree.add(path, "0-3", io_weight=250, rdt_group="nri-qos-shared")
         t = Target(
             ContainerRef("ctr-a", "default/a/a", "pod-x", path, None),
-            Planned(frozenset(range(4)), None, 0, "shared", 100),
+            Planned(frozenset(range(4)), None, 0, SHARED, 100),
         )
         reader = HostReader(tree.root, unknown_containers=False)
         seen = read_host(tree.host(), [t], reader, started=frozenset({"rdt", "io"}))
