@@ -32,7 +32,6 @@ import errno as errno_codes
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import time
@@ -43,6 +42,7 @@ from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from isolation import kubeapi
 from isolation.cgroups import CgroupUnsupported
 from isolation.errors import HostError
 from isolation.host import LinuxHost
@@ -54,9 +54,6 @@ if TYPE_CHECKING:
     from kubernetes.client import CoreV1Api
 
 log = logging.getLogger("nri_qos.evict")
-
-SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-_MAX_MESSAGE = 300  # an API server's message goes into one log line and one outcome line
 
 
 class EvictOutcome(StrEnum):
@@ -114,7 +111,7 @@ class KubernetesEvictor:
         timeout_s: float = 5.0,
     ) -> None:
         if api is None:
-            api = _core_api(_configuration())
+            api = _core_api(kubeapi.no_retries())
         self.api = api
         self.writer = writer if writer is not None else HostWriter()
         self.timeout_s = timeout_s
@@ -122,52 +119,22 @@ class KubernetesEvictor:
 
     @classmethod
     def in_cluster(cls, writer: HostWriter | None = None) -> KubernetesEvictor:
-        """From the pod's service account (a DaemonSet's). The token file is re-read as
-        the kubelet rotates it."""
-        host = os.environ.get("KUBERNETES_SERVICE_HOST", "")
-        port = os.environ.get("KUBERNETES_SERVICE_PORT", "")
-        token = SERVICE_ACCOUNT / "token"
-        if not host or not port or not token.is_file():
-            missing = (
-                "KUBERNETES_SERVICE_HOST/PORT are not set"
-                if not host or not port
-                else f"{token} does not exist"
-            )
-            raise EvictorUnavailable(
-                f"not running in a cluster: {missing}; set [eviction] kubeconfig or run "
-                "nri-qos as a DaemonSet with a service account"
-            )
-        from kubernetes import config
-
-        configuration = _configuration()
+        """From the pod's service account (a DaemonSet's)."""
+        instead = "set [eviction] kubeconfig or run nri-qos as a DaemonSet with a service account"
         try:
-            config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-        except config.ConfigException as exc:
-            raise EvictorUnavailable(
-                f"not running in a cluster: {_one_line(str(exc))}; set [eviction] kubeconfig "
-                "or run nri-qos as a DaemonSet with a service account"
-            ) from None
-        return cls._with(configuration, writer)
+            return cls._with(kubeapi.in_cluster(instead), writer)
+        except kubeapi.ClusterUnavailable as exc:
+            raise EvictorUnavailable(str(exc)) from None
 
     @classmethod
     def from_kubeconfig(
         cls, path: str | Path, writer: HostWriter | None = None
     ) -> KubernetesEvictor:
         """From a kubeconfig file (its current context), for nodes run outside a pod."""
-        from kubernetes import config
-
-        if not Path(path).is_file():
-            raise EvictorUnavailable(f"kubeconfig {path} does not exist: fix [eviction] kubeconfig")
-        configuration = _configuration()
         try:
-            config.load_kube_config(  # type: ignore[no-untyped-call]
-                config_file=str(path), client_configuration=configuration, persist_config=False
-            )
-        except (config.ConfigException, OSError, ValueError) as exc:
-            raise EvictorUnavailable(
-                f"kubeconfig {path} cannot be used: {_one_line(str(exc))}"
-            ) from None
-        return cls._with(configuration, writer)
+            return cls._with(kubeapi.from_kubeconfig(path, "[eviction] kubeconfig"), writer)
+        except kubeapi.ClusterUnavailable as exc:
+            raise EvictorUnavailable(str(exc)) from None
 
     @classmethod
     def for_url(
@@ -178,13 +145,7 @@ class KubernetesEvictor:
         verify_ssl: bool = False,
     ) -> KubernetesEvictor:
         """An API server at `url`, with a bearer token (a test server, a proxy)."""
-        configuration = _configuration()
-        configuration.host = url.rstrip("/")
-        configuration.verify_ssl = verify_ssl
-        if token:
-            configuration.api_key = {"authorization": token}
-            configuration.api_key_prefix = {"authorization": "Bearer"}
-        return cls._with(configuration, writer)
+        return cls._with(kubeapi.for_url(url, token, verify_ssl), writer)
 
     @classmethod
     def _with(cls, configuration: Any, writer: HostWriter | None) -> KubernetesEvictor:
@@ -261,7 +222,7 @@ class KubernetesEvictor:
         except (HTTPError, OSError) as exc:
             return EvictResult(
                 EvictOutcome.FAILED,
-                f"{where}: API server {self.server} did not answer: {_cause(exc)}",
+                f"{where}: API server {self.server} did not answer: {kubeapi.cause(exc)}",
             )
         status = int(getattr(response, "status", 0) or 0)
         data = getattr(response, "data", b"")
@@ -327,7 +288,7 @@ class KubernetesEvictor:
                     EvictOutcome.FAILED, f"event on {where}: {line}", None, exc.status
                 )
             except (HTTPError, OSError) as exc:
-                return EvictResult(EvictOutcome.FAILED, f"event on {where}: {_cause(exc)}")
+                return EvictResult(EvictOutcome.FAILED, f"event on {where}: {kubeapi.cause(exc)}")
             release = getattr(response, "release_conn", None)
             if callable(release):
                 release()
@@ -339,16 +300,6 @@ class KubernetesEvictor:
         if result is None:
             return EvictResult(EvictOutcome.DRY_RUN, f"would post event {reason} on {where}")
         return result
-
-
-def _configuration() -> Any:
-    """A client configuration for one quick request: no retries behind the caller's back
-    (a POST is not idempotent, and the caller owns the retry policy)."""
-    from kubernetes import client
-
-    configuration = client.Configuration()
-    configuration.retries = 0
-    return configuration
 
 
 def _core_api(configuration: Any) -> CoreV1Api:
@@ -412,7 +363,7 @@ def _status_message(status: Mapping[str, Any]) -> str:
     for cause in causes if isinstance(causes, list) else ():
         if isinstance(cause, dict) and cause.get("message"):
             parts.append(str(cause["message"]))
-    return _one_line(" ".join(p.strip() for p in parts if p.strip()))
+    return kubeapi.one_line(" ".join(p.strip() for p in parts if p.strip()))
 
 
 def _retry_after(headers: Mapping[str, str] | None, status: Mapping[str, Any]) -> float | None:
@@ -428,19 +379,6 @@ def _retry_after(headers: Mapping[str, str] | None, status: Mapping[str, Any]) -
     except (TypeError, ValueError):
         return None  # absent, or an HTTP date the API server never sends
     return seconds if seconds >= 0 else None
-
-
-def _cause(exc: BaseException) -> str:
-    """The innermost reason of a connection failure (urllib3 wraps it twice)."""
-    reason = getattr(exc, "reason", None)
-    if isinstance(reason, BaseException):
-        return _cause(reason)
-    return _one_line(str(exc) or type(exc).__name__)
-
-
-def _one_line(text: str) -> str:
-    text = re.sub(r"\s+", " ", text).strip()
-    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 1] + "…"
 
 
 # --------------------------------------------------------------------------- cgroup kill

@@ -54,12 +54,13 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from isolation import kubeapi
 
 if TYPE_CHECKING:
     from nri_plugin.policy.numa_reclaim import NumaReclaimable
@@ -75,9 +76,7 @@ NRT_PLURAL = "noderesourcetopologies"
 NRT_KIND = "NodeResourceTopology"
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "nri-qos"}
-SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 MAX_WRITE_ATTEMPTS = 4  # a 409 re-reads and writes again; more means a writer war
-_MAX_MESSAGE = 300
 
 Values = Mapping[int, tuple[int, int]]
 """NUMA node -> (reclaimable millicores, reclaimable memory bytes)."""
@@ -280,19 +279,6 @@ def _parse(data: bytes | str | None) -> dict[str, Any]:
     return parsed if isinstance(parsed, dict) else {}
 
 
-def _one_line(text: str) -> str:
-    text = re.sub(r"\s+", " ", text).strip()
-    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 1] + "…"
-
-
-def _cause(exc: BaseException) -> str:
-    """The innermost reason of a connection failure (urllib3 wraps it twice)."""
-    reason = getattr(exc, "reason", None)
-    if isinstance(reason, BaseException):
-        return _cause(reason)
-    return _one_line(str(exc) or type(exc).__name__)
-
-
 def _version_of(body: Mapping[str, Any]) -> str | None:
     metadata = body.get("metadata")
     version = metadata.get("resourceVersion") if isinstance(metadata, dict) else None
@@ -376,13 +362,7 @@ class Reporter:
         cls, url: str, token: str | None, node_name: str, *, verify_ssl: bool = False, **kwargs: Any
     ) -> Reporter:
         """An API server at `url` with a bearer token (a test server, a proxy)."""
-        configuration = _configuration()
-        configuration.host = url.rstrip("/")
-        configuration.verify_ssl = verify_ssl
-        if token:
-            configuration.api_key = {"authorization": token}
-            configuration.api_key_prefix = {"authorization": "Bearer"}
-        return cls(_api_client(configuration), node_name, **kwargs)
+        return cls(_api_client(kubeapi.for_url(url, token, verify_ssl)), node_name, **kwargs)
 
     @classmethod
     def from_settings(cls, settings: ReporterSettings, zones: Values | None = None) -> Reporter:
@@ -507,7 +487,7 @@ class Reporter:
         except Exception as exc:  # a client bug must not end reporting for good
             log.exception("publishing reclaimable resources failed unexpectedly")
             if values is not None:
-                self._failed(values, f"unexpected error: {_one_line(str(exc))}")
+                self._failed(values, f"unexpected error: {kubeapi.one_line(str(exc))}")
         finally:
             self._task = None
             if state.pending is not None and not state.disabled:
@@ -664,10 +644,10 @@ class Reporter:
             )
         except ApiException as exc:
             body = _parse(exc.body)
-            message = _one_line(str(body.get("message") or exc.reason or ""))
+            message = kubeapi.one_line(str(body.get("message") or exc.reason or ""))
             return _Answer(int(exc.status or 0), body, message)
         except (HTTPError, OSError) as exc:
-            return _Answer(0, {}, f"API server {self.server} did not answer: {_cause(exc)}")
+            return _Answer(0, {}, f"API server {self.server} did not answer: {kubeapi.cause(exc)}")
         status = int(getattr(response, "status", 0) or 0)
         data = getattr(response, "data", b"")
         release = getattr(response, "release_conn", None)
@@ -675,17 +655,7 @@ class Reporter:
             release()
         body = _parse(data)
         ok = 200 <= status < 300
-        return _Answer(status, body, "" if ok else _one_line(str(body.get("message") or "")))
-
-
-def _configuration() -> Any:
-    """A client configuration without retries behind our back: a failed publication is
-    retried one interval later with the newest values, which is what we want instead."""
-    from kubernetes import client
-
-    configuration = client.Configuration()
-    configuration.retries = 0
-    return configuration
+        return _Answer(status, body, "" if ok else kubeapi.one_line(str(body.get("message") or "")))
 
 
 def _api_client(configuration: Any) -> Any:
@@ -704,46 +674,22 @@ def this_node(configured: str = "") -> str:
 
 
 def in_cluster_client(hint: str) -> Any:
-    """An ApiClient from the pod's service account (a DaemonSet's; the token file is
-    re-read as the kubelet rotates it). ReporterUnavailable says why not, ending with
-    `hint`: what to configure instead. Imports the client (about a second)."""
-    from kubernetes import config
-
-    host = os.environ.get("KUBERNETES_SERVICE_HOST", "")
-    port = os.environ.get("KUBERNETES_SERVICE_PORT", "")
-    token = SERVICE_ACCOUNT / "token"
-    hint = f"run nri-qos as a DaemonSet with a service account, {hint}"
-    if not host or not port:
-        raise ReporterUnavailable(
-            f"not in a cluster: KUBERNETES_SERVICE_HOST/PORT are not set; {hint}"
-        )
-    if not token.is_file():
-        raise ReporterUnavailable(f"not in a cluster: {token} does not exist; {hint}")
-    configuration = _configuration()
+    """An ApiClient from the pod's service account; ReporterUnavailable says why not,
+    ending with `hint`: what to configure instead."""
+    instead = f"run nri-qos as a DaemonSet with a service account, {hint}"
     try:
-        config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-    except config.ConfigException as exc:
-        raise ReporterUnavailable(f"not in a cluster: {_one_line(str(exc))}; {hint}") from None
-    return _api_client(configuration)
+        return _api_client(kubeapi.in_cluster(instead))
+    except kubeapi.ClusterUnavailable as exc:
+        raise ReporterUnavailable(str(exc)) from None
 
 
 def kubeconfig_client(path: str | Path, key: str) -> Any:
     """An ApiClient from a kubeconfig file (its current context), for an agent run
     outside a pod; ReporterUnavailable names `key`, the setting to fix."""
-    from kubernetes import config
-
-    if not Path(path).is_file():
-        raise ReporterUnavailable(f"kubeconfig {path} does not exist: fix {key}")
-    configuration = _configuration()
     try:
-        config.load_kube_config(  # type: ignore[no-untyped-call]
-            config_file=str(path), client_configuration=configuration, persist_config=False
-        )
-    except (config.ConfigException, OSError, ValueError) as exc:
-        raise ReporterUnavailable(
-            f"kubeconfig {path} cannot be used: {_one_line(str(exc))}"
-        ) from None
-    return _api_client(configuration)
+        return _api_client(kubeapi.from_kubeconfig(path, key))
+    except kubeapi.ClusterUnavailable as exc:
+        raise ReporterUnavailable(str(exc)) from None
 
 
 __all__ = [

@@ -113,7 +113,7 @@ def test_on_outside_a_cluster_ends_the_thread_with_the_reason(
     watch.start()
     watch.stop()
     assert not status.enabled
-    assert "not in a cluster: KUBERNETES_SERVICE_HOST/PORT are not set" in status.line()
+    assert "not running in a cluster: KUBERNETES_SERVICE_HOST/PORT are not set" in status.line()
     assert "[roles] kubeconfig" in status.line()
 
 
