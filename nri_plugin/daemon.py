@@ -179,13 +179,12 @@ async def rebalance_loop(
             counters = await executor.run(read)
             usage = UsageSample(online_cores=meter.sample(time.monotonic(), counters))
             intents = await plugin.in_policy_thread(functools.partial(policy.rebalance, usage))
-            executor.submit(intents)
             if intents.updates:
                 log.info(
                     "online usage moved the pools: updating %d container(s)",
                     len(intents.all_updates()),
                 )
-                await plugin.update_containers(intents.updates)
+            await plugin.carry_out(intents, executor.submit)
             if after is not None:
                 await after()
         except (NotConnected, RpcError, TimeoutError, ConnectionError) as exc:

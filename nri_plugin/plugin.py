@@ -291,6 +291,15 @@ class NriPlugin:
             raise NotConnected("no configured runtime connection")
         await session.update_containers(updates)
 
+    async def carry_out(self, intents: Intents, submit: IntentSink) -> None:
+        """What a decision made outside any event asks (a loop's: rebalance, signals,
+        drift, pod roles): notes and host intents to `submit` (the host executor), the
+        updates of live containers in one UpdateContainers call. Raises NotConnected
+        while no runtime is configured (the next Synchronize re-plans anyway)."""
+        submit(intents)
+        if intents.updates:
+            await self.update_containers(intents.updates)
+
     def stop(self) -> None:
         self._stopping.set()
         if self._session is not None:

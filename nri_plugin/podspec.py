@@ -425,7 +425,7 @@ async def pod_roles_loop(
             try:
                 decided = await plugin.in_policy_thread(functools.partial(_decide, policy, batch))
                 for intents in decided:
-                    await carry_out(plugin, executor, intents)
+                    await plugin.carry_out(intents, executor.submit)
             except (NotConnected, RpcError, TimeoutError, ConnectionError) as exc:
                 reraise_if_cancelled()
                 log.warning("pod-spec roles: %s", exc or type(exc).__name__)
@@ -442,19 +442,9 @@ def _decide(policy: QosPolicy, batch: Mapping[str, Roles]) -> list[Intents]:
     return [policy.pod_roles(uid, roles) for uid, roles in batch.items()]
 
 
-async def carry_out(plugin: NriPlugin, executor: HostExecutor, intents: Intents) -> None:
-    """As after any event: notes and host intents to the executor, the updates of live
-    containers in one UpdateContainers call (none while no runtime is connected: the
-    next Synchronize plans with the roles already known)."""
-    executor.submit(intents)
-    if intents.updates and plugin.configured.is_set():
-        await plugin.update_containers(intents.updates)
-
-
 __all__ = [
     "PodSpecStatus",
     "PodWatch",
-    "carry_out",
     "pod_roles_loop",
     "roles_of",
     "watch_from_settings",

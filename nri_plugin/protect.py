@@ -155,9 +155,7 @@ async def protection_loop(
             state.last = snapshot
             state.sources = dict(snapshot.sources)
             intents = await plugin.in_policy_thread(functools.partial(policy.protect, snapshot))
-            executor.submit(intents)
-            if intents.updates:
-                await plugin.update_containers(intents.updates)
+            await plugin.carry_out(intents, executor.submit)
             if after is not None and (intents.updates or intents.host):
                 await after()
         except (NotConnected, RpcError, TimeoutError, ConnectionError) as exc:

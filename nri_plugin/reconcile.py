@@ -235,9 +235,7 @@ async def reconcile_loop(
                 for note in intents.notes:
                     if note.kind == DRIFT_KIND:
                         metrics.repairs.labels(note.message.partition(" ")[0]).inc()
-            executor.submit(intents)
-            if intents.updates:
-                await plugin.update_containers(intents.updates)
+            await plugin.carry_out(intents, executor.submit)
             if metrics is not None:
                 await plugin.in_policy_thread(functools.partial(_show, policy, metrics))
         except (NotConnected, RpcError, TimeoutError, ConnectionError) as exc:

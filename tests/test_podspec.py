@@ -15,6 +15,7 @@ import pytest
 
 from nri_plugin.config import ConfigError, parse_config
 from nri_plugin.config_roles import RolesSettings
+from nri_plugin.plugin import NriPlugin
 from nri_plugin.podspec import (
     PodSpecStatus,
     PodWatch,
@@ -262,7 +263,10 @@ def test_a_failing_server_is_retried_with_back_off_and_the_error_shown(api: PodA
 
 
 class FakePlugin:
-    """What pod_roles_loop uses of NriPlugin: the policy thread, UpdateContainers."""
+    """What pod_roles_loop uses of NriPlugin: the policy thread, UpdateContainers (and
+    NriPlugin's own carry_out on top of them)."""
+
+    carry_out = NriPlugin.carry_out
 
     def __init__(self) -> None:
         self.policy_thread = ThreadPoolExecutor(1)
