@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import faulthandler
+import gc
 import os
 import sys
 import threading
@@ -22,18 +24,27 @@ SYSFS_TOPOLOGIES = DATA / "sysfs-topologies"
 # thread, not faulthandler.dump_traceback_later: the fuzz oracle forks and uses
 # faulthandler in its children, and a child forked while faulthandler's own watchdog
 # thread waits would deadlock on that thread's lock.
-HANG_LIMIT_S = 240
+HANG_LIMIT_S = float(os.environ.get("NRI_QOS_TEST_HANG_LIMIT_S", "240"))
 
 
-def _hung(nodeid: str) -> None:
+def _hung(nodeid: str, config: pytest.Config) -> None:
+    capture = config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:  # the dump must reach the real stderr, not a capture file
+        capture.suspend_global_capture(in_=True)
     sys.stderr.write(f"\n{nodeid} still running after {HANG_LIMIT_S} s; every thread:\n")
     faulthandler.dump_traceback(all_threads=True)
+    # and what each unfinished asyncio task awaits (the loop's thread is idle in select
+    # when a coroutine waits for something that never comes)
+    for task in [o for o in gc.get_objects() if isinstance(o, asyncio.Task) and not o.done()]:
+        sys.stderr.write(f"\n{task!r}\n")
+        task.print_stack(file=sys.stderr)
+    sys.stderr.flush()
     os._exit(70)
 
 
 @pytest.fixture(autouse=True)
 def _no_hang(request: pytest.FixtureRequest) -> Iterator[None]:
-    timer = threading.Timer(HANG_LIMIT_S, _hung, (request.node.nodeid,))
+    timer = threading.Timer(HANG_LIMIT_S, _hung, (request.node.nodeid, request.config))
     timer.daemon = True
     timer.start()
     try:
