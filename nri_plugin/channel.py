@@ -215,9 +215,14 @@ class NriChannel:
         metadata: Iterable[tuple[str, str]] = (),
     ) -> ResponseReceived:
         """One call with `timeout` seconds to answer (also sent as the request's timeout).
-        Raises TimeoutError (the call is abandoned) or ChannelClosed."""
+        Raises TimeoutError (the call is abandoned) or ChannelClosed.
+
+        `asyncio.timeout`, not `wait_for`: on Python 3.11 a `wait_for` whose reply lands
+        as the caller is cancelled returns the reply and loses the cancellation, and a
+        loop cancelled at shutdown then waits forever for a runtime that is gone."""
         _, reply = self.start_call(service, method, payload, int(timeout * 1e9), metadata)
-        return await asyncio.wait_for(reply, timeout)
+        async with asyncio.timeout(timeout):
+            return await reply
 
     def _settled(self, sid: int, reply: asyncio.Future[ResponseReceived]) -> None:
         if reply.cancelled():  # the caller stopped waiting

@@ -310,5 +310,8 @@ class NriPlugin:
         self.policy_thread.shutdown(wait=False, cancel_futures=True)
 
     async def _sleep(self, seconds: float) -> None:
+        """Until `seconds` pass or stop() (asyncio.timeout keeps a cancel: see
+        NriChannel.call)."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._stopping.wait()

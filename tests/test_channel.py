@@ -585,3 +585,20 @@ async def test_a_thread_write_after_close_is_dropped(opened: list[Side]) -> None
     assert done is False
     assert channel._fd == -1  # its own descriptor of the socket is closed with it
     writer.close()
+
+
+async def test_a_call_cancelled_as_its_reply_lands_stays_cancelled(opened: list[Side]) -> None:
+    """A loop cancelled at shutdown while its UpdateContainers reply arrives must end:
+    the reply must not swallow the cancel (asyncio.wait_for does on Python 3.11, and the
+    loop then waits forever for a runtime that is gone)."""
+    plugin, _, writer = await _raw_peer(opened)
+    channel = plugin.channel
+    reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    channel.start_call = lambda *args, **kwargs: (1, reply)  # type: ignore[method-assign]
+    call = asyncio.create_task(channel.call("svc", "M", b"", timeout=5))
+    await asyncio.sleep(0)  # the call now waits for its reply
+    reply.set_result("the runtime's answer")
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    writer.close()
