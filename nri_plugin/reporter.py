@@ -506,12 +506,10 @@ class Reporter:
         do_node = s.node_sent != patch
         do_nrt = not s.nrt_off and s.nrt_sent != values
         try:
-            result = await asyncio.wait_for(
-                asyncio.to_thread(
+            async with asyncio.timeout(self._deadline()):  # keeps a cancel (NriChannel.call)
+                result = await asyncio.to_thread(
                     self._write, values, patch, do_node, do_nrt, s.nrt_version, s.node_uid
-                ),
-                self._deadline(),
-            )
+                )
         except TimeoutError:
             self._failed(values, f"the API server {self.server} did not finish in time")
             return
