@@ -241,8 +241,10 @@ def floor_main(socket_path: str, register: bytes, configure_reply: bytes) -> Non
 # policy thread writes the reply itself (one hop: loop -> policy thread); the loop's
 # work after the reply (intents) is outside "received -> written".
 STAGES = (
-    "pre_submit",  # read (the histogram's "received") -> lookup, counter, deadline, submit
-    "hop_in",  # submitted -> the policy thread runs Session._run
+    # read (the histogram's "received") -> lookup, counter, deadline: the alarm when the
+    # policy thread serves it inline, a loop timer and the submit when the loop read it
+    "pre_submit",
+    "hop_in",  # submitted -> the policy thread runs Session._run (0 when served inline)
     "decode",  # protobuf decode of the NRI payload (services.decode)
     "convert_in",  # protobuf -> qos_model (pod_for_policy, container_for_policy, ...)
     "policy",  # the policy hook (engine)
@@ -352,8 +354,6 @@ def _timed(rec: _Recorder, stage: str, fn: Callable[..., Any]) -> Callable[..., 
 
 
 def _install_stages(rec: _Recorder) -> None:
-    import concurrent.futures
-
     from nri_plugin import channel as channel_mod
     from nri_plugin import dispatch
     from nri_plugin import session as session_mod
@@ -361,11 +361,15 @@ def _install_stages(rec: _Recorder) -> None:
     from nri_plugin.policy.qos_policy import QosPolicy
     from nri_plugin.protocol import convert, services
 
+    try:  # a baseline checkout from before the policy thread read the socket
+        from nri_plugin.policy_thread import PolicyThread as pool
+    except ImportError:
+        from concurrent.futures import ThreadPoolExecutor as pool  # type: ignore[assignment]
+
     perf = time.perf_counter_ns
     S = session_mod.Session
-    pool = concurrent.futures.ThreadPoolExecutor
-
     orig_received, orig_run, orig_reply_now = S._received, S._run, S._reply_now
+    orig_inline = getattr(S, "_serve_inline", None)
     orig_handle, orig_answer = S._handle, S._answer
     orig_submit = pool.submit
     channel = channel_mod.NriChannel
@@ -383,13 +387,25 @@ def _install_stages(rec: _Recorder) -> None:
             cur["submit_at"] = perf()
         return orig_submit(self, fn, *args, **kwargs)
 
-    def run(self: Any, turn: Any) -> None:
-        cur = rec.pending.pop(turn.event.stream_id, None)
+    def serve_inline(self: Any, event: Any, received: float) -> None:
+        """The policy thread read it: no submit, no hop (run_at is the submit)."""
+        rec.current = {"method": event.method, "received_at": perf()}
+        try:
+            assert orig_inline is not None
+            orig_inline(self, event, received)
+        finally:
+            rec.current = None
+
+    def run(self: Any, turn: Any) -> Any:
+        cur = rec.current
+        if cur is None:
+            cur = rec.pending.pop(turn.event.stream_id, None)
         if cur is not None:
             cur["run_at"] = perf()
+            cur.setdefault("submit_at", cur["run_at"])
         rec.current = cur
         try:
-            orig_run(self, turn)
+            return orig_run(self, turn)
         finally:
             rec.current = None
 
@@ -429,6 +445,8 @@ def _install_stages(rec: _Recorder) -> None:
 
     S._received = received  # type: ignore[method-assign]
     S._run = run  # type: ignore[method-assign]
+    if orig_inline is not None:
+        S._serve_inline = serve_inline  # type: ignore[method-assign]
     S._reply_now = reply_now  # type: ignore[method-assign]
     S._handle = handle  # type: ignore[method-assign]
     S._answer = answer  # type: ignore[method-assign]

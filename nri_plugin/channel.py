@@ -18,6 +18,14 @@ Rules:
   carry empty); otherwise its bytes are carried to the loop in order. One lock orders
   every write and the close, and the socket is written through a duplicate descriptor
   the channel owns, so a thread can never write to a reused descriptor number.
+- Reading may belong to another thread (`external_reading`, the plugin's): the channel
+  then never reads by itself. Whoever owns the socket calls `read_now` and handles what
+  it returns: the plugin's policy thread while it is free (it serves requests inline,
+  settling replies to our calls through `settle_from_thread`), the loop otherwise
+  (`read_in_loop(True)`: requests go through the backlog and handler tasks as in the
+  default mode, with the same bounds). Both read the same descriptor, one at a time;
+  the owner switches them. Its descriptor is released with `release_fd` once no thread
+  can be waiting on it.
 - A request `NriConnection` refuses (`BadRequest`) is answered with its error here: the
   refusal is the protocol's, not the owner's. The owner is told, to count it.
 - The first close wins and says why (an `Ending` and a sentence): every pending call
@@ -27,7 +35,8 @@ Rules:
 - Handler tasks outlive close, since one may be waiting and must notice its peer is
   gone; `wait_closed()` cancels those still running.
 - Memory stays bounded whatever the peer does (`ChannelLimits`). At most `max_handlers`
-  requests are handled at once, and none is started while the transport holds more than
+  requests are handled at once (with external reading, plus the one the owner's thread
+  is serving), and none is started while the transport holds more than
   `write_high_water` unsent bytes (its reply would only add to them); requests read
   meanwhile wait in order in a backlog. When that backlog is full (`max_handlers`
   requests or `max_waiting_bytes`) reading pauses until it moves. So reading goes on
@@ -45,6 +54,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import threading
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
@@ -55,6 +65,7 @@ from typing import Any
 
 from nri_plugin.protocol.connection import (
     BadRequest,
+    Event,
     NriConnection,
     RequestReceived,
     ResponseReceived,
@@ -63,6 +74,7 @@ from nri_plugin.protocol.connection import (
 from nri_plugin.protocol.errors import LocalProtocolError, RemoteProtocolError
 
 READ_SIZE = 1 << 16
+FLUSH_AT_CLOSE = 2.0  # seconds a graceful close waits for unsent bytes (external reading)
 log = logging.getLogger("nri_qos.channel")
 
 Serve = Callable[[RequestReceived], Coroutine[Any, Any, None]]
@@ -135,6 +147,7 @@ class NriChannel:
         on_close: Callable[[Ending, str], None] | None = None,
         tap: Callable[[bytes], None] | None = None,
         limits: ChannelLimits | None = None,
+        external_reading: bool = False,
     ) -> None:
         self.conn = NriConnection(role)
         self._reader, self._writer = reader, writer
@@ -164,6 +177,12 @@ class NriChannel:
         self._write_lock = threading.Lock()
         self._carry = bytearray()
         self._fd = _dup_socket(writer)
+        self._external = external_reading and self._fd >= 0
+        self._loop_reads = False  # external: the loop is (meant to be) reading
+        self._loop_reader_on = False  # external: the loop's reader is registered
+        self._closed_event = asyncio.Event()
+        self._resumer: asyncio.Task[None] | None = None  # external: reading paused
+        self._flushing = False  # external: closed gracefully with bytes still unsent
 
     @property
     def closed(self) -> bool:
@@ -180,7 +199,15 @@ class NriChannel:
         return self._writer.transport.get_write_buffer_size()
 
     def start(self) -> asyncio.Task[None]:
-        """Start reading; the returned task ends (without raising) when the channel closes."""
+        """Start reading; the returned task ends (without raising) when the channel closes.
+        With external reading nothing reads until the owner does (`read_now`,
+        `read_in_loop`); the transport never reads."""
+        if self._external:
+            transport = self._writer.transport
+            assert isinstance(transport, asyncio.ReadTransport)
+            transport.pause_reading()
+            self._reader_task = asyncio.create_task(self._until_closed(), name="nri-channel")
+            return self._reader_task
         self._reader_task = asyncio.create_task(self._read_loop(), name="nri-channel-reader")
         return self._reader_task
 
@@ -349,7 +376,7 @@ class NriChannel:
                     events = self.conn.receive_data(data)
                 except RemoteProtocolError as exc:
                     return self._close(Ending.CORRUPT, f"protocol error: {exc}")
-                self._dispatch(events)
+                self.dispatch(events)
         except asyncio.CancelledError:
             if not self.closed:
                 raise
@@ -357,7 +384,119 @@ class NriChannel:
         finally:
             self.close("stopped reading")  # only if cancelled by someone else, or a bug
 
-    def _dispatch(self, events: list[RequestReceived | ResponseReceived | BadRequest]) -> None:
+    # --- reading by its owner (external_reading) --------------------------------------------
+
+    async def _until_closed(self) -> None:
+        await self._closed_event.wait()
+
+    @property
+    def read_fd(self) -> int:
+        """The descriptor the owner waits on (external reading); -1 once released."""
+        return self._fd
+
+    def read_now(self, in_loop: bool) -> list[Event] | None:
+        """One read of what the socket holds, parsed into events, from the loop or the
+        owner's thread. [] when nothing was there; None when nothing more will be read
+        (the channel closes, in the loop, saying why)."""
+        if self.closed or self._fd < 0:
+            return None
+        try:
+            data = os.read(self._fd, READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return []
+        except OSError as exc:
+            self._close_from(in_loop, Ending.READ_FAILED, f"read failed: {exc}")
+            return None
+        if not data:
+            if self.conn.has_partial_message:
+                what = f"{self._peer} closed the connection in the middle of a message"
+                self._close_from(in_loop, Ending.TRUNCATED, what)
+            else:
+                self._close_from(in_loop, Ending.EOF, f"{self._peer} closed the connection")
+            return None
+        if self._tap is not None:
+            self._tap(data)
+        try:
+            return self.conn.receive_data(data)
+        except RemoteProtocolError as exc:
+            self._close_from(in_loop, Ending.CORRUPT, f"protocol error: {exc}")
+            return None
+
+    def _close_from(self, in_loop: bool, ending: Ending, reason: str) -> None:
+        if in_loop:
+            self._close(ending, reason)
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed
+            self._loop.call_soon_threadsafe(self._close, ending, reason)
+
+    def settle_from_thread(self, event: ResponseReceived) -> None:
+        """The owner's thread read a reply to one of our calls: settle it in the loop."""
+        with contextlib.suppress(RuntimeError):
+            events: list[Event] = [event]
+            self._loop.call_soon_threadsafe(self.dispatch, events)
+
+    def refuse_from_thread(self, event: BadRequest) -> None:
+        """The owner's thread read a request the protocol refuses: answer it from there."""
+        if self._on_bad_request is not None:
+            self._on_bad_request(event)
+        try:
+            self.write_from_thread(self.conn.send_error(event.stream_id, event.code, event.message))
+        except LocalProtocolError as exc:
+            log.error("could not refuse the request on stream %d: %s", event.stream_id, exc)
+
+    @property
+    def replies_backed_up(self) -> bool:
+        """More unsent bytes than `write_high_water`: the peer is not taking our replies,
+        and reading more would only add to them (the loop's reading waits for it)."""
+        return self.write_buffer_size + len(self._carry) > self.limits.write_high_water
+
+    @property
+    def backlog_waiting(self) -> bool:
+        """Requests read and not started, or reading paused for back-pressure."""
+        return bool(self._backlog) or (self._resumer is not None and not self._resumer.done())
+
+    def read_in_loop(self, on: bool) -> None:
+        """External reading: the loop reads (True) or leaves the socket to the owner."""
+        if not self._external or self.closed:
+            return
+        self._loop_reads = on
+        self._set_loop_reader(on)
+
+    def _set_loop_reader(self, on: bool) -> None:
+        if on == self._loop_reader_on:
+            return
+        if on:
+            self._loop.add_reader(self._fd, self._loop_readable)
+        else:
+            self._loop.remove_reader(self._fd)
+        self._loop_reader_on = on
+
+    def _loop_readable(self) -> None:
+        events = self.read_now(in_loop=True)
+        if events is None:
+            return
+        self.dispatch(events)
+        if self._backlog_full() and not self.closed:
+            # Pause as the read loop of the default mode does (its `_throttle`).
+            self._set_loop_reader(False)
+            self._resumer = asyncio.create_task(
+                self._resume_loop_reading(), name="nri-channel-paused"
+            )
+
+    async def _resume_loop_reading(self) -> None:
+        await self._throttle()
+        if not self.closed and self._loop_reads:
+            self._set_loop_reader(True)
+
+    def release_fd(self) -> None:
+        """External reading, after close: no thread waits on the descriptor any more."""
+        with self._write_lock:
+            if self._fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(self._fd)
+                self._fd = -1
+
+    def dispatch(self, events: list[RequestReceived | ResponseReceived | BadRequest]) -> None:
         """Act on one read's events in order. Replies and refusals are settled at once (a
         handler may be waiting for a reply); a request waits in the backlog, in order,
         while `max_handlers` are busy or replies are not being taken."""
@@ -499,9 +638,21 @@ class NriChannel:
         for reply in pending.values():
             if not reply.done():
                 reply.set_exception(ChannelClosed(reason))
+        if self._loop_reader_on:
+            self._set_loop_reader(False)
         with self._write_lock:  # a thread's write in progress ends first; none starts after
             self._carry.clear()
-            if self._fd >= 0:
+            if self._external and self._fd >= 0:
+                # The owner's thread may be waiting on it (or be stuck, and keep it open
+                # for long): shut the socket down, which wakes a waiting thread and lets
+                # the peer see the end whoever still holds a descriptor, and leave the
+                # number to `release_fd`. Unsent bytes of a graceful close go first.
+                if ending in _ABORTING or self.write_buffer_size == 0:
+                    _shutdown(self._fd, socket.SHUT_RDWR)
+                else:
+                    _shutdown(self._fd, socket.SHUT_RD)
+                    self._flushing = True
+            elif self._fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(self._fd)
                 self._fd = -1
@@ -510,8 +661,13 @@ class NriChannel:
                     self._writer.transport.abort()
                 else:
                     self._writer.close()
+        self._closed_event.set()
         task = self._reader_task
-        if task is not None and task is not asyncio.current_task(task.get_loop()):
+        if (
+            task is not None
+            and not self._external
+            and task is not asyncio.current_task(task.get_loop())
+        ):
             task.cancel()
         if self._on_close is not None:
             self._on_close(ending, reason)
@@ -519,11 +675,39 @@ class NriChannel:
     async def wait_closed(self) -> None:
         """After close(): cancel the handlers still running, wait for them and the reader."""
         current = asyncio.current_task()
-        for task in (*self._handlers, self._pumper):
+        for task in (*self._handlers, self._pumper, self._resumer):
             if task is not None and task is not current:
                 task.cancel()
-        tasks = [t for t in (self._reader_task, self._pumper, *self._handlers) if t is not None]
+        tasks = [
+            t
+            for t in (self._reader_task, self._pumper, self._resumer, *self._handlers)
+            if t is not None
+        ]
         await asyncio.gather(*(t for t in tasks if t is not current), return_exceptions=True)
+        if self._flushing:
+            # What was unsent is flushed (or given up): now the peer may see the end.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(FLUSH_AT_CLOSE):
+                    await self._writer.wait_closed()
+            with self._write_lock:
+                if self._fd >= 0:
+                    _shutdown(self._fd, socket.SHUT_RDWR)
+
+
+def _shutdown(fd: int, how: int) -> None:
+    """shutdown() of the socket behind `fd`. SHUT_RD: a thread in poll() on it wakes up
+    and reads end-of-file, and what we still have to write is not affected. SHUT_RDWR:
+    the peer sees the end too, however many descriptors of it are still open."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return
+    try:
+        sock.shutdown(how)
+    except OSError:
+        pass
+    finally:
+        sock.detach()
 
 
 def _dup_socket(writer: asyncio.StreamWriter) -> int:

@@ -26,7 +26,6 @@ import random
 import re
 import socket
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -36,6 +35,7 @@ from nri_plugin.channel import ChannelLimits, NriChannel
 from nri_plugin.metrics import ConnectionState, Metrics
 from nri_plugin.policy.api import PolicyBase
 from nri_plugin.policy.intents import Intents
+from nri_plugin.policy_thread import PolicyThread
 from nri_plugin.session import NRI_VERSION as NRI_VERSION
 from nri_plugin.session import Session
 from nri_plugin.session import SessionEnd as SessionEnd
@@ -198,7 +198,8 @@ class NriPlugin:
         self.settings = settings
         self.metrics = metrics if metrics is not None else Metrics()
         self.on_intents = on_intents
-        self.policy_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nri-policy")
+        # Runs every policy call, and reads the runtime's socket while free (policy_thread.py)
+        self.policy_thread = PolicyThread()
         self._session: Session | None = None
         self._stopping = asyncio.Event()
         self.configured = asyncio.Event()  # set while a runtime connection is configured

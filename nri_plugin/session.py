@@ -15,19 +15,27 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Coroutine, Sequence
+from collections import deque
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from google.protobuf.message import Message
 
 from nri_plugin import dispatch
+from nri_plugin.alarm import Alarm
 from nri_plugin.channel import Ending, NriChannel
 from nri_plugin.metrics import ConnectionState, MethodMetrics
 from nri_plugin.policy.intents import Intents
 from nri_plugin.protocol import convert, services
 from nri_plugin.protocol import nri_pb2 as pb
-from nri_plugin.protocol.connection import BadRequest, RequestReceived, ResponseReceived, Role
+from nri_plugin.protocol.connection import (
+    BadRequest,
+    Event,
+    RequestReceived,
+    ResponseReceived,
+    Role,
+)
 from nri_plugin.protocol.errors import Code, MessageTooLarge, ProtocolError, RpcError
 from qos_model.containers import BulkUpdate, Update, flat_updates
 from qos_model.runtime import RuntimeInfo
@@ -63,6 +71,7 @@ class Session:
             on_bad_request=self._refused,
             on_close=self._closed,
             limits=plugin.settings.channel_limits,
+            external_reading=True,
         )
         self.conn = self.channel.conn
         settings = plugin.settings
@@ -75,12 +84,25 @@ class Session:
         self.end_reason = "runtime closed the connection"
         self.configured = False
         self._loop_thread = threading.get_ident()
+        self._loop = asyncio.get_running_loop()
+        # Who reads the socket (see "Serving inline"): the policy thread while it is free,
+        # the loop while it is stuck. `_lock` guards the switch, what the thread read and
+        # has not served yet, and what the alarm guards.
+        self._lock = threading.Lock()
+        self._thread_reads = True
+        self._unserved: deque[tuple[Event, float]] = deque()  # with when it was read
+        self._alarm = Alarm()
+        self._guarded: _Turn | None = None  # the request the alarm would answer
+        self._guarding = False  # the alarm is armed around the policy thread's work
+        self._hand_back_asked = False
 
     # --- lifecycle -------------------------------------------------------------------------
 
     async def run(self) -> SessionEnd:
         settings = self.plugin.settings
         read_task = self.channel.start()
+        self._loop.add_reader(self._alarm.fileno(), self._alarm_went_off)
+        self.plugin.policy_thread.attach(self)
         register = asyncio.create_task(self._register())
         configured = asyncio.create_task(self.plugin.configured.wait())
         # Configure may arrive before the RegisterPlugin reply: the read loop serves it
@@ -123,6 +145,7 @@ class Session:
                 task.cancel()
             await asyncio.gather(both, return_exceptions=True)
             await self.channel.wait_closed()
+            self._detach()
         return SessionEnd(self.configured, self.end_reason)
 
     def close(self, reason: str) -> None:
@@ -166,6 +189,192 @@ class Session:
             metrics.overload.labels(_OVERLOAD_LIMITS[ending]).inc()
             log.error("closing the runtime connection: %s", reason)
 
+    # --- serving inline: the policy thread reads the socket ---------------------------------
+    #
+    # While the policy thread is free, it waits on the socket itself (PolicyThread calls
+    # the five methods below) and serves each request where it read it: decode, decide,
+    # encode, write. No other thread wakes for a request answered in time. The alarm
+    # (a timerfd the loop watches) is armed around every stretch of the thread's work that
+    # leaves the socket unread: a request's budget, or TAKEOVER_AFTER for a background
+    # task or a notification decided after its reply. When it goes off, the loop answers
+    # the late request with no change (`_deadline_passed`) and reads the socket itself
+    # (requests then go through `_start`, each under its own deadline, queued behind the
+    # late call) until the thread is free again and asks for the socket back.
+
+    def reading_fd(self) -> int | None:
+        if not self._thread_reads or self.channel.closed:
+            return None
+        fd = self.channel.read_fd
+        return fd if fd >= 0 else None
+
+    def readable(self) -> None:
+        try:
+            if not self._thread_reads:
+                return
+            if self.channel.replies_backed_up:
+                # The runtime is not taking our replies: the loop reads with back-pressure.
+                self._give_reading_to_loop()
+                return
+            events = self.channel.read_now(in_loop=False)
+            if not events:
+                return
+            received = time.monotonic()
+            with self._lock:
+                self._unserved.extend((event, received) for event in events)
+            self._serve_unserved()
+        except Exception:
+            log.exception("serving requests in the policy thread failed; the loop reads now")
+            self._give_reading_to_loop()
+
+    def idle(self) -> None:
+        """The thread ran out of work: if the loop has the socket, ask for it back."""
+        if self._thread_reads or self._hand_back_asked or self.channel.closed:
+            return
+        self._hand_back_asked = True
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._hand_back)
+
+    def task_begins(self) -> None:
+        if self._thread_reads:
+            self._guard(None, TAKEOVER_AFTER)
+
+    def task_ended(self) -> None:
+        self._unguard()
+
+    def _serve_unserved(self) -> None:
+        while True:
+            with self._lock:
+                if not self._thread_reads or not self._unserved:
+                    return
+                event, received = self._unserved.popleft()
+            if self.channel.closed:
+                return
+            if isinstance(event, RequestReceived):
+                self._serve_inline(event, received)
+            elif isinstance(event, ResponseReceived):
+                self.channel.settle_from_thread(event)
+            else:
+                self.channel.refuse_from_thread(event)
+
+    def _serve_inline(self, event: RequestReceived, received: float) -> None:
+        """In the policy thread: answer one request as `_start` and `_run` do, under the
+        alarm instead of a loop timer; tell the loop only when it has something to do."""
+        method = services.lookup(event.service, event.method)
+        if method is None or event.service != services.PLUGIN_SERVICE:
+            self._unimplemented(event)
+            return
+        turn = _Turn(method, event, received)
+        try:
+            turn.metrics = self.plugin.metrics.of_method(method.name)
+            turn.metrics.requests.inc()
+            if method.reply_is_fixed:  # as in `_start`: answered now, decided after
+                turn.claim()
+                self._reply_now(turn, _Decision(None, dispatch.Outcome(method.response())))
+                self._guard(None, TAKEOVER_AFTER)
+            else:
+                turn.budget = self._budget(event.timeout_nano)
+                self._guard(turn, turn.budget)
+        except Exception as exc:  # a bug between the socket and the policy
+            self._unguard()
+            if turn.claim():
+                decision = self._internal_error(method, event.stream_id, exc)
+                self._reply_now(turn, decision)
+                self._in_loop(self._conclude, turn, decision)
+            return
+        try:
+            ran = self._run(turn)
+        finally:
+            self._unguard()
+        if isinstance(ran, _Decision):
+            request = ran.request
+            if isinstance(request, pb.ConfigureRequest) and request.request_timeout > 0:
+                self.request_timeout = request.request_timeout / 1000  # for what follows
+        if _loop_has_work(turn, ran):
+            self._in_loop(self._conclude, turn, ran)
+
+    def _guard(self, turn: _Turn | None, seconds: float) -> None:
+        with self._lock:
+            self._guarded = turn
+            self._guarding = True
+            self._alarm.arm(seconds)
+
+    def _unguard(self) -> None:
+        with self._lock:
+            if self._guarding:
+                self._alarm.disarm()
+            self._guarding = False
+            self._guarded = None
+
+    def _alarm_went_off(self) -> None:
+        """In the loop: the policy thread has been busy past the alarm. Answer its
+        request if it has one, and read the socket meanwhile."""
+        with self._lock:
+            if not self._alarm.fired() or not self._guarding:
+                return  # disarmed or re-armed since: not late
+            turn = self._guarded
+            self._guarding = False
+            self._guarded = None
+            self._thread_reads = False
+        if turn is not None:
+            self._deadline_passed(turn)
+        log.debug("the policy thread is busy; the loop reads the runtime's requests meanwhile")
+        self._loop_takes_reading()
+
+    def _give_reading_to_loop(self) -> None:
+        """From the policy thread: stop reading here, the loop takes over."""
+        with self._lock:
+            self._thread_reads = False
+        self._in_loop(self._loop_takes_reading)
+
+    def _loop_takes_reading(self) -> None:
+        """In the loop: what the thread read and did not serve goes first, in order."""
+        with self._lock:
+            self._thread_reads = False
+            unserved = [event for event, _ in self._unserved]
+            self._unserved.clear()
+        if self.channel.closed:
+            return
+        self.channel.dispatch(unserved)
+        self.channel.read_in_loop(True)
+
+    def _hand_back(self) -> None:
+        """In the loop: give the socket back to the policy thread, if nothing read here
+        still waits for it (what the loop started is queued in the thread, in order)."""
+        self._hand_back_asked = False
+        channel = self.channel
+        if (
+            self._thread_reads
+            or channel.closed
+            or channel.backlog_waiting
+            or channel.replies_backed_up
+            or not self.plugin.policy_thread.idle
+        ):
+            return
+        channel.read_in_loop(False)
+        with self._lock:
+            self._thread_reads = True
+        self.plugin.policy_thread.wake()
+
+    def _in_loop(self, fn: Callable[..., object], *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _detach(self) -> None:
+        """In the loop, at the end: the thread stops serving this connection, then
+        releases its descriptors (it may be waiting on them until then)."""
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_reader(self._alarm.fileno())
+        thread = self.plugin.policy_thread
+        thread.attach(None)
+        try:
+            thread.submit(self._release)
+        except RuntimeError:  # shut down: nothing waits on them
+            self._release()
+
+    def _release(self) -> None:
+        self.channel.release_fd()
+        self._alarm.close()
+
     # --- serving ---------------------------------------------------------------------------
 
     def _budget(self, timeout_nano: int) -> float:
@@ -181,10 +390,11 @@ class Session:
         ours all end in a reply that changes nothing. The one exception is a split
         Synchronize past its bounds, which ends the connection.
 
-        One thread hop per request: the policy thread decodes, decides, encodes and
-        writes the reply itself (`_run`), then tells the loop, which carries out the
-        intents (`_finish`). The loop arms the deadline: past the budget it writes the
-        fail-open reply instead. Whichever comes first claims the request
+        This is the path of a request the loop read, because the policy thread was
+        busy (see "Serving inline" for the usual one). One thread hop: the policy thread
+        decodes, decides, encodes and writes the reply itself (`_run`), then tells the
+        loop, which carries out the intents (`_finish`). The loop arms the deadline:
+        past the budget it writes the fail-open reply instead. Whichever comes first claims the request
         (`_Turn.claim`); the other's reply is dropped, and a late policy's intents still
         go out when it ends. A reply the policy cannot change (an empty message: every
         notification) is written here, before the policy runs. None: already answered
@@ -195,6 +405,7 @@ class Session:
             return None
         loop = asyncio.get_running_loop()
         turn = _Turn(method, event, received, loop.create_future())
+        turn.budget = self._budget(event.timeout_nano)
         try:
             turn.metrics = self.plugin.metrics.of_method(method.name)
             turn.metrics.requests.inc()
@@ -206,9 +417,8 @@ class Session:
                 turn.claim()
                 self._reply_now(turn, _Decision(None, dispatch.Outcome(method.response())))
             else:
-                budget = self._budget(event.timeout_nano)
-                turn.timer = loop.call_later(budget, self._deadline_passed, turn, budget)
-            self.plugin.policy_thread.submit(self._run, turn)
+                turn.timer = loop.call_later(turn.budget, self._deadline_passed, turn)
+            self.plugin.policy_thread.submit(self._run_queued, turn)
         except Exception as exc:
             # A bug between the socket and the policy, or no policy thread any more.
             if turn.timer is not None:
@@ -222,11 +432,16 @@ class Session:
 
     async def _finish(self, turn: _Turn) -> None:
         """In the handler task: wait for the policy thread, then act on its decision."""
+        assert turn.done is not None
         try:
             ran = await turn.done
         finally:
             if turn.timer is not None:
                 turn.timer.cancel()
+        self._conclude(turn, ran)
+
+    def _conclude(self, turn: _Turn, ran: _Decision | dispatch.SyncOverflow) -> None:
+        """In the loop, once the policy decided (in time or late): act on the decision."""
         if isinstance(ran, dispatch.SyncOverflow):
             self._sync_overflowed(ran, turn.event.stream_id if turn.claim() else None)
             return
@@ -253,9 +468,15 @@ class Session:
         ):
             self.plugin.synchronized.set()
 
-    def _run(self, turn: _Turn) -> None:
+    def _run_queued(self, turn: _Turn) -> None:
+        """In the policy thread, for a request the loop read: decide, then hand the
+        decision to the loop's handler task."""
+        assert turn.done is not None
+        _settle(turn.done, self._run(turn))
+
+    def _run(self, turn: _Turn) -> _Decision | dispatch.SyncOverflow:
         """In the policy thread: decode, decide, and write the reply unless the deadline
-        already did; then hand the decision to the loop. Never raises."""
+        already did. Never raises."""
         method, event = turn.method, turn.event
         result: _Decision | dispatch.SyncOverflow
         request: Message | None
@@ -281,7 +502,7 @@ class Session:
             result = _Decision(None, dispatch.fail_open(method, None, self.plugin.policy), True)
             if turn.claim():
                 self._reply_now(turn, self._internal_error(method, event.stream_id, exc))
-        _settle(turn.done, result)
+        return result
 
     def _reply_now(self, turn: _Turn, decision: _Decision) -> None:
         """Write the reply (from whichever thread claimed the request) and observe its
@@ -291,7 +512,7 @@ class Session:
         metrics = turn.metrics or self.plugin.metrics.of_method(turn.method.name)
         metrics.seconds.observe(time.monotonic() - turn.received)
 
-    def _deadline_passed(self, turn: _Turn, budget: float) -> None:
+    def _deadline_passed(self, turn: _Turn) -> None:
         """In the loop, when the budget is spent: answer with no change, unless the
         policy thread answered first. The call goes on in the policy thread and its
         state change stands: what it asks of others is carried out when it ends."""
@@ -304,7 +525,7 @@ class Session:
             "%s: policy did not answer within %.0f ms; replying with no change "
             "(the runtime's deadline is %.0f ms)",
             method.name,
-            budget * 1000,
+            turn.budget * 1000,
             event.timeout_nano / 1e6,
         )
         try:
@@ -535,7 +756,9 @@ class _Turn:
     method: services.Method
     event: RequestReceived
     received: float  # time.monotonic() when the request was read
-    done: asyncio.Future[_Decision | dispatch.SyncOverflow]  # set by the policy thread
+    # set by the policy thread for a request the loop read (None: served inline)
+    done: asyncio.Future[_Decision | dispatch.SyncOverflow] | None = None
+    budget: float = 0.0  # seconds from `received` to the fail-open reply
     late: bool = False  # the deadline answered; the policy call may still be running
     metrics: MethodMetrics | None = None
     timer: asyncio.TimerHandle | None = None  # the deadline
@@ -544,6 +767,29 @@ class _Turn:
     def claim(self) -> bool:
         """True exactly once, for whoever answers first."""
         return self._claimed.acquire(blocking=False)
+
+
+def _loop_has_work(turn: _Turn, ran: _Decision | dispatch.SyncOverflow) -> bool:
+    """After an inline reply: does the loop have anything to do (a wakeup is costly)?"""
+    if not isinstance(ran, _Decision) or turn.late:
+        return True
+    outcome = ran.outcome
+    intents = outcome.intents
+    return bool(
+        outcome.runtime is not None
+        or intents.updates
+        or intents.host
+        or intents.notes
+        or turn.method.name == "Shutdown"
+        or isinstance(ran.request, pb.SynchronizeRequest)
+    )
+
+
+# The alarm around policy-thread work that leaves the socket unread and answers no
+# request of its own (a background decision, a notification decided after its reply):
+# past it, the loop reads. Small next to any request budget (half the runtime's timeout),
+# large next to what a decision takes (well under 10 ms at 1,000 containers).
+TAKEOVER_AFTER = 0.05
 
 
 # Channel endings that mean the runtime made us hit a bound, as metric labels.

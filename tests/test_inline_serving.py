@@ -1,0 +1,182 @@
+"""The policy thread reads the runtime's socket and answers inline; the loop steps in
+only when it is late (the alarm), and hands the socket back when it is free again.
+
+Every test here runs the real plugin against a scripted runtime over a unix socket."""
+
+from __future__ import annotations
+
+import asyncio
+import select
+import threading
+import time
+
+from nri_plugin.policy.api import RecordingPolicy
+from nri_plugin.policy.intents import Intents
+from nri_plugin.protocol import convert
+from nri_plugin.protocol import nri_pb2 as pb
+from nri_plugin.session import TAKEOVER_AFTER, Session
+from qos_model.containers import Adjustment, Container, Pod
+from tests.scripted_runtime import end_plugin, metric, serve_plugin
+
+
+def _pod() -> pb.PodSandbox:
+    return convert.pod_to_pb(Pod(id="pod0", name="name-pod0", namespace="default", uid="u"))
+
+
+def _create(cid: str = "ctr0") -> pb.CreateContainerRequest:
+    ctr = convert.container_to_pb(Container(id=cid, pod_id="pod0", name=f"name-{cid}"))
+    return pb.CreateContainerRequest(pod=_pod(), container=ctr)
+
+
+class Annotating(RecordingPolicy):
+    """Answers every CreateContainer with an annotation naming the container; waits for
+    `hold` (a threading.Event) first when the container is named in `held`."""
+
+    def __init__(self, held: frozenset[str] = frozenset(), hold_for: float = 0.0) -> None:
+        super().__init__()
+        self.held, self.hold_for = held, hold_for
+        self.threads: set[str] = set()
+
+    def create_container(self, pod: Pod, container: Container) -> Intents:
+        self.threads.add(threading.current_thread().name)
+        super().create_container(pod, container)
+        if container.id in self.held:
+            time.sleep(self.hold_for)
+        return Intents(adjustment=Adjustment(annotations={"by-policy": container.id}))
+
+
+def _annotation(payload: bytes) -> str | None:
+    reply = pb.CreateContainerResponse.FromString(payload)
+    return dict(reply.adjust.annotations).get("by-policy")
+
+
+def _session(plugin: object) -> Session:
+    session = plugin._session  # type: ignore[attr-defined]
+    assert isinstance(session, Session)
+    return session
+
+
+async def test_a_request_is_answered_while_the_loop_is_blocked() -> None:
+    """The policy thread reads, decides and writes on its own: the loop (blocked here
+    for the whole exchange) takes no part in a request answered in time."""
+    policy = Annotating()
+    plugin, runtime, task = await serve_plugin(policy)
+    await runtime.handshake()
+    fd = runtime.channel._writer.get_extra_info("socket").fileno()
+    runtime.send("CreateContainer", _create())  # written to the socket at once
+    readable, _, _ = select.select([fd], [], [], 2.0)  # the loop stays blocked meanwhile
+    assert readable, "no reply while the event loop was blocked"
+    reply = await runtime.next_event()
+    assert _annotation(reply.payload) == "ctr0"
+    assert policy.threads == {"nri-policy"}
+    await end_plugin(plugin, runtime, task)
+
+
+async def test_a_late_inline_request_fails_open_and_the_next_ones_are_still_served() -> None:
+    """The alarm answers the late request with no change inside its budget; the loop
+    reads the requests that come meanwhile (each under its own deadline, decided after
+    the late call, in order); then the thread gets the socket back and answers inline."""
+    policy = Annotating(held=frozenset({"slow"}), hold_for=0.4)
+    plugin, runtime, task = await serve_plugin(policy)
+    await runtime.handshake()
+    started = time.monotonic()
+    slow = runtime.send("CreateContainer", _create("slow"), timeout=0.2)  # budget 0.1 s
+    reply = await runtime.response(slow)
+    assert time.monotonic() - started < 0.3
+    assert _annotation(reply.payload) is None  # the no-change reply
+    assert not _session(plugin)._thread_reads  # the loop reads while the thread is stuck
+    # sent while the policy is stuck: the loop reads it, it waits for the policy thread
+    # and is decided in time (its budget is 1 s, the late call ends within 0.4 s)
+    queued = runtime.send("CreateContainer", _create("queued"), timeout=2.0)
+    assert _annotation((await runtime.response(queued)).payload) == "queued"
+    # the thread is free again: it asks for the socket back
+    for _ in range(100):
+        if _session(plugin)._thread_reads:
+            break
+        await asyncio.sleep(0.01)
+    assert _session(plugin)._thread_reads
+    after = runtime.send("CreateContainer", _create("after"))
+    assert _annotation((await runtime.response(after)).payload) == "after"
+    assert (
+        metric(plugin.metrics, "nri_qos_fail_open", method="CreateContainer", reason="deadline")
+        == 1
+    )
+    assert [o.container.id for o in policy.observations if o.container is not None][-3:] == [
+        "slow",
+        "queued",
+        "after",
+    ]
+    await end_plugin(plugin, runtime, task)
+
+
+async def test_a_long_background_task_hands_the_socket_to_the_loop() -> None:
+    """A background decision keeps the thread from reading: past TAKEOVER_AFTER the loop
+    reads, so a request that arrives meanwhile still gets its own deadline."""
+    plugin, runtime, task = await serve_plugin(Annotating())
+    await runtime.handshake()
+    gate = threading.Event()
+    background = asyncio.ensure_future(plugin.in_policy_thread(lambda: gate.wait(5)))
+    await asyncio.sleep(TAKEOVER_AFTER * 2)
+    assert not _session(plugin)._thread_reads
+    started = time.monotonic()
+    sid = runtime.send("CreateContainer", _create(), timeout=0.4)  # budget 0.2 s
+    reply = await runtime.response(sid)
+    assert time.monotonic() - started < 0.35  # answered (no change) though the thread is busy
+    assert _annotation(reply.payload) is None
+    gate.set()
+    assert await background is True
+    await end_plugin(plugin, runtime, task)
+
+
+async def test_a_short_background_task_keeps_the_socket_with_the_thread() -> None:
+    plugin, runtime, task = await serve_plugin(Annotating())
+    await runtime.handshake()
+    for _ in range(20):
+        await plugin.in_policy_thread(lambda: None)
+    assert _session(plugin)._thread_reads
+    reply = await runtime.call("CreateContainer", _create())
+    assert _annotation(reply.payload) == "ctr0"
+    assert (
+        metric(plugin.metrics, "nri_qos_fail_open", method="CreateContainer", reason="deadline")
+        == 0
+    )
+    await end_plugin(plugin, runtime, task)
+
+
+async def test_pipelined_requests_read_at_once_are_all_answered_in_order() -> None:
+    """One read can hold many requests; a late one among them leaves the rest to the
+    loop, which answers each (none is lost with the thread's read)."""
+    policy = Annotating(held=frozenset({"c1"}), hold_for=0.3)
+    plugin, runtime, task = await serve_plugin(policy)
+    await runtime.handshake()
+    sids = [runtime.send("CreateContainer", _create(f"c{i}"), timeout=0.4) for i in range(6)]
+    replies = [await runtime.response(sid) for sid in sids]
+    assert all(r.code == 0 for r in replies)
+    assert _annotation(replies[0].payload) == "c0"
+    assert _annotation(replies[1].payload) is None  # late: answered with no change
+    decided = [o.container.id for o in policy.observations if o.container is not None]
+    assert decided[-6:] == [f"c{i}" for i in range(6)]  # all decided, in order
+    await end_plugin(plugin, runtime, task)
+
+
+async def test_the_runtime_sees_the_end_while_the_policy_thread_is_stuck() -> None:
+    """The thread holds a descriptor of the socket; closing must not wait for it."""
+    release = threading.Event()
+
+    class Stuck(RecordingPolicy):
+        def create_container(self, pod: Pod, container: Container) -> Intents:
+            release.wait(10)
+            return Intents()
+
+    plugin, runtime, task = await serve_plugin(Stuck())
+    await runtime.handshake()
+    try:
+        sid = runtime.send("CreateContainer", _create(), timeout=0.2)
+        await runtime.response(sid)
+        plugin.stop()
+        await asyncio.wait_for(runtime.ended.wait(), 2)
+    finally:
+        release.set()
+    await asyncio.wait_for(task, 5)
+    plugin.close()
+    await runtime.close()
