@@ -394,11 +394,11 @@ class Session:
         busy (see "Serving inline" for the usual one). One thread hop: the policy thread
         decodes, decides, encodes and writes the reply itself (`_run`), then tells the
         loop, which carries out the intents (`_finish`). The loop arms the deadline:
-        past the budget it writes the fail-open reply instead. Whichever comes first claims the request
-        (`_Turn.claim`); the other's reply is dropped, and a late policy's intents still
-        go out when it ends. A reply the policy cannot change (an empty message: every
-        notification) is written here, before the policy runs. None: already answered
-        (unknown method, or a bug here)."""
+        past the budget it writes the fail-open reply instead. Whichever comes first
+        claims the request (`_Turn.claim`); the other's reply is dropped, and a late
+        policy's intents still go out when it ends. A reply the policy cannot change (an
+        empty message: every notification) is written here, before the policy runs.
+        None: already answered (unknown method, or a bug here)."""
         method = services.lookup(event.service, event.method)
         if method is None or event.service != services.PLUGIN_SERVICE:
             self._unimplemented(event)

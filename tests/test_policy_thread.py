@@ -71,8 +71,14 @@ def test_a_failing_task_fails_its_future_only() -> None:
 
 def test_shutdown_cancels_what_waits_and_refuses_new_work() -> None:
     pool = PolicyThread()
-    gate = threading.Event()
-    first = pool.submit(gate.wait, 5)
+    gate, running = threading.Event(), threading.Event()
+
+    def first_task() -> bool:
+        running.set()
+        return gate.wait(5)
+
+    first = pool.submit(first_task)
+    assert running.wait(2)  # what runs is not cancelled; only what waits
     waiting = pool.submit(lambda: 1)
     pool.shutdown(wait=False, cancel_futures=True)
     assert waiting.cancelled()
