@@ -7,6 +7,7 @@ Keeping this free of asyncio makes every method's mapping testable in one line.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from google.protobuf.message import Message
@@ -17,6 +18,7 @@ from nri_plugin.protocol import convert
 from nri_plugin.protocol import nri_pb2 as pb
 from nri_plugin.protocol.services import Method
 from nri_plugin.protocol.versions import Event, event_mask, infer_runtime, valid_event_mask
+from qos_model.containers import Container, Pod
 from qos_model.runtime import V0_4, RuntimeInfo
 
 
@@ -202,7 +204,7 @@ def handle(policy: PolicyBase, method: Method, request: Message, sync: SyncColle
         return Outcome(create_reply, intents)
     if isinstance(request, pb.UpdateContainerRequest):
         requested = (
-            convert.resources_from_pb(request.linux_resources)
+            convert.resources_for_policy(request.linux_resources)
             if request.HasField("linux_resources")
             else None
         )
@@ -261,20 +263,30 @@ def notify(
     """Deliver a pure notification, whether it came as StateChange or its own RPC."""
     pod = convert.pod_for_policy(pod_pb)
     if container_pb is None:
-        pod_hooks = {
-            Event.RUN_POD_SANDBOX: policy.run_pod,
-            Event.STOP_POD_SANDBOX: policy.stop_pod,
-            Event.REMOVE_POD_SANDBOX: policy.remove_pod,
-        }
-        hook = pod_hooks.get(event)  # POST_UPDATE_POD_SANDBOX adds nothing to UpdatePodSandbox
-        return hook(pod) if hook is not None else NO_INTENTS
+        name = _POD_HOOKS.get(event)  # POST_UPDATE_POD_SANDBOX adds nothing to UpdatePodSandbox
+        if name is None:
+            return NO_INTENTS
+        hook: Callable[[Pod], Intents] = getattr(policy, name)
+        return hook(pod)
     container = convert.container_for_policy(container_pb)
-    container_hooks = {
-        Event.POST_CREATE_CONTAINER: policy.post_create_container,
-        Event.START_CONTAINER: policy.start_container,
-        Event.POST_START_CONTAINER: policy.post_start_container,
-        Event.POST_UPDATE_CONTAINER: policy.post_update_container,
-        Event.REMOVE_CONTAINER: policy.remove_container,
-    }
-    chook = container_hooks.get(event)
-    return chook(pod, container) if chook is not None else NO_INTENTS
+    name = _CONTAINER_HOOKS.get(event)
+    if name is None:
+        return NO_INTENTS
+    chook: Callable[[Pod, Container], Intents] = getattr(policy, name)
+    return chook(pod, container)
+
+
+# The hook of each notification (by name: looked up on the policy per call, no dict of
+# bound methods built for each request).
+_POD_HOOKS: dict[Event, str] = {
+    Event.RUN_POD_SANDBOX: "run_pod",
+    Event.STOP_POD_SANDBOX: "stop_pod",
+    Event.REMOVE_POD_SANDBOX: "remove_pod",
+}
+_CONTAINER_HOOKS: dict[Event, str] = {
+    Event.POST_CREATE_CONTAINER: "post_create_container",
+    Event.START_CONTAINER: "start_container",
+    Event.POST_START_CONTAINER: "post_start_container",
+    Event.POST_UPDATE_CONTAINER: "post_update_container",
+    Event.REMOVE_CONTAINER: "remove_container",
+}

@@ -8,7 +8,8 @@ way out. The cpu and memory fields come from one table, `nri_plugin.protocol.fie
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -34,13 +35,15 @@ def _opt_str(msg: object, name: str) -> str | None:
     return None
 
 
+def _put(entries: Any, values: Mapping[str, str]) -> None:
+    """Set `values` in a protobuf map (its update() is collections.abc's, in Python)."""
+    for key, value in values.items():
+        entries[key] = value
+
+
 def _set_opt(msg: object, name: str, value: int | bool | str | None) -> None:
     if value is not None:
         getattr(msg, name).value = value
-
-
-def _namespaces(items: Iterable[pb.LinuxNamespace]) -> dict[str, str]:
-    return {ns.type: ns.path for ns in items}
 
 
 # --- resources ---------------------------------------------------------------------------
@@ -117,9 +120,12 @@ def resources_to_pb(
         _group_to_pb(res.memory, m, _MEMORY_PLAN)
     for h in res.hugepage_limits:
         msg.hugepage_limits.add(page_size=h.page_size, limit=h.limit)
-    _set_opt(msg, "blockio_class", res.blockio_class)
-    _set_opt(msg, "rdt_class", res.rdt_class)
-    msg.unified.update(res.unified)
+    if res.blockio_class is not None:
+        msg.blockio_class.value = res.blockio_class
+    if res.rdt_class is not None:
+        msg.rdt_class.value = res.rdt_class
+    if res.unified:
+        _put(msg.unified, res.unified)
     if res.pids_limit is not None:
         msg.pids.limit = res.pids_limit
     return msg
@@ -177,8 +183,10 @@ def pod_to_pb(pod: model.Pod, out: pb.PodSandbox | None = None) -> pb.PodSandbox
 
 
 def container_from_pb(msg: pb.Container) -> model.Container:
+    linux = msg.linux
     return replace(
         container_for_policy(msg),
+        resources=resources_from_pb(linux.resources) if linux.HasField("resources") else None,
         args=tuple(msg.args),
         env=tuple(msg.env),
         started_at=msg.started_at,
@@ -193,7 +201,10 @@ def container_from_pb(msg: pb.Container) -> model.Container:
 # the policy reads them (tests/test_layering.py checks that no code that sees the
 # policy's pods and containers names one), and converting them is most of what turning
 # a real ~3 KB request into model values costs (the sandbox's resources alone are a
-# third of a pod). To read one, take it off this list and convert it below.
+# third of a pod). To read one, take it off this list and convert it below. The nested
+# ones are fields of the container's resources (and of an UpdateContainer's requested
+# resources): only the cpu weight, quota, period and sets, the memory limit, the RDT
+# class and the unified map are read.
 LEFT_OUT_FOR_POLICY = frozenset(
     {
         "runtime_handler",
@@ -206,54 +217,212 @@ LEFT_OUT_FOR_POLICY = frozenset(
         "started_at",
         "finished_at",
         "exit_code",
+        # model.Resources
+        "hugepage_limits",
+        "blockio_class",
+        "pids_limit",
+        # model.CpuResources
+        "realtime_runtime",
+        "realtime_period",
+        # model.MemoryResources
+        "reservation",
+        "swap",
+        "kernel",
+        "kernel_tcp",
+        "swappiness",
+        "disable_oom_killer",
+        "use_hierarchy",
     }
 )
+
+# Maps are copied key by key: dict() of a protobuf map goes through the Python-level
+# views of collections.abc, several times slower on a map of a few entries.
+# The constructors below set every slot of a frozen model value directly: a dataclass's
+# generated __init__ goes through object.__setattr__ once per field, which is most of
+# what building the four or five values of one request costs. Each maker sets every
+# field (those left out at their defaults), so the values equal the __init__-built ones
+# (tests/protocol/test_convert.py compares them with `pod_from_pb` / `container_from_pb`).
+_new = object.__new__
+
+
+def _copy(entries: Any) -> dict[str, str]:
+    return {k: entries[k] for k in entries}
+
+
+def _setters(cls: type, names: str) -> tuple[Any, ...]:
+    """The slot setters of `cls` for `names`, which must be all of its fields in order."""
+    wanted = tuple(f.name for f in dataclasses.fields(cls))
+    if tuple(names.split()) != wanted:
+        raise TypeError(f"{cls.__name__} has the fields {wanted}, not {names!r}: update convert")
+    return tuple(getattr(cls, name).__set__ for name in wanted)
+
+
+_CPU_SET = _setters(
+    model.CpuResources, "shares quota period realtime_runtime realtime_period cpus mems"
+)
+_MEMORY_SET = _setters(
+    model.MemoryResources,
+    "limit reservation swap kernel kernel_tcp swappiness disable_oom_killer use_hierarchy",
+)
+_MEMORY_LIMIT_SET, _MEMORY_LEFT_OUT = _MEMORY_SET[0], _MEMORY_SET[1:]
+_RESOURCES_SET = _setters(
+    model.Resources,
+    "cpu memory hugepage_limits blockio_class rdt_class unified pids_limit",
+)
+_POD_SET = _setters(
+    model.Pod,
+    "id name uid namespace labels annotations runtime_handler cgroup_parent cgroups_path "
+    "pid ips namespaces overhead pod_resources sandbox_resources",
+)
+_CONTAINER_SET = _setters(
+    model.Container,
+    "id pod_id name state labels annotations args env cgroups_path resources oom_score_adj "
+    "pid namespaces created_at started_at finished_at exit_code",
+)
+
+
+def _cpu_for_policy(msg: pb.LinuxCPU) -> model.CpuResources:
+    has = msg.HasField
+    out = _new(model.CpuResources)
+    shares, quota, period, rt_runtime, rt_period, cpus, mems = _CPU_SET
+    shares(out, msg.shares.value if has("shares") else None)
+    quota(out, msg.quota.value if has("quota") else None)
+    period(out, msg.period.value if has("period") else None)
+    rt_runtime(out, None)
+    rt_period(out, None)
+    cpus(out, msg.cpus)
+    mems(out, msg.mems)
+    return out
+
+
+def _memory_for_policy(msg: pb.LinuxMemory) -> model.MemoryResources:
+    out = _new(model.MemoryResources)
+    _MEMORY_LIMIT_SET(out, msg.limit.value if msg.HasField("limit") else None)
+    for left_out in _MEMORY_LEFT_OUT:
+        left_out(out, None)
+    return out
+
+
+def resources_for_policy(msg: pb.LinuxResources) -> model.Resources:
+    """`resources_from_pb` without the fields in LEFT_OUT_FOR_POLICY. Remembered by the
+    message's bytes: the replicas of a workload, and each request about one container,
+    carry the same resources, and encoding them is a fraction of converting them."""
+    wire = msg.SerializeToString()
+    known = _RESOURCES.get(wire)
+    if known is None:
+        known = _resources_for_policy(msg)
+        if len(wire) <= _RESOURCES_KEY_MAX:  # a huge one (a big unified map) is not kept
+            if len(_RESOURCES) >= _RESOURCES_LIMIT:
+                _RESOURCES.clear()
+            _RESOURCES[wire] = known
+    return known
+
+
+# Frozen values; their `unified` dict is shared like any model mapping (read-only).
+_RESOURCES: dict[bytes, model.Resources] = {}
+_RESOURCES_LIMIT = 1024
+_RESOURCES_KEY_MAX = 512  # a container's usual resources encode to ~50 bytes
+
+
+def _resources_for_policy(msg: pb.LinuxResources) -> model.Resources:
+    has = msg.HasField
+    out = _new(model.Resources)
+    cpu, memory, hugepage_limits, blockio_class, rdt_class, unified, pids_limit = _RESOURCES_SET
+    cpu(out, _cpu_for_policy(msg.cpu) if has("cpu") else None)
+    memory(out, _memory_for_policy(msg.memory) if has("memory") else None)
+    hugepage_limits(out, ())
+    blockio_class(out, None)
+    rdt_class(out, msg.rdt_class.value if has("rdt_class") else None)
+    unified(out, _copy(msg.unified))
+    pids_limit(out, None)
+    return out
 
 
 def pod_for_policy(msg: pb.PodSandbox) -> model.Pod:
     """`pod_from_pb` without the fields in LEFT_OUT_FOR_POLICY (on every request)."""
     linux = msg.linux
-    return model.Pod(
-        id=msg.id,
-        name=msg.name,
-        uid=msg.uid,
-        namespace=msg.namespace,
-        labels=dict(msg.labels),
-        annotations=dict(msg.annotations),
-        cgroup_parent=linux.cgroup_parent,
-        cgroups_path=linux.cgroups_path,
-        pid=msg.pid or None,
-        namespaces=_namespaces(linux.namespaces),
-    )
+    (
+        id_,
+        name,
+        uid,
+        namespace,
+        labels,
+        annotations,
+        runtime_handler,
+        cgroup_parent,
+        cgroups_path,
+        pid,
+        ips,
+        namespaces,
+        overhead,
+        pod_resources,
+        sandbox_resources,
+    ) = _POD_SET
+    out = _new(model.Pod)
+    id_(out, msg.id)
+    name(out, msg.name)
+    uid(out, msg.uid)
+    namespace(out, msg.namespace)
+    labels(out, _copy(msg.labels))
+    annotations(out, _copy(msg.annotations))
+    runtime_handler(out, "")
+    cgroup_parent(out, linux.cgroup_parent)
+    cgroups_path(out, linux.cgroups_path)
+    pid(out, msg.pid or None)
+    ips(out, ())
+    namespaces(out, {ns.type: ns.path for ns in linux.namespaces})
+    overhead(out, None)
+    pod_resources(out, None)
+    sandbox_resources(out, None)
+    return out
 
 
 def container_for_policy(msg: pb.Container) -> model.Container:
     """`container_from_pb` without the fields in LEFT_OUT_FOR_POLICY (on every request)."""
-    linux = msg.linux
-    has_linux = msg.HasField("linux")
-    return model.Container(
-        id=msg.id,
-        pod_id=msg.pod_sandbox_id,
-        name=msg.name,
-        state=_state(msg.state),
-        labels=dict(msg.labels),
-        annotations=dict(msg.annotations),
-        cgroups_path=linux.cgroups_path,
-        resources=resources_from_pb(linux.resources)
-        if has_linux and linux.HasField("resources")
-        else None,
-        oom_score_adj=_opt(linux, "oom_score_adj") if has_linux else None,
-        pid=msg.pid or None,
-        namespaces=_namespaces(linux.namespaces),
-        created_at=msg.created_at,
-    )
+    linux = msg.linux  # an absent linux reads as an empty one: no resources, no oom value
+    (
+        id_,
+        pod_id,
+        name,
+        state,
+        labels,
+        annotations,
+        args,
+        env,
+        cgroups_path,
+        resources,
+        oom_score_adj,
+        pid,
+        namespaces,
+        created_at,
+        started_at,
+        finished_at,
+        exit_code,
+    ) = _CONTAINER_SET
+    out = _new(model.Container)
+    id_(out, msg.id)
+    pod_id(out, msg.pod_sandbox_id)
+    name(out, msg.name)
+    state(out, _STATES.get(msg.state, model.ContainerState.UNKNOWN))
+    labels(out, _copy(msg.labels))
+    annotations(out, _copy(msg.annotations))
+    args(out, ())
+    env(out, ())
+    cgroups_path(out, linux.cgroups_path)
+    has = linux.HasField
+    resources(out, resources_for_policy(linux.resources) if has("resources") else None)
+    oom_score_adj(out, linux.oom_score_adj.value if has("oom_score_adj") else None)
+    pid(out, msg.pid or None)
+    namespaces(out, {ns.type: ns.path for ns in linux.namespaces})
+    created_at(out, msg.created_at)
+    started_at(out, 0)
+    finished_at(out, 0)
+    exit_code(out, 0)
+    return out
 
 
-def _state(value: int) -> model.ContainerState:
-    try:
-        return model.ContainerState(value)
-    except ValueError:  # a newer runtime's state we do not know
-        return model.ContainerState.UNKNOWN
+# a state a newer runtime added reads as UNKNOWN
+_STATES = {int(s): s for s in model.ContainerState}
 
 
 def container_to_pb(ctr: model.Container, out: pb.Container | None = None) -> pb.Container:
@@ -291,16 +460,19 @@ def adjustment_to_pb(
 ) -> pb.ContainerAdjustment:
     """Into `out` when given (a reply's own field: no copy of a built message)."""
     msg = pb.ContainerAdjustment() if out is None else out
-    msg.annotations.update(adj.annotations)
+    if adj.annotations:
+        _put(msg.annotations, adj.annotations)
     for key, value in adj.env:
         msg.env.add(key=key, value=value)
+    linux = msg.linux
     if adj.resources is not None and not adj.resources.is_empty():
-        resources_to_pb(adj.resources, msg.linux.resources)
-        msg.linux.resources.SetInParent()
+        resources = linux.resources
+        resources_to_pb(adj.resources, resources)
+        resources.SetInParent()
     if adj.oom_score_adj is not None:
-        msg.linux.oom_score_adj.value = adj.oom_score_adj
+        linux.oom_score_adj.value = adj.oom_score_adj
     if adj.rdt is not None:
-        rdt_to_pb(adj.rdt, msg.linux.rdt)
+        rdt_to_pb(adj.rdt, linux.rdt)
     return msg
 
 
@@ -354,6 +526,8 @@ def updates_to_pb(updates: Iterable[model.Update | model.BulkUpdate], field: obj
 
     When a pool moves, hundreds of containers get the very same resources: each distinct
     Resources value is converted once and copied."""
+    if not updates:  # the usual reply: nothing to add
+        return
     converted: dict[int, pb.LinuxResources] = {}
 
     def add(container_id: str, resources: model.Resources, ignore_failure: bool) -> None:

@@ -3,6 +3,7 @@ captured traffic of containerd 1.7.13, containerd 2.3.4 and CRI-O 1.36.3."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -161,3 +162,66 @@ def test_a_bulk_update_encodes_as_one_update_per_container(
     for cid in ids:
         single.update.add().CopyFrom(convert.update_to_pb(model.Update(cid, res)))
     assert bulk.SerializeToString() == single.SerializeToString()
+
+
+def _without_left_out(value: Any) -> Any:
+    """`value` with the fields of LEFT_OUT_FOR_POLICY at their defaults, nested ones too."""
+    if value is None:
+        return None
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(value):
+        current = getattr(value, f.name)
+        if f.name in convert.LEFT_OUT_FOR_POLICY:
+            if f.default is not dataclasses.MISSING:
+                changes[f.name] = f.default
+            else:
+                assert f.default_factory is not dataclasses.MISSING
+                changes[f.name] = f.default_factory()
+        elif isinstance(current, model.Resources | model.CpuResources | model.MemoryResources):
+            changes[f.name] = _without_left_out(current)
+    return dataclasses.replace(value, **changes)
+
+
+@pytest.mark.parametrize("session", SESSIONS, ids=session_id)
+def test_what_the_policy_reads_is_the_full_conversion_minus_the_left_out_fields(
+    session: Session,
+) -> None:
+    """pod_for_policy / container_for_policy / resources_for_policy, on every pod,
+    container and requested resources a real runtime sent: equal to the full conversion
+    with the left-out fields (nested ones included) at their defaults, also when the
+    resources come back remembered."""
+    seen = 0
+    for payload in _payloads(session):
+        for fd, value in payload.ListFields():
+            if fd.message_type is None or fd.is_repeated:
+                continue
+            if isinstance(value, pb.PodSandbox):
+                want = _without_left_out(convert.pod_from_pb(value))
+                assert convert.pod_for_policy(value) == want
+                seen += 1
+            elif isinstance(value, pb.Container):
+                want_ctr = _without_left_out(convert.container_from_pb(value))
+                for _ in range(2):  # the second time, the resources are remembered
+                    assert convert.container_for_policy(value) == want_ctr
+                seen += 1
+            elif isinstance(value, pb.LinuxResources):
+                want_res = _without_left_out(convert.resources_from_pb(value))
+                for _ in range(2):
+                    assert convert.resources_for_policy(value) == want_res
+                seen += 1
+    assert seen > 0 or not any(True for _ in _payloads(session))
+
+
+@given(resources)
+def test_resources_for_policy_on_generated_values(res: model.Resources) -> None:
+    msg = convert.resources_to_pb(res)
+    assert convert.resources_for_policy(msg) == _without_left_out(res)
+
+
+def test_a_container_without_linux_has_no_resources_and_no_oom_score_adj() -> None:
+    ctr = convert.container_for_policy(pb.Container(id="c", state=pb.CONTAINER_RUNNING))
+    assert ctr.resources is None and ctr.oom_score_adj is None
+    assert ctr.state is model.ContainerState.RUNNING
+    assert convert.container_for_policy(pb.Container(state=99)).state is (  # type: ignore[arg-type]
+        model.ContainerState.UNKNOWN
+    )
