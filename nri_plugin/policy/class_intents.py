@@ -101,7 +101,7 @@ def at_create(adjustment: Adjustment, plan: ContainerPlan, paths: Paths) -> Adju
         resources = replace(
             resources, unified={**resources.unified, "io.weight": f"default {weight}"}
         )
-    if rdt is None and resources == adjustment.resources:
+    if rdt is None and (resources is adjustment.resources or resources == adjustment.resources):
         return adjustment
     return replace(adjustment, resources=resources, rdt=rdt)
 

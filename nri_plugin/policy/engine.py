@@ -22,7 +22,7 @@ then silently never applied.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Concatenate, ParamSpec, TypeVar
@@ -36,6 +36,7 @@ from nri_plugin.policy.class_intents import (
     paths_for,
     while_running,
 )
+from nri_plugin.policy.class_isolation import HostSupport
 from nri_plugin.policy.drift import DriftBook, Observation, cpuset_request_notes
 from nri_plugin.policy.eviction import PRIORITY_ANNOTATION
 from nri_plugin.policy.incremental import Planner, PlanStep
@@ -59,13 +60,16 @@ from nri_plugin.policy.plan import (
     RDT,
     ContainerPlan,
     FieldChange,
+    cpu_list,
     diff_plans,
     plan_fields,
 )
 from nri_plugin.policy.planner import NodePlan
 from nri_plugin.policy.protection import Member, Protection, ProtectionConfig
 from nri_plugin.policy.qos import Classification, QosConfig, classify
+from nri_plugin.policy.qos import annotation_keys as qos_annotation_keys
 from nri_plugin.policy.roles import Role, apply_role, decide_role
+from nri_plugin.policy.roles import annotation_keys as role_annotation_keys
 from nri_plugin.policy.state import (
     ORIGINAL_ANNOTATION,
     ContainerRecord,
@@ -83,7 +87,7 @@ from qos_model.containers import (
     Update,
     merge_requested,
 )
-from qos_model.cpulist import CpuListError, format_cpu_list, parse_cpu_list
+from qos_model.cpulist import CpuListError, parse_cpu_list
 from qos_model.runtime import RuntimeInfo
 from qos_model.signals import SignalSnapshot
 from qos_model.text import NAME_LIMIT, clip
@@ -172,6 +176,8 @@ class Engine:
         self.config.protection.check()
         self.protection = Protection(self.config.protection)
         self._noted: dict[str, set[tuple[str, str]]] = {}  # container -> notes given once
+        self._classified = _ClassifyMemo(self.config.qos)
+        self._kept_paths: tuple[HostSupport, bool, Paths] | None = None
         self._pod_roles: dict[str, dict[str, str]] = {}  # pod uid -> container -> role
 
     # --- reading --------------------------------------------------------------------------
@@ -476,9 +482,14 @@ class Engine:
         return paths.net_available
 
     def _paths(self) -> Paths:
-        """How RDT and I/O reach a new container with this runtime on this host."""
+        """How RDT and I/O reach a new container with this runtime on this host (the
+        same until the runtime or the host support changes: kept for them)."""
         runtime_rdt = self.runtime is not None and self.runtime.capabilities.applies_rdt
-        return paths_for(self.config.planner.isolation.host, runtime_rdt)
+        host = self.config.planner.isolation.host
+        kept = self._kept_paths
+        if kept is None or kept[0] is not host or kept[1] != runtime_rdt:
+            kept = self._kept_paths = (host, runtime_rdt, paths_for(host, runtime_rdt))
+        return kept[2]
 
     def _netns(self, pod_id: str) -> str:
         pod = self.table.pods.get(pod_id)
@@ -515,10 +526,33 @@ class Engine:
     def _classify(self, pod: Pod, container: Container, notes: list[Note]) -> Classification:
         """The Katalyst class (qos.classify), then what the container's role in its pod
         allows (roles.apply_role); warnings and a non-app role are noted once."""
-        role = decide_role(pod, container, self._pod_roles.get(pod.uid) if pod.uid else None)
-        c = apply_role(classify(pod, container, self.config.qos), role)
+        known = self._pod_roles.get(pod.uid) if pod.uid else None
+        key = _classify_key(pod, container, known)
+        memo = self._classified
+        if memo.config is not self.config.qos:
+            memo.reset(self.config.qos)
+        found = memo.results.get(key) if key is not None else None
+        if found is None:
+            role = decide_role(pod, container, known)
+            c = apply_role(classify(pod, container, self.config.qos), role)
+            found = (role.warnings, c)
+            if key is not None:
+                memo.keep(key, found)
+        role_warnings, c = found
+        if role_warnings or c.role != Role.APP or c.warnings:
+            self._classify_notes(pod, container, role_warnings, c, notes)
+        return c
+
+    def _classify_notes(
+        self,
+        pod: Pod,
+        container: Container,
+        role_warnings: tuple[str, ...],
+        c: Classification,
+        notes: list[Note],
+    ) -> None:
         subject = clip(f"{pod.namespace}/{pod.name}/{container.name}", NAME_LIMIT)
-        for text in role.warnings:
+        for text in role_warnings:
             note = Note("role", subject, text, Severity.WARNING)
             self._note_once(container.id, note, notes)
         if c.role != Role.APP:
@@ -533,9 +567,10 @@ class Engine:
             self._note_once(
                 container.id, Note("classification", subject, text, Severity.WARNING), notes
             )
-        return c
 
     def _allocation_notes(self, notes: list[Note]) -> None:
+        if not self.planner.warnings:
+            return
         plan = self.plan
         for warning in plan.warnings:
             subject = plan.containers[warning.container_id].name
@@ -558,7 +593,10 @@ class Engine:
                 continue
             gone.append(cid)
             self._noted.pop(cid, None)
-            if plan is not None:
+            # after_stop releases only an RDT group or a network class: none, nothing to do
+            if plan is not None and (
+                plan.rdt_class.value is not None or plan.net_class.value is not None
+            ):
                 ref = ContainerRef.of(record.container, record.name)
                 released.extend(after_stop(plan, ref, self._netns(record.pod_id), self._paths()))
         if not gone:
@@ -600,6 +638,8 @@ class Engine:
         for move in step.moves:
             updates.append(BulkUpdate(move.members, move.resources))
             moved += len(move.members)
+        if not updates and not host:
+            return NO_INTENTS  # nothing moved (an Intents with nothing in it, shared)
         notes: tuple[Note, ...] = ()
         if updates:
             count = len(updates) - len(step.moves) + moved
@@ -627,6 +667,87 @@ class Engine:
         each with a note. The plan does not move; `book` (the caller's, kept across
         periods) remembers streaks, conflicts and foreign containers (`policy.drift`)."""
         return self._step({}, book.judge(self.plan.containers, self.table, observed))
+
+
+class _ClassifyMemo:
+    """Classifications by everything `Engine._classify` reads (`_classify_key`), for the
+    qos config they were made with. A container is classified at creation and again on
+    each update, and the replicas of a workload all look alike: deciding again only
+    repeats work (a tenth of a CreateContainer). Bounded; pure values, so never stale."""
+
+    LIMIT = 1024
+
+    def __init__(self, config: QosConfig) -> None:
+        self.config = config
+        self.results: dict[Hashable, tuple[tuple[str, ...], Classification]] = {}
+
+    def reset(self, config: QosConfig) -> None:
+        self.config = config
+        self.results.clear()
+
+    def keep(self, key: Hashable, found: tuple[tuple[str, ...], Classification]) -> None:
+        if len(self.results) >= self.LIMIT:
+            self.results.clear()
+        self.results[key] = found
+
+
+def _read_keys(name: str) -> frozenset[str]:
+    """The annotation keys classification reads for a container named `name`."""
+    keys = _READ_KEYS.get(name)
+    if keys is None:
+        keys = qos_annotation_keys(name) | role_annotation_keys(name)
+        if len(name) <= _KEY_TEXT_MAX:  # names are input: never keep a huge one
+            if len(_READ_KEYS) >= 4096:
+                _READ_KEYS.clear()
+            _READ_KEYS[name] = keys
+    return keys
+
+
+_READ_KEYS: dict[str, frozenset[str]] = {}
+_NOTHING: frozenset[tuple[str, str]] = frozenset()
+# Texts a remembered classification may be keyed by: a Kubernetes name is at most 253
+# characters, and Katalyst's annotations are short JSON. Longer input is classified
+# every time rather than kept (the memo is bounded in entries, so must be in bytes too).
+_KEY_TEXT_MAX = 253
+_KEY_VALUES_MAX = 4096
+
+
+def _classify_key(
+    pod: Pod, container: Container, known: Mapping[str, str] | None
+) -> Hashable | None:
+    """Every input of qos.classify and roles.decide_role: the annotations they look up
+    (present ones with their values, on the pod and on the container), the values
+    kube_qos.estimate_kube_qos reads, the namespace and the role the pod spec gave.
+    None when the input is too big to keep."""
+    name = container.name
+    role = known.get(name) if known is not None else None
+    if len(name) > _KEY_TEXT_MAX or len(pod.namespace) > _KEY_TEXT_MAX:
+        return None
+    if role is not None and len(role) > _KEY_TEXT_MAX:
+        return None
+    keys = _read_keys(name)
+    on_pod, on_ctr = pod.annotations, container.annotations
+    pod_found = on_pod.keys() & keys
+    ctr_found = on_ctr.keys() & keys
+    found_pod = frozenset((k, on_pod[k]) for k in pod_found) if pod_found else _NOTHING
+    found_ctr = frozenset((k, on_ctr[k]) for k in ctr_found) if ctr_found else _NOTHING
+    if (pod_found or ctr_found) and sum(
+        len(v) for _, v in (*found_pod, *found_ctr)
+    ) > _KEY_VALUES_MAX:
+        return None
+    res = container.resources
+    cpu = res.cpu if res is not None else None
+    memory = res.memory if res is not None else None
+    return (
+        name,
+        pod.namespace,
+        found_pod,
+        found_ctr,
+        (cpu.shares, cpu.quota, cpu.period) if cpu is not None else None,
+        memory.limit if memory is not None else None,
+        container.oom_score_adj,
+        role,
+    )
 
 
 def _priority(annotations: Mapping[str, str]) -> int:
@@ -714,7 +835,7 @@ def _reported_cpu(container: Container) -> tuple[frozenset[int], frozenset[int]]
 def _describe(plan: ContainerPlan) -> str:
     mems = plan.mems.value
     return (
-        f"{plan.qos_class} in pool {plan.pool}: cpus {format_cpu_list(plan.cpus.value)}"
-        f"{', mems ' + format_cpu_list(mems) if mems else ''}, "
+        f"{plan.qos_class} in pool {plan.pool}: cpus {cpu_list(plan.cpus.value)}"
+        f"{', mems ' + cpu_list(mems) if mems else ''}, "
         f"oom_score_adj {plan.oom_score_adj.value}"
     )

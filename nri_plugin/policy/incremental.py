@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -58,7 +58,9 @@ from nri_plugin.policy.workload import (
     DEDICATED,
     RECLAIMED,
     SHARED,
+    SYSTEM,
     PlannerConfig,
+    PlanWarning,
     UsageSample,
     Workload,
     allocatable_cpus,
@@ -165,16 +167,35 @@ class Planner:
         self._bound_dirty = False  # a bound container came or went since the last picks
         self._plans: dict[str, ContainerPlan] = {}  # plain members' may be stale: see get()
         self._memo: DecisionMemo = {}  # the current pools' Decision objects
+        # Layouts by their aggregates, for the placement and usage they were made with,
+        # each with the Decision memo of its pools.
+        self._layouts: dict[Hashable, tuple[Pools, int, DecisionMemo]] = {}
+        self._layouts_basis: tuple[DedicatedPlacement, UsageSample | None] = (
+            self._placement,
+            self._usage,
+        )
+        self._node_plan: NodePlan | None = None  # `plan`, until the next step
 
     # --- reading --------------------------------------------------------------------------
 
     @property
     def plan(self) -> NodePlan:
-        pools = self._pools
-        if pools is None:
-            pools, self._demand = self._layout()
-            self._pools = pools
-        return NodePlan(pools, _LivePlans(self), self._placement.warnings, self._demand)
+        """The node plan; the same value until the next step (its containers are a live
+        view either way)."""
+        node_plan = self._node_plan
+        if node_plan is None:
+            pools = self._pools
+            if pools is None:
+                pools, self._demand, self._memo = self._layout()
+                self._pools = pools
+            node_plan = NodePlan(pools, _LivePlans(self), self._placement.warnings, self._demand)
+            self._node_plan = node_plan
+        return node_plan
+
+    @property
+    def warnings(self) -> tuple[PlanWarning, ...]:
+        """`plan.warnings`, without building the plan."""
+        return self._placement.warnings
 
     @property
     def dedicated_allocations(self) -> Mapping[str, CpuAllocation]:
@@ -234,6 +255,8 @@ class Planner:
         self._insert(w)
         dirty = is_dedicated(w) or (old is not None and is_dedicated(old))
         step = self._step({w.container_id}, dedicated_dirty=dirty)
+        if not removed:
+            return step
         changes = dict(step.changes)
         for cid, (before, _after) in removed.items():
             after = self._plans.get(cid)
@@ -286,17 +309,38 @@ class Planner:
         self._picks.pop(cid, None)
         self._plans.pop(cid, None)
 
-    def _layout(self) -> tuple[Pools, int]:
+    def _layout(self) -> tuple[Pools, int, DecisionMemo]:
+        """layout_pools, remembered by its inputs: a shared container that comes and goes
+        (or is resized) moves the demand back and forth between a few values, and each of
+        them lays out the same pools again. Kept for one placement and usage (the other
+        inputs are the planner's own topology and config), bounded; with the Decision
+        memo of those pools, which holds for them as long as they exist."""
         agg = self._agg
-        return layout_pools(
-            self.topology,
-            self.config,
-            self._placement,
-            agg.plain_online_demand + agg.refused_demand,
-            self._usage,
-            agg.reclaimed > 0,
-            agg.named,
-        )
+        demand = agg.plain_online_demand + agg.refused_demand
+        has_reclaimed = agg.reclaimed > 0
+        key = (demand, has_reclaimed, tuple(agg.named.items()) if agg.named else ())
+        basis = self._layouts_basis
+        if basis[0] is not self._placement or basis[1] is not self._usage:
+            self._layouts.clear()
+            self._layouts_basis = (self._placement, self._usage)
+        found = self._layouts.get(key)
+        if found is None:
+            if len(self._layouts) >= _LAYOUTS_LIMIT:
+                self._layouts.clear()
+            pools, used = layout_pools(
+                self.topology,
+                self.config,
+                self._placement,
+                demand,
+                self._usage,
+                has_reclaimed,
+                agg.named,
+            )
+            found = (pools, used, {})
+            # named pools are named by annotations (input): a huge name is not kept
+            if not agg.named or all(len(n) <= _POOL_NAME_MAX for n in agg.named):
+                self._layouts[key] = found
+        return found
 
     def _step(
         self,
@@ -324,8 +368,8 @@ class Planner:
         # Plans read after this point must be what they were before the step.
         before = {cid: self.get(cid) for cid in touched}
         old_pools = self._pools
-        pools, self._demand = self._layout()
-        self._pools, self._memo = pools, {}
+        pools, self._demand, self._memo = self._layout()
+        self._pools, self._node_plan = pools, None
         placement = self._placement
         for cid in touched:
             member = self._workloads.get(cid)
@@ -400,12 +444,28 @@ def _order(w: Workload) -> tuple[int, str]:
 
 
 def _moved_pools(old: Pools | None, new: Pools) -> list[str]:
-    """Names of the pools whose CPUs differ (every pool when there was no plan)."""
-    names = [SHARED, RECLAIMED, "system"] + [f"{SHARED}:{n}" for n in new.named]
+    """Names of the pools whose CPUs differ (every pool when there was no plan), in the
+    order shared, reclaimed, system, the named pools (new ones first)."""
+    if old is new:
+        return []
     if old is None:
-        return names
-    names += [f"{SHARED}:{n}" for n in old.named if n not in new.named]
-    return [n for n in names if _cpus(old, n) != _cpus(new, n)]
+        return [SHARED, RECLAIMED, SYSTEM] + [f"{SHARED}:{n}" for n in new.named]
+    moved = []
+    for name, before, after in (
+        (SHARED, old.shared, new.shared),
+        (RECLAIMED, old.reclaimed, new.reclaimed),
+        (SYSTEM, old.system, new.system),
+    ):
+        if before is not after and before != after:
+            moved.append(name)
+    if old.named or new.named:
+        names = [*new.named, *(n for n in old.named if n not in new.named)]
+        moved += [f"{SHARED}:{n}" for n in names if old.named.get(n) != new.named.get(n)]
+    return moved
+
+
+_LAYOUTS_LIMIT = 64
+_POOL_NAME_MAX = 253
 
 
 def _cpus(pools: Pools, pool: str) -> frozenset[int] | None:

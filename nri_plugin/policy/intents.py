@@ -180,6 +180,10 @@ class Intents:
     def __add__(self, other: Intents) -> Intents:
         """Both sets of intents: an event's own and its consequences (the engine never
         updates one container twice in one event)."""
+        if other is NO_INTENTS:  # the usual consequence of an event: none
+            return self
+        if self is NO_INTENTS:
+            return other
         return Intents(
             adjustment=other.adjustment if other.adjustment is not None else self.adjustment,
             reply_updates=self.reply_updates + other.reply_updates,

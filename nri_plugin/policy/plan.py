@@ -88,8 +88,8 @@ class ContainerPlan:
         return CpuResources(
             shares=self.cpu_shares.value,
             quota=self.cpu_quota.value,
-            cpus=_cpu_list(self.cpus.value),
-            mems=_cpu_list(mems) if mems else "",
+            cpus=cpu_list(self.cpus.value),
+            mems=cpu_list(mems) if mems else "",
         )
 
     def adjustment(
@@ -121,8 +121,9 @@ _UPDATES: dict[tuple[object, ...], Resources] = {}
 _CPU_LISTS: dict[frozenset[int], str] = {}
 
 
-def _cpu_list(cpus: frozenset[int]) -> str:
-    """format_cpu_list, remembered: a pool's list is rendered for each of its members."""
+def cpu_list(cpus: frozenset[int]) -> str:
+    """format_cpu_list, remembered: a pool's list is rendered for each of its members (in
+    its update and in the note that describes its plan)."""
     text = _CPU_LISTS.get(cpus)
     if text is None:
         if len(_CPU_LISTS) > 4096:

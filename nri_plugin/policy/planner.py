@@ -467,8 +467,7 @@ def _pool_reason(c: Classification, pool: str, refused: str | None) -> str:
     if c.qos_class is QosClass.SYSTEM_CORES and pool != SYSTEM:
         why = "system_cores, but no CPUs are reserved: the shared pool"
     else:
-        named = f"shared_cores: the named pool {pool.partition(':')[2]!r}"
-        why = _POOL_REASONS.get(pool) or named
+        why = _POOL_REASONS.get(pool) or f"shared_cores: the named pool {pool.partition(':')[2]!r}"
     return why if c.role == "app" else f"{c.role} container, {why}"
 
 

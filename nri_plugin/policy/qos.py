@@ -228,6 +228,21 @@ def _scoped_keys(key: str, name: str) -> tuple[tuple[str, bool], ...]:
 
 _MEMO_NAME_MAX = 253  # a Kubernetes name is at most this long
 
+# The annotations `classify` looks up (each in all its scopes), and nothing else.
+_CLASSIFY_KEYS: Final = (
+    ANNOTATION_CONFIG_SOURCE,
+    ANNOTATION_QOS_LEVEL,
+    ANNOTATION_CPU_ENHANCEMENT,
+    ANNOTATION_MEMORY_ENHANCEMENT,
+)
+
+
+def annotation_keys(name: str) -> frozenset[str]:
+    """Every annotation key `classify` may read, on the pod or on the container, for a
+    container named `name`: two containers whose annotations agree on these keys (present
+    or not, and their values) are classified alike as far as annotations go."""
+    return frozenset(k for key in _CLASSIFY_KEYS for k, _ in _scoped_keys(key, name))
+
 
 class _Lookup:
     """The scoped view of one container's annotations (see the module docstring)."""

@@ -141,14 +141,24 @@ def decide_role(
     return replace(APP_BY_DEFAULT, warnings=tuple(warnings)) if warnings else APP_BY_DEFAULT
 
 
+def annotation_keys(name: str) -> frozenset[str]:
+    """Every annotation key `decide_role` may read, on the pod or on the container, for a
+    container named `name`."""
+    scoped = [f"{base}{SCOPE_CONTAINER}{name}" for base in scoped_key_bases(ROLE_ANNOTATION)]
+    fixed = (ROLES_ANNOTATION, KUBELET_TYPE_ANNOTATION, RESOURCES_ANNOTATION)
+    return frozenset((*scoped, *fixed) if name else fixed)
+
+
 def apply_role(c: Classification, decision: RoleDecision) -> Classification:
     """The classification as the role allows it (see the module docstring). `role_reason`
     says how the role was found; `reason` says why the class is what it is, and names
     the role when the role changed what the annotations asked for."""
     role = decision.role
+    if role is Role.APP and c.role == role:
+        return c  # the usual case: nothing to say, so the text below is not built
     said = f"{role} container ({decision.reason})"
     if role is Role.APP:
-        return c if c.role == role else replace(c, role=role, role_reason=said)
+        return replace(c, role=role, role_reason=said)
     if role is Role.SIDECAR:
         inherited = c.qos_class is QosClass.DEDICATED_CORES
         if inherited and c.source is not ClassSource.CONTAINER_OVERRIDE:
@@ -266,6 +276,7 @@ __all__ = [
     "Role",
     "RoleDecision",
     "RoleSource",
+    "annotation_keys",
     "apply_role",
     "decide_role",
 ]

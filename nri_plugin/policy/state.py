@@ -84,7 +84,10 @@ class ContainerTable:
         name = self.name_for(container)
         record = ContainerRecord(container, classification, order, name, resized)
         self._records[container.id] = record
-        self._by_pod.setdefault(container.pod_id, set()).add(container.id)
+        members = self._by_pod.get(container.pod_id)
+        if members is None:
+            members = self._by_pod[container.pod_id] = set()
+        members.add(container.id)
         return record
 
     def replace(self, record: ContainerRecord) -> None:
@@ -157,9 +160,18 @@ _ORIGINALS: dict[str, tuple[int | None, int | None]] = {}
 
 
 def originals_annotation(container: Container) -> str:
-    """The JSON we store on a container we adjust, so a restart can undo our values."""
+    """The JSON we store on a container we adjust, so a restart can undo our values.
+    Written by hand for plain ints (what the runtime gives), the text json.dumps makes of
+    them (keys sorted, no spaces): this runs on every CreateContainer."""
     res = container.resources
     shares = res.cpu.shares if res is not None and res.cpu is not None else None
+    oom = container.oom_score_adj
+    if (oom is None or type(oom) is int) and (shares is None or type(shares) is int):
+        if shares is None:
+            return "{}" if oom is None else f'{{"oom_score_adj":{oom}}}'
+        if oom is None:
+            return f'{{"cpu_shares":{shares}}}'
+        return f'{{"cpu_shares":{shares},"oom_score_adj":{oom}}}'
     original: dict[str, int] = {}
     if container.oom_score_adj is not None:
         original["oom_score_adj"] = container.oom_score_adj
