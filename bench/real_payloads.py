@@ -460,8 +460,10 @@ def _install_stages(rec: _Recorder) -> None:
         "pod_from_pb",
         "container_from_pb",
         "resources_from_pb",
+        "resources_for_policy",
     ):
-        setattr(convert, name, _timed(rec, "convert_in", getattr(convert, name)))
+        if hasattr(convert, name):  # a baseline checkout may not have it
+            setattr(convert, name, _timed(rec, "convert_in", getattr(convert, name)))
     for name in ("adjustment_to_pb", "updates_to_pb"):
         setattr(convert, name, _timed(rec, "convert_out", getattr(convert, name)))
     for cls in (QosPolicy, RecordingPolicy):
