@@ -44,6 +44,7 @@ from nri_plugin.control.support import host_support, with_support
 from nri_plugin.debug.server import start_debug_server
 from nri_plugin.events import EventLog
 from nri_plugin.exporter import MetricsSnapshot, NodeExporter, serve_metrics, snapshot_of
+from nri_plugin.gc_pacing import IdleCollection
 from nri_plugin.metrics import Metrics
 from nri_plugin.plugin import NotConnected, NriPlugin, PluginSetupError
 from nri_plugin.podspec import PodSpecStatus, pod_roles_loop, watch_from_settings
@@ -178,13 +179,14 @@ async def rebalance_loop(
 
             counters = await executor.run(read)
             usage = UsageSample(online_cores=meter.sample(time.monotonic(), counters))
-            intents = await plugin.in_policy_thread(functools.partial(policy.rebalance, usage))
+            rebalance = functools.partial(policy.rebalance, usage)
+            intents = await plugin.decide(rebalance, executor.submit)
             if intents.updates:
                 log.info(
                     "online usage moved the pools: updating %d container(s)",
                     len(intents.all_updates()),
                 )
-            await plugin.carry_out(intents, executor.submit)
+            await plugin.send_updates(intents)
             if after is not None:
                 await after()
         except (NotConnected, RpcError, TimeoutError, ConnectionError) as exc:
@@ -419,6 +421,9 @@ async def run_daemon(
     metrics = Metrics()
     plugin = NriPlugin(policy, config.plugin, metrics=metrics, on_intents=executor.submit)
     loop = asyncio.get_running_loop()
+    collection = IdleCollection()
+    collection.install()  # everything start-up made is frozen; the policy thread collects
+    plugin.policy_thread.on_idle = collection.collect_if_due
 
     def fresh_snapshot() -> MetricsSnapshot | None:
         """From the HTTP thread: build the snapshot in the policy thread, 2 s at most."""
@@ -515,6 +520,8 @@ async def run_daemon(
         if reporter is not None:
             await reporter.close()
         plugin.close()
+        plugin.policy_thread.on_idle = None
+        collection.uninstall()
         # Controllers stop off the loop: netlink libraries run their own event loop, and
         # a stop that blocks must not freeze the shutdown of everything else.
         await asyncio.to_thread(executor.close)

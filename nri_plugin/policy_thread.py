@@ -56,8 +56,13 @@ class SocketServer(Protocol):
 class PolicyThread(Executor):
     """A single worker thread (named `nri-policy`) with an optional socket to serve."""
 
-    def __init__(self, name: str = "nri-policy") -> None:
+    def __init__(
+        self, name: str = "nri-policy", on_idle: Callable[[], object] | None = None
+    ) -> None:
         self._name = name
+        # called each time the queue runs dry, before the thread waits (idle-time work:
+        # garbage collection, gc_pacing.py); must not raise
+        self.on_idle = on_idle
         self._lock = threading.Lock()
         self._tasks: deque[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]] = deque()
         self._server: SocketServer | None = None
@@ -137,9 +142,12 @@ class PolicyThread(Executor):
                 self._run(task, server)
                 ran = True
                 continue
-            if server is not None and ran:
+            if ran:
                 ran = False
-                server.idle()
+                if server is not None:
+                    server.idle()
+                if self.on_idle is not None:
+                    self._idle_work(self.on_idle)
                 if self._tasks:
                     continue
             fd = server.reading_fd() if server is not None else None
@@ -161,8 +169,16 @@ class PolicyThread(Executor):
             socket_ready = any(ready_fd == polled_fd for ready_fd, _ in ready)
             if socket_ready and server is not None and server is self._server:
                 server.readable()
+                ran = True
         with contextlib.suppress(OSError):
             os.close(self._wake_fd)
+
+    @staticmethod
+    def _idle_work(work: Callable[[], object]) -> None:
+        try:
+            work()
+        except Exception:
+            log.exception("idle-time work of the policy thread failed")
 
     @staticmethod
     def _run(

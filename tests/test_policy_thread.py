@@ -122,10 +122,11 @@ def test_an_attached_socket_is_served_by_the_thread_while_idle() -> None:
     pool.attach(server)
     theirs.send(b"x")
     assert server.got.wait(2)
-    assert server.calls == ["read x in nri-policy"]
+    time.sleep(0.05)
+    assert server.calls == ["read x in nri-policy", "idle"]  # idle again after serving
     pool.submit(lambda: None).result(2)
     time.sleep(0.05)
-    assert server.calls[1:] == ["begins", "ended", "idle"]
+    assert server.calls[2:] == ["begins", "ended", "idle"]
     # not read while the server says so; read again once it wants it and the thread wakes
     server.reads, server.got = False, threading.Event()
     pool.wake()
@@ -135,7 +136,7 @@ def test_an_attached_socket_is_served_by_the_thread_while_idle() -> None:
     server.reads = True
     pool.wake()
     assert server.got.wait(2)
-    assert server.calls[-1] == "read y in nri-policy"
+    assert "read y in nri-policy" in server.calls
     pool.attach(None)
     pool.shutdown()
     ours.close()
