@@ -39,6 +39,7 @@ from nri_plugin.policy_thread import PolicyThread
 from nri_plugin.session import NRI_VERSION as NRI_VERSION
 from nri_plugin.session import Session
 from nri_plugin.session import SessionEnd as SessionEnd
+from nri_plugin.session import hand_over as hand_over
 from qos_model.containers import BulkUpdate, Update
 from qos_model.runtime import RuntimeInfo
 
@@ -181,8 +182,10 @@ async def connect_unix(path: Path) -> tuple[asyncio.StreamReader, asyncio.Stream
         ) from None
 
 
-IntentSink = Callable[[Intents], None]
-"""Carries out a request's intents after its reply (notes, host intents); must not block."""
+IntentSink = Callable[[Intents], object]
+"""Carries out a request's intents after its reply (notes, host intents); must not block.
+Called from the policy thread (and from the loop for decisions made outside any event):
+thread-safe."""
 
 
 class NriPlugin:
@@ -292,12 +295,17 @@ class NriPlugin:
             raise NotConnected("no configured runtime connection")
         await session.update_containers(updates)
 
-    async def carry_out(self, intents: Intents, submit: IntentSink) -> None:
-        """What a decision made outside any event asks (a loop's: rebalance, signals,
-        drift, pod roles): notes and host intents to `submit` (the host executor), the
-        updates of live containers in one UpdateContainers call. Raises NotConnected
-        while no runtime is configured (the next Synchronize re-plans anyway)."""
-        submit(intents)
+    async def decide(self, decision: Callable[[], Intents], submit: IntentSink) -> Intents:
+        """A decision made outside any event (a loop's: rebalance, signals, pod roles), in
+        the policy thread, its notes and host intents handed to `submit` (the host
+        executor) there, right after it (`hand_over`). Its updates of live containers go
+        out with `send_updates`."""
+        return await self.in_policy_thread(lambda: hand_over(decision(), submit))
+
+    async def send_updates(self, intents: Intents) -> None:
+        """What a loop's decision asks of live containers, in one UpdateContainers call.
+        Raises NotConnected while no runtime is configured (the next Synchronize
+        re-plans anyway)."""
         if intents.updates:
             await self.update_containers(intents.updates)
 

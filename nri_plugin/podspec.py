@@ -42,7 +42,7 @@ from typing import Any, Final
 
 from nri_plugin.config_roles import RolesSettings
 from nri_plugin.control.executor import HostExecutor
-from nri_plugin.plugin import NotConnected, NriPlugin
+from nri_plugin.plugin import IntentSink, NotConnected, NriPlugin, hand_over
 from nri_plugin.policy.intents import Intents
 from nri_plugin.policy.qos_policy import QosPolicy
 from nri_plugin.policy.roles import Role
@@ -423,9 +423,10 @@ async def pod_roles_loop(
             batch = dict(pending)
             pending.clear()
             try:
-                decided = await plugin.in_policy_thread(functools.partial(_decide, policy, batch))
+                decide = functools.partial(_decide, policy, batch, executor.submit)
+                decided = await plugin.in_policy_thread(decide)
                 for intents in decided:
-                    await plugin.carry_out(intents, executor.submit)
+                    await plugin.send_updates(intents)
             except (NotConnected, RpcError, TimeoutError, ConnectionError) as exc:
                 reraise_if_cancelled()
                 log.warning("pod-spec roles: %s", exc or type(exc).__name__)
@@ -436,10 +437,10 @@ async def pod_roles_loop(
         await asyncio.to_thread(watch.stop)
 
 
-def _decide(policy: QosPolicy, batch: Mapping[str, Roles]) -> list[Intents]:
+def _decide(policy: QosPolicy, batch: Mapping[str, Roles], submit: IntentSink) -> list[Intents]:
     """Policy thread: each pod's roles to the engine, its intents kept apart (each is one
-    engine step, whose updates touch a container once)."""
-    return [policy.pod_roles(uid, roles) for uid, roles in batch.items()]
+    engine step, whose updates touch a container once), each handed over as decided."""
+    return [hand_over(policy.pod_roles(uid, roles), submit) for uid, roles in batch.items()]
 
 
 __all__ = [

@@ -154,8 +154,9 @@ async def protection_loop(
             state.windows += 1
             state.last = snapshot
             state.sources = dict(snapshot.sources)
-            intents = await plugin.in_policy_thread(functools.partial(policy.protect, snapshot))
-            await plugin.carry_out(intents, executor.submit)
+            protect = functools.partial(policy.protect, snapshot)
+            intents = await plugin.decide(protect, executor.submit)
+            await plugin.send_updates(intents)
             if after is not None and (intents.updates or intents.host):
                 await after()
         except (NotConnected, RpcError, TimeoutError, ConnectionError) as exc:

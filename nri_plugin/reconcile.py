@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from isolation.kubepods import container_dirs, populated
 from isolation.rdt.membership import ROOT_GROUP, task_groups
 from nri_plugin.control.executor import HostExecutor
 from nri_plugin.metrics import ReconcileMetrics
-from nri_plugin.plugin import NotConnected, NriPlugin
+from nri_plugin.plugin import IntentSink, NotConnected, NriPlugin, hand_over
 from nri_plugin.policy.drift import (
     CPU_MANAGER_KIND,
     DRIFT_KIND,
@@ -98,18 +99,23 @@ class ReconcileState:
     last_repairs: int = 0
     pending_requests: list[str] = field(default_factory=list)
     metrics: ReconcileMetrics | None = None
+    _requests_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def observe_intents(self, intents: Intents) -> None:
-        """Executor observer: keep the CPU manager notes of update requests."""
+        """Executor observer (called from the policy thread): keep the CPU manager notes
+        of update requests."""
         for note in intents.notes:
             if note.kind == CPU_MANAGER_KIND and note.subject != "node":
-                if len(self.pending_requests) < MAX_PENDING_REQUESTS:
-                    self.pending_requests.append(f"{note.subject}: {note.message}")
+                with self._requests_lock:
+                    if len(self.pending_requests) < MAX_PENDING_REQUESTS:
+                        self.pending_requests.append(f"{note.subject}: {note.message}")
                 if self.metrics is not None:
                     self.metrics.cpu_manager_requests.inc()
 
     def take_requests(self) -> tuple[str, ...]:
-        taken, self.pending_requests = self.pending_requests, []
+        """In the loop: what the observer kept (the lock: it appends from another thread)."""
+        with self._requests_lock:
+            taken, self.pending_requests = self.pending_requests, []
         return tuple(taken)
 
 
@@ -223,7 +229,7 @@ async def reconcile_loop(
             read = functools.partial(read_host, host, targets, reader, requests, files, started)
             observed = await executor.run(read, key="reconcile")
             decided, intents = await plugin.in_policy_thread(
-                functools.partial(_timed_reconcile, policy, observed)
+                functools.partial(_timed_reconcile, policy, observed, executor.submit)
             )
             state.periods += 1
             state.last_read_s, state.last_decide_s = observed.read_seconds, decided
@@ -235,7 +241,7 @@ async def reconcile_loop(
                 for note in intents.notes:
                     if note.kind == DRIFT_KIND:
                         metrics.repairs.labels(note.message.partition(" ")[0]).inc()
-            await plugin.carry_out(intents, executor.submit)
+            await plugin.send_updates(intents)
             if metrics is not None:
                 await plugin.in_policy_thread(functools.partial(_show, policy, metrics))
         except (NotConnected, RpcError, TimeoutError, ConnectionError) as exc:
@@ -246,11 +252,15 @@ async def reconcile_loop(
             log.exception("reconcile period failed; will retry")
 
 
-def _timed_reconcile(policy: QosPolicy, observed: Observation) -> tuple[float, Intents]:
-    """The comparison, timed where it runs (policy thread; queueing not counted)."""
+def _timed_reconcile(
+    policy: QosPolicy, observed: Observation, submit: IntentSink
+) -> tuple[float, Intents]:
+    """The comparison, timed where it runs (policy thread; queueing not counted); its
+    repairs are handed over there (`hand_over`)."""
     start = time.perf_counter()
     intents = policy.reconcile(observed)
-    return time.perf_counter() - start, intents
+    seconds = time.perf_counter() - start
+    return seconds, hand_over(intents, submit)
 
 
 def _show(policy: QosPolicy, metrics: ReconcileMetrics) -> None:

@@ -496,6 +496,7 @@ class Session:
                 result = _Decision(request, outcome)
             if turn.claim():
                 self._reply_now(turn, result)
+            self._to_sink(turn, result.outcome.intents)
         except dispatch.SyncOverflow as exc:
             result = exc
         except Exception as exc:  # a bug of ours: still answered, with no change
@@ -678,18 +679,21 @@ class Session:
             raise _HandlerFailed(request, f"policy raised {type(exc).__name__}: {exc}") from exc
 
     def _carry_out(self, intents: Intents) -> None:
-        """After the reply: updates of live containers go out with UpdateContainers (never
-        from inside the event), the rest to the sink (notes, host intents)."""
+        """In the loop, after the reply: updates of live containers go out with
+        UpdateContainers (never from inside the event). Notes and host intents went to
+        the sink from the policy thread (`_to_sink`)."""
         if intents.updates:
             task = asyncio.create_task(self._send_deferred(intents.updates))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+
+    def _to_sink(self, turn: _Turn, intents: Intents) -> None:
+        """In the policy thread, after the reply: notes and host intents to the sink
+        (thread-safe, never blocks), in the order the policy decided them, with no
+        wakeup of the loop. A late call's still go, unless the connection is gone."""
         sink = self.plugin.on_intents
-        if sink is not None and (intents.host or intents.notes):
-            try:
-                sink(intents)
-            except Exception:
-                log.exception("carrying out intents failed")
+        if sink is not None and not (turn.late and self.channel.closed):
+            hand_over(intents, sink)
 
     def _after_configure(self, outcome: dispatch.Outcome, request: Message | None) -> None:
         if outcome.runtime is None:
@@ -769,17 +773,29 @@ class _Turn:
         return self._claimed.acquire(blocking=False)
 
 
+def hand_over(intents: Intents, submit: Callable[[Intents], object]) -> Intents:
+    """In the policy thread, right after the decision that made them: notes and host
+    intents to `submit` (the host executor). Every decision, a request's (`_to_sink`) or
+    a loop's (`NriPlugin.decide`), is handed over there, so the host gets them in the
+    order the policy made them (an older oom_score_adj never lands after a newer one).
+    Returns `intents`."""
+    if intents.host or intents.notes:
+        try:
+            submit(intents)
+        except Exception:
+            log.exception("carrying out intents failed")
+    return intents
+
+
 def _loop_has_work(turn: _Turn, ran: _Decision | dispatch.SyncOverflow) -> bool:
-    """After an inline reply: does the loop have anything to do (a wakeup is costly)?"""
+    """After an inline reply: does the loop have anything to do (a wakeup is costly)?
+    Notes and host intents are not its work: the policy thread hands them over itself."""
     if not isinstance(ran, _Decision) or turn.late:
         return True
     outcome = ran.outcome
-    intents = outcome.intents
     return bool(
         outcome.runtime is not None
-        or intents.updates
-        or intents.host
-        or intents.notes
+        or outcome.intents.updates
         or turn.method.name == "Shutdown"
         or isinstance(ran.request, pb.SynchronizeRequest)
     )

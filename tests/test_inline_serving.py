@@ -11,7 +11,7 @@ import threading
 import time
 
 from nri_plugin.policy.api import RecordingPolicy
-from nri_plugin.policy.intents import Intents
+from nri_plugin.policy.intents import Intents, Note
 from nri_plugin.protocol import convert
 from nri_plugin.protocol import nri_pb2 as pb
 from nri_plugin.session import TAKEOVER_AFTER, Session
@@ -180,3 +180,35 @@ async def test_the_runtime_sees_the_end_while_the_policy_thread_is_stuck() -> No
     await asyncio.wait_for(task, 5)
     plugin.close()
     await runtime.close()
+
+
+class Noting(RecordingPolicy):
+    """Each CreateContainer notes its container; `rebalance` notes a loop's decision."""
+
+    def create_container(self, pod: Pod, container: Container) -> Intents:
+        super().create_container(pod, container)
+        return Intents(notes=(Note("plan", container.id, "created"),))
+
+    def rebalance(self) -> Intents:
+        return Intents(notes=(Note("plan", "node", "rebalanced"),))
+
+
+async def test_notes_go_to_the_sink_from_the_policy_thread_in_decision_order() -> None:
+    """No loop wakeup for what the host executor takes, and a request's and a loop's
+    decisions reach it in the order the policy made them."""
+    policy = Noting()
+    plugin, runtime, task = await serve_plugin(policy)
+    seen: list[tuple[str, str]] = []
+    plugin.on_intents = lambda i: seen.extend(
+        (n.subject, threading.current_thread().name) for n in i.notes
+    )
+    await runtime.handshake()
+    await runtime.call("CreateContainer", _create("a"))
+    await plugin.decide(policy.rebalance, plugin.on_intents)
+    await runtime.call("CreateContainer", _create("b"))
+    for _ in range(100):
+        if len(seen) == 3:
+            break
+        await asyncio.sleep(0.01)
+    assert seen == [("a", "nri-policy"), ("node", "nri-policy"), ("b", "nri-policy")]
+    await end_plugin(plugin, runtime, task)

@@ -264,9 +264,9 @@ def test_a_failing_server_is_retried_with_back_off_and_the_error_shown(api: PodA
 
 class FakePlugin:
     """What pod_roles_loop uses of NriPlugin: the policy thread, UpdateContainers (and
-    NriPlugin's own carry_out on top of them)."""
+    NriPlugin's own send_updates on top of them)."""
 
-    carry_out = NriPlugin.carry_out
+    send_updates = NriPlugin.send_updates
 
     def __init__(self) -> None:
         self.policy_thread = ThreadPoolExecutor(1)
