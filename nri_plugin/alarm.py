@@ -32,7 +32,10 @@ class _Itimerspec(ctypes.Structure):
 
 
 def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    """libc through PyDLL: its calls keep the GIL. timerfd_settime never blocks, and
+    a call that released the GIL would let any other runnable thread take it, for up to
+    a switch interval, in the middle of the request the alarm guards."""
+    return ctypes.PyDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 _LIBC = _libc()
