@@ -89,6 +89,7 @@ from real_payloads import (
 )
 
 from nri_plugin.channel import NriChannel
+from nri_plugin.plugin import PluginSettings
 from nri_plugin.protocol import nri_pb2 as pb
 from nri_plugin.protocol import services, ttrpc_pb2
 from nri_plugin.protocol.connection import NriConnection, RequestReceived, Role
@@ -302,8 +303,13 @@ def start_floor(sock: Path, tmp: Path, mask: int) -> Child:
     log = tmp / "floor.stderr"
     cmd = [sys.executable, str(HELPER), "floor", "--socket", str(sock)]
     cmd += ["--register", register.hex(), "--configure", configure.hex()]
+    # The floor runs at the CPU priority the plugin runs at by default ([plugin] nice),
+    # so under contention the two are scheduled alike and only their work differs.
+    nice = PluginSettings().nice
     with log.open("ab") as err:
-        proc = subprocess.Popen(cmd, stderr=err)
+        proc = subprocess.Popen(
+            cmd, stderr=err, preexec_fn=lambda: os.setpriority(os.PRIO_PROCESS, 0, nice)
+        )
     return Child("floor", proc, log)
 
 

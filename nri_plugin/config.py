@@ -96,6 +96,7 @@ _PLUGIN_KEYS: dict[str, tuple[str, Callable[[Any], object]]] = {
     "sync_max_chunks": ("sync_max_chunks", int),
     "sync_max_objects": ("sync_max_objects", int),
     "gil_switch_interval_ms": ("gil_switch_interval", lambda v: float(v) / 1000),
+    "nice": ("nice", int),
 }
 # [host] keys besides root: the limits of host work (`control.executor.HostLimits`).
 _HOST_KEYS: dict[str, tuple[str, Callable[[Any], object]]] = {

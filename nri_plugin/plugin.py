@@ -105,6 +105,9 @@ class PluginSettings:
     # hold up the policy thread, and so a reply, by 5 ms at each handoff; 0.5 ms bounds
     # that wait at a small cost to those loops' throughput.
     gil_switch_interval: float = 0.0005
+    # The daemon's CPU priority (see nri_plugin/priority.py): replies go before the busy
+    # work of a container start. 0 keeps the default.
+    nice: int = -10
 
     @property
     def channel_limits(self) -> ChannelLimits:
@@ -136,6 +139,8 @@ class PluginSettings:
             raise PluginSetupError("sync_max_chunks and sync_max_objects must be >= 1")
         if not 0 < self.gil_switch_interval <= 1:
             raise PluginSetupError("gil_switch_interval_ms must be > 0 and <= 1000")
+        if not -20 <= self.nice <= 19:
+            raise PluginSetupError("[plugin] nice must be between -20 and 19")
 
 
 class Backoff:

@@ -37,7 +37,16 @@ PLAIN = ROOT / "deploy" / "kubernetes"
 CHART = ROOT / "deploy" / "helm" / "nri-qos"
 
 HOST_PATHS = {"/sys", "/proc", "/var/run/nri", "/run/nri-qos", "/var/run/netns"}
-CAPABILITIES = {"SYS_ADMIN", "BPF", "PERFMON", "NET_ADMIN", "SYS_RESOURCE", "KILL", "DAC_OVERRIDE"}
+CAPABILITIES = {
+    "SYS_ADMIN",
+    "BPF",
+    "PERFMON",
+    "NET_ADMIN",
+    "SYS_RESOURCE",
+    "SYS_NICE",
+    "KILL",
+    "DAC_OVERRIDE",
+}
 RBAC = {
     ("", "pods/eviction", "create"),
     ("", "pods", "get"),

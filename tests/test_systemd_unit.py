@@ -97,6 +97,7 @@ def test_hardening_leaves_exactly_what_the_daemon_writes(unit: Unit) -> None:
         "CAP_PERFMON",
         "CAP_NET_ADMIN",  # tc
         "CAP_KILL",  # eviction's kill fallback
+        "CAP_SYS_NICE",  # [plugin] nice
     }
     # each of these would take away something the daemon writes (see the unit's comments)
     for forbidden in (
