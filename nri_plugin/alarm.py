@@ -83,10 +83,12 @@ class Alarm:
             _settime(self._fd, 0, self._zero, None)
 
     def fired(self) -> bool:
-        """Read the expiry count: True when the alarm went off since it was last armed."""
+        """Read the expiry count: True when the alarm went off since it was last armed.
+        Raises OSError if the descriptor is broken (closed): the watcher must stop
+        watching it rather than find it readable forever."""
         try:
             return os.read(self._fd, 8) != b""
-        except (BlockingIOError, OSError):
+        except BlockingIOError:
             return False
 
     def close(self) -> None:

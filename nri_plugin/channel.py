@@ -183,6 +183,7 @@ class NriChannel:
         self._closed_event = asyncio.Event()
         self._resumer: asyncio.Task[None] | None = None  # external: reading paused
         self._flushing = False  # external: closed gracefully with bytes still unsent
+        self._read_ended = False  # external: nothing more will be read
 
     @property
     def closed(self) -> bool:
@@ -391,14 +392,16 @@ class NriChannel:
 
     @property
     def read_fd(self) -> int:
-        """The descriptor the owner waits on (external reading); -1 once released."""
-        return self._fd
+        """The descriptor the owner waits on (external reading); -1 once reading ended
+        (end of stream, a read error, corrupt data: the close is on its way to the loop,
+        and a thread that kept polling would find the socket readable forever)."""
+        return -1 if self._read_ended else self._fd
 
     def read_now(self, in_loop: bool) -> list[Event] | None:
         """One read of what the socket holds, parsed into events, from the loop or the
         owner's thread. [] when nothing was there; None when nothing more will be read
         (the channel closes, in the loop, saying why)."""
-        if self.closed or self._fd < 0:
+        if self.closed or self._fd < 0 or self._read_ended:
             return None
         try:
             data = os.read(self._fd, READ_SIZE)
@@ -423,6 +426,7 @@ class NriChannel:
             return None
 
     def _close_from(self, in_loop: bool, ending: Ending, reason: str) -> None:
+        self._read_ended = True
         if in_loop:
             self._close(ending, reason)
             return

@@ -54,6 +54,7 @@ from nri_plugin.policy.engine import Engine, EngineConfig
 from nri_plugin.policy.intents import ContainerRef
 from nri_plugin.policy.qos_policy import QosPolicy
 from nri_plugin.policy.workload import PlannerConfigError, UsageSample
+from nri_plugin.priority import restore, set_nice
 from nri_plugin.protect import (
     ProtectState,
     build_sampler,
@@ -410,7 +411,34 @@ async def run_daemon(
     config's). Returns 0; a problem the user must fix raises PluginSetupError."""
     install_fork_hook()
     sys.setswitchinterval(config.plugin.gil_switch_interval)  # see PluginSettings
-    debug_socket = debug_socket if debug_socket is not None else status_socket
+    priority = set_nice(config.plugin.nice)  # before any thread starts: they inherit it
+    if priority.warning:
+        log.warning("%s", priority.warning)
+    collection = IdleCollection()  # start-up frozen; the policy thread collects
+    try:
+        return await _serve(
+            config,
+            wait_for_runtime,
+            debug_socket if debug_socket is not None else status_socket,
+            metrics_address,
+            config_text,
+            config_source,
+            collection,
+        )
+    finally:
+        collection.uninstall()
+        restore(priority)
+
+
+async def _serve(
+    config: Config,
+    wait_for_runtime: bool,
+    debug_socket: Path | None,
+    metrics_address: str | None,
+    config_text: str | None,
+    config_source: str,
+    collection: IdleCollection,
+) -> int:
     try:
         services = build_services(config)
     except HostError as exc:
@@ -421,7 +449,6 @@ async def run_daemon(
     metrics = Metrics()
     plugin = NriPlugin(policy, config.plugin, metrics=metrics, on_intents=executor.submit)
     loop = asyncio.get_running_loop()
-    collection = IdleCollection()
     collection.install()  # everything start-up made is frozen; the policy thread collects
     plugin.policy_thread.on_idle = collection.collect_if_due
 
@@ -521,7 +548,6 @@ async def run_daemon(
             await reporter.close()
         plugin.close()
         plugin.policy_thread.on_idle = None
-        collection.uninstall()
         # Controllers stop off the loop: netlink libraries run their own event loop, and
         # a stop that blocks must not freeze the shutdown of everything else.
         await asyncio.to_thread(executor.close)

@@ -92,6 +92,8 @@ class PolicyThread(Executor):
             if cancel_futures:
                 self._tasks.clear()
             thread = self._thread
+            if thread is None:  # never started: nobody else will close it
+                self._close_wake_fd()
         for future, _, _ in dropped:
             future.cancel()
         self.wake()
@@ -114,9 +116,20 @@ class PolicyThread(Executor):
         return not self._running and not self._tasks
 
     def wake(self) -> None:
-        """Make the thread look again at its queue and at what to read."""
-        with contextlib.suppress(OSError):
-            os.eventfd_write(self._wake_fd, 1)
+        """Make the thread look again at its queue and at what to read. Under the lock:
+        once the thread has ended and closed its descriptor, the number may belong to
+        another file, which must never get our 8 bytes."""
+        with self._lock:
+            if self._wake_fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.eventfd_write(self._wake_fd, 1)
+
+    def _close_wake_fd(self) -> None:
+        """With the lock held."""
+        if self._wake_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._wake_fd)
+            self._wake_fd = -1
 
     # --- the thread ----------------------------------------------------------------------
 
@@ -128,7 +141,8 @@ class PolicyThread(Executor):
     def _main(self) -> None:
         self.ident = threading.get_ident()
         poller = select.poll()
-        poller.register(self._wake_fd, select.POLLIN)
+        wake_fd = self._wake_fd
+        poller.register(wake_fd, select.POLLIN)
         polled_fd: int | None = None
         ran = False
         while True:
@@ -137,6 +151,7 @@ class PolicyThread(Executor):
                 self._running = task is not None
                 server = self._server
                 if task is None and self._shutdown:
+                    self._close_wake_fd()
                     break
             if task is not None:
                 self._run(task, server)
@@ -163,15 +178,13 @@ class PolicyThread(Executor):
             except InterruptedError:
                 continue
             for ready_fd, _ in ready:
-                if ready_fd == self._wake_fd:
+                if ready_fd == wake_fd:
                     with contextlib.suppress(BlockingIOError, OSError):
-                        os.eventfd_read(self._wake_fd)
+                        os.eventfd_read(wake_fd)
             socket_ready = any(ready_fd == polled_fd for ready_fd, _ in ready)
             if socket_ready and server is not None and server is self._server:
                 server.readable()
                 ran = True
-        with contextlib.suppress(OSError):
-            os.close(self._wake_fd)
 
     @staticmethod
     def _idle_work(work: Callable[[], object]) -> None:

@@ -95,13 +95,15 @@ class Session:
         self._guarded: _Turn | None = None  # the request the alarm would answer
         self._guarding = False  # the alarm is armed around the policy thread's work
         self._hand_back_asked = False
+        self._alarm_fd = -1
 
     # --- lifecycle -------------------------------------------------------------------------
 
     async def run(self) -> SessionEnd:
         settings = self.plugin.settings
         read_task = self.channel.start()
-        self._loop.add_reader(self._alarm.fileno(), self._alarm_went_off)
+        self._alarm_fd = self._alarm.fileno()  # the number the loop watches, until _detach
+        self._loop.add_reader(self._alarm_fd, self._alarm_went_off)
         self.plugin.policy_thread.attach(self)
         register = asyncio.create_task(self._register())
         configured = asyncio.create_task(self.plugin.configured.wait())
@@ -309,7 +311,13 @@ class Session:
         """In the loop: the policy thread has been busy past the alarm. Answer its
         request if it has one, and read the socket meanwhile."""
         with self._lock:
-            if not self._alarm.fired() or not self._guarding:
+            try:
+                fired = self._alarm.fired()
+            except OSError:  # closed under us: stop watching it
+                with contextlib.suppress(ValueError, OSError):
+                    self._loop.remove_reader(self._alarm_fd)
+                return
+            if not fired or not self._guarding:
                 return  # disarmed or re-armed since: not late
             turn = self._guarded
             self._guarding = False
@@ -363,7 +371,7 @@ class Session:
         """In the loop, at the end: the thread stops serving this connection, then
         releases its descriptors (it may be waiting on them until then)."""
         with contextlib.suppress(ValueError, OSError):
-            self._loop.remove_reader(self._alarm.fileno())
+            self._loop.remove_reader(self._alarm_fd)
         thread = self.plugin.policy_thread
         thread.attach(None)
         try:
