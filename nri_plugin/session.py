@@ -91,7 +91,16 @@ class Session:
         self._lock = threading.Lock()
         self._thread_reads = True
         self._unserved: deque[tuple[Event, float]] = deque()  # with when it was read
-        self._alarm = Alarm()
+        self._alarm: Alarm | None = None
+        try:
+            self._alarm = Alarm()
+        except OSError as exc:  # no timerfd (a seccomp profile, say): one hop per request
+            log.warning(
+                "cannot create a timerfd (%s): the event loop reads every request and "
+                "hands it to the policy thread, one thread hop each",
+                exc,
+            )
+            self._thread_reads = False
         self._guarded: _Turn | None = None  # the request the alarm would answer
         self._guarding = False  # the alarm is armed around the policy thread's work
         self._hand_back_asked = False
@@ -102,8 +111,11 @@ class Session:
     async def run(self) -> SessionEnd:
         settings = self.plugin.settings
         read_task = self.channel.start()
-        self._alarm_fd = self._alarm.fileno()  # the number the loop watches, until _detach
-        self._loop.add_reader(self._alarm_fd, self._alarm_went_off)
+        if self._alarm is not None:
+            self._alarm_fd = self._alarm.fileno()  # the number the loop watches, until _detach
+            self._loop.add_reader(self._alarm_fd, self._alarm_went_off)
+        else:
+            self.channel.read_in_loop(True)
         self.plugin.policy_thread.attach(self)
         register = asyncio.create_task(self._register())
         configured = asyncio.create_task(self.plugin.configured.wait())
@@ -298,11 +310,12 @@ class Session:
         with self._lock:
             self._guarded = turn
             self._guarding = True
-            self._alarm.arm(seconds)
+            if self._alarm is not None:
+                self._alarm.arm(seconds)
 
     def _unguard(self) -> None:
         with self._lock:
-            if self._guarding:
+            if self._guarding and self._alarm is not None:
                 self._alarm.disarm()
             self._guarding = False
             self._guarded = None
@@ -311,6 +324,8 @@ class Session:
         """In the loop: the policy thread has been busy past the alarm. Answer its
         request if it has one, and read the socket meanwhile."""
         with self._lock:
+            if self._alarm is None:
+                return
             try:
                 fired = self._alarm.fired()
             except OSError:  # closed under us: stop watching it
@@ -351,7 +366,8 @@ class Session:
         self._hand_back_asked = False
         channel = self.channel
         if (
-            self._thread_reads
+            self._alarm is None  # nothing would answer for a late inline request
+            or self._thread_reads
             or channel.closed
             or channel.backlog_waiting
             or channel.replies_backed_up
@@ -370,8 +386,9 @@ class Session:
     def _detach(self) -> None:
         """In the loop, at the end: the thread stops serving this connection, then
         releases its descriptors (it may be waiting on them until then)."""
-        with contextlib.suppress(ValueError, OSError):
-            self._loop.remove_reader(self._alarm_fd)
+        if self._alarm_fd >= 0:
+            with contextlib.suppress(ValueError, OSError):
+                self._loop.remove_reader(self._alarm_fd)
         thread = self.plugin.policy_thread
         thread.attach(None)
         try:
@@ -381,7 +398,8 @@ class Session:
 
     def _release(self) -> None:
         self.channel.release_fd()
-        self._alarm.close()
+        if self._alarm is not None:
+            self._alarm.close()
 
     # --- serving ---------------------------------------------------------------------------
 

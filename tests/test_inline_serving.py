@@ -10,6 +10,8 @@ import select
 import threading
 import time
 
+import pytest
+
 from nri_plugin.policy.api import RecordingPolicy
 from nri_plugin.policy.intents import Intents, Note
 from nri_plugin.protocol import convert
@@ -211,4 +213,28 @@ async def test_notes_go_to_the_sink_from_the_policy_thread_in_decision_order() -
             break
         await asyncio.sleep(0.01)
     assert seen == [("a", "nri-policy"), ("node", "nri-policy"), ("b", "nri-policy")]
+    await end_plugin(plugin, runtime, task)
+
+
+async def test_without_a_timerfd_the_loop_reads_and_a_late_request_still_fails_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A host whose seccomp profile refuses timerfd_create: round 1's path, one hop."""
+
+    def refuse() -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr("nri_plugin.session.Alarm", refuse)
+    policy = Annotating(held=frozenset({"slow"}), hold_for=0.4)
+    plugin, runtime, task = await serve_plugin(policy)
+    await runtime.handshake()
+    assert not _session(plugin)._thread_reads
+    reply = await runtime.call("CreateContainer", _create("fast"))
+    assert _annotation(reply.payload) == "fast"
+    started = time.monotonic()
+    slow = runtime.send("CreateContainer", _create("slow"), timeout=0.2)
+    assert _annotation((await runtime.response(slow)).payload) is None
+    assert time.monotonic() - started < 0.3
+    await asyncio.sleep(0.5)
+    assert not _session(plugin)._thread_reads  # never handed to the thread
     await end_plugin(plugin, runtime, task)
