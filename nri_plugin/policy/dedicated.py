@@ -30,7 +30,6 @@ from nri_plugin.policy.workload import (
     is_dedicated,
 )
 from qos_model.cpulist import format_cpu_list
-from qos_model.text import clip
 from qos_model.topology import Topology
 
 
@@ -272,21 +271,31 @@ def resize_in_place(
     Deterministic in its inputs and never quoting `held.reason`, so that repeating the
     dedicated pass on its own result gives the same allocation (the pass is a fixpoint)."""
     old, want = len(held.cpus), request.count
-    try:
-        if request.numa_exclusive:
-            raise AllocationError(
-                f"it owns NUMA node(s) {format_cpu_list(held.mems)} exclusively, and a "
-                "numa_exclusive set is not resized in place"
-            )
-        if want < old:
-            return _shrink(topology, held, request), ""
-        return _grow(topology, config, held, request, free, reserved), ""
-    except AllocationError as exc:
+    if request.numa_exclusive:
         why = (
-            f"asked for {want} CPU(s) but keeps its {old} ({format_cpu_list(held.cpus)}): "
-            f"{clip(str(exc), 400)}"
+            f"it owns NUMA node(s) {format_cpu_list(held.mems)} exclusively, and a "
+            "numa_exclusive set is not resized in place"
         )
-        return CpuAllocation(held.cpus, held.mems, held.idle_siblings, why), why
+    else:
+        try:
+            if want < old:
+                return _shrink(topology, held, request), ""
+            return _grow(topology, config, held, request, free, reserved), ""
+        except AllocationError:
+            # Only facts that do not depend on which CPUs are free right now: the
+            # incremental planner retries a resize when a dedicated container comes or
+            # goes, not when the shared pool moves, and its plan must equal a full
+            # replan's at every step (tests/policy/test_incremental.py). The free CPUs
+            # are in the plan and the status for whoever wants the detail.
+            nodes = format_cpu_list(frozenset(topology.node_of(cpu) for cpu in held.cpus))
+            beyond = " (NUMA-bound: nowhere else)" if request.numa_binding else " nor beyond"
+            why = (
+                f"no room to add {want - old} next to them on its NUMA node(s) {nodes}"
+                f"{beyond}, with whole cores where it needs them and min_shared_cpus "
+                f"({config.min_shared_cpus}) left to the shared pool"
+            )
+    why = f"asked for {want} CPU(s) but keeps its {old} ({format_cpu_list(held.cpus)}): {why}"
+    return CpuAllocation(held.cpus, held.mems, held.idle_siblings, why), why
 
 
 def _shrink(topology: Topology, held: CpuAllocation, request: CpuRequest) -> CpuAllocation:
@@ -322,17 +331,14 @@ def _grow(
     tries = [(local, f"on its NUMA node(s) {format_cpu_list(own_nodes)}")]
     if not request.numa_binding:
         tries.append((others, "beyond its NUMA node(s), which had no room"))
-    failures = []
     for candidates, where in tries:
         try:
             added = allocate_cpus(topology, candidates, extra)
-        except AllocationError as exc:
-            failures.append(f"{where}: {exc}")
+        except AllocationError:
             continue
         cpus = held.cpus | added.cpus
         if not _shape_fits(topology, cpus, request, free):
-            failures.append(f"{where}: {format_cpu_list(added.cpus)} would split a 2nd core")
-            continue
+            continue  # it would split a second core
         left = free - held.taken - added.taken
         if len(left) < config.min_shared_cpus:
             raise AllocationError(
@@ -347,8 +353,7 @@ def _grow(
             f"resized in place from {len(held.cpus)} to {len(cpus)} CPUs: kept "
             f"{format_cpu_list(held.cpus)}, added {format_cpu_list(added.cpus)} {where}",
         )
-    bound = " (NUMA-bound: nowhere else)" if request.numa_binding else ""
-    raise AllocationError("; ".join(failures) + bound)
+    raise AllocationError("no room to grow in place")
 
 
 def _shape_fits(

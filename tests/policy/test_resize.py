@@ -121,6 +121,7 @@ def test_the_kept_set_grows_when_room_appears() -> None:
     e.container_updated(db_pod, db, resize_to(8000))
     assert cpus_of(e, db.id) == held  # 4 free CPUs minus min_shared_cpus: no room
     assert "min_shared_cpus" in e.plan.containers[db.id].cpus.reason
+    assert "no room to add 4" in e.plan.containers[db.id].cpus.reason
     e.container_stopped(big_pod, big)
     grown = cpus_of(e, db.id)
     assert held < grown and len(grown) == 8
