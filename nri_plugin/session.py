@@ -273,26 +273,19 @@ class Session:
     def _serve_inline(self, event: RequestReceived, received: float) -> None:
         """In the policy thread: answer one request as `_start` and `_run` do, under the
         alarm instead of a loop timer; tell the loop only when it has something to do."""
-        method = services.lookup(event.service, event.method)
-        if method is None or event.service != services.PLUGIN_SERVICE:
-            self._unimplemented(event)
+        turn = self._open(event, received)
+        if turn is None:
             return
-        turn = _Turn(method, event, received)
         try:
-            turn.metrics = self.plugin.metrics.of_method(method.name)
-            turn.metrics.requests.inc()
-            if method.reply_is_fixed:  # as in `_start`: answered now, decided after
-                turn.claim()
-                self._reply_now(turn, _Decision(None, dispatch.Outcome(method.response())))
+            self._admit(turn)
+            if turn.method.reply_is_fixed:  # answered: only a takeover to guard
                 self._guard(None, TAKEOVER_AFTER)
             else:
-                turn.budget = self._budget(event.timeout_nano)
                 self._guard(turn, turn.budget)
-        except Exception as exc:  # a bug between the socket and the policy
+        except Exception as exc:
             self._unguard()
-            if turn.claim():
-                decision = self._internal_error(method, event.stream_id, exc)
-                self._reply_now(turn, decision)
+            decision = self._failed_early(turn, exc)
+            if decision is not None:
                 self._in_loop(self._conclude, turn, decision)
             return
         try:
@@ -425,36 +418,61 @@ class Session:
         policy's intents still go out when it ends. A reply the policy cannot change (an
         empty message: every notification) is written here, before the policy runs.
         None: already answered (unknown method, or a bug here)."""
-        method = services.lookup(event.service, event.method)
-        if method is None or event.service != services.PLUGIN_SERVICE:
-            self._unimplemented(event)
-            return None
         loop = asyncio.get_running_loop()
-        turn = _Turn(method, event, received, loop.create_future())
-        turn.budget = self._budget(event.timeout_nano)
+        turn = self._open(event, received, loop.create_future())
+        if turn is None:
+            return None
         try:
-            turn.metrics = self.plugin.metrics.of_method(method.name)
-            turn.metrics.requests.inc()
-            if method.reply_is_fixed:
-                # Nothing the policy decides goes in this reply (what it asks of other
-                # containers goes out after, as for every request): answer now, decide
-                # after, in order in the policy thread. No deadline: nothing is left to
-                # answer, and the channel's bound on requests in flight still holds.
-                turn.claim()
-                self._reply_now(turn, _Decision(None, dispatch.Outcome(method.response())))
-            else:
+            self._admit(turn)
+            if not turn.method.reply_is_fixed:
                 turn.timer = loop.call_later(turn.budget, self._deadline_passed, turn)
             self.plugin.policy_thread.submit(self._run_queued, turn)
         except Exception as exc:
             # A bug between the socket and the policy, or no policy thread any more.
             if turn.timer is not None:
                 turn.timer.cancel()
-            if turn.claim():
-                decision = self._internal_error(method, event.stream_id, exc)
-                self._reply_now(turn, decision)
+            decision = self._failed_early(turn, exc)
+            if decision is not None:
                 self._after(turn, decision)
             return None
         return turn
+
+    def _open(
+        self,
+        event: RequestReceived,
+        received: float,
+        done: asyncio.Future[_Decision | dispatch.SyncOverflow] | None = None,
+    ) -> _Turn | None:
+        """Where both paths begin: the method and the turn. None: a method we do not
+        serve, answered UNIMPLEMENTED here."""
+        method = services.lookup(event.service, event.method)
+        if method is None or event.service != services.PLUGIN_SERVICE:
+            self._unimplemented(event)
+            return None
+        return _Turn(method, event, received, done)
+
+    def _admit(self, turn: _Turn) -> None:
+        """Count the request and set its budget. A reply the policy cannot change (an
+        empty message: every notification) is written now; the policy decides it after,
+        in order (what it asks of other containers goes out after, as for every
+        request), under no deadline, since nothing is left to answer. Raises only on a
+        bug of ours (`_failed_early`)."""
+        method = turn.method
+        turn.metrics = self.plugin.metrics.of_method(method.name)
+        turn.metrics.requests.inc()
+        turn.budget = self._budget(turn.event.timeout_nano)
+        if method.reply_is_fixed:
+            turn.claim()
+            self._reply_now(turn, _Decision(None, dispatch.Outcome(method.response())))
+
+    def _failed_early(self, turn: _Turn, exc: Exception) -> _Decision | None:
+        """A bug between the socket and the policy: the reply that changes nothing,
+        unless one was written already. Returns it, for the loop to conclude."""
+        if not turn.claim():
+            return None
+        decision = self._internal_error(turn.method, turn.event.stream_id, exc)
+        self._reply_now(turn, decision)
+        return decision
 
     async def _finish(self, turn: _Turn) -> None:
         """In the handler task: wait for the policy thread, then act on its decision."""

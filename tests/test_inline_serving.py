@@ -238,3 +238,28 @@ async def test_without_a_timerfd_the_loop_reads_and_a_late_request_still_fails_o
     await asyncio.sleep(0.5)
     assert not _session(plugin)._thread_reads  # never handed to the thread
     await end_plugin(plugin, runtime, task)
+
+
+async def test_a_bug_before_the_policy_on_the_loop_path_still_gets_a_reply(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The path a request takes when the loop reads (here: no timerfd): a bug in working
+    out its budget is answered with no change, as on the inline path."""
+
+    def refuse() -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    def broken(self: object, timeout_nano: int) -> float:
+        raise ZeroDivisionError("a bug of ours")
+
+    monkeypatch.setattr("nri_plugin.session.Alarm", refuse)
+    plugin, runtime, task = await serve_plugin(Annotating())
+    await runtime.handshake()
+    monkeypatch.setattr("nri_plugin.session.Session._budget", broken)
+    reply = await runtime.call("CreateContainer", _create(), timeout=1)
+    assert reply.code == 0 and reply.payload == b""
+    assert (
+        metric(plugin.metrics, "nri_qos_fail_open", method="CreateContainer", reason="internal")
+        == 1
+    )
+    await end_plugin(plugin, runtime, task)
