@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -324,7 +324,14 @@ def _install_taps(rec: _Recorder) -> None:
         _install_stages(rec)
 
 
-def _add(rec: _Recorder, stage: str, ns: int) -> None:
+class StageSums(Protocol):
+    """Where timed stages add up: the record of the request being timed (None: none)."""
+
+    @property
+    def current(self) -> dict[str, Any] | None: ...
+
+
+def _add(rec: StageSums, stage: str, ns: int) -> None:
     cur = rec.current
     if cur is not None:
         cur[stage] = cur.get(stage, 0) + ns
@@ -333,7 +340,7 @@ def _add(rec: _Recorder, stage: str, ns: int) -> None:
 _depth = threading.local()
 
 
-def _timed(rec: _Recorder, stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+def timed(rec: StageSums, stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     """Time `fn` into `stage`; only the outermost call of a stage counts (e.g.
     container_from_pb calls resources_from_pb through the patched module global)."""
     perf = time.perf_counter_ns
@@ -451,9 +458,9 @@ def _install_stages(rec: _Recorder) -> None:
     S._handle = handle  # type: ignore[method-assign]
     S._answer = answer  # type: ignore[method-assign]
     pool.submit = submit  # type: ignore[method-assign]
-    channel.write = _timed(rec, "write", orig_writes[0])  # type: ignore[method-assign]
-    channel.write_from_thread = _timed(rec, "write", orig_writes[1])  # type: ignore[method-assign]
-    services.decode = _timed(rec, "decode", services.decode)
+    channel.write = timed(rec, "write", orig_writes[0])  # type: ignore[method-assign]
+    channel.write_from_thread = timed(rec, "write", orig_writes[1])  # type: ignore[method-assign]
+    services.decode = timed(rec, "decode", services.decode)
     for name in (
         "pod_for_policy",
         "container_for_policy",
@@ -463,13 +470,13 @@ def _install_stages(rec: _Recorder) -> None:
         "resources_for_policy",
     ):
         if hasattr(convert, name):  # a baseline checkout may not have it
-            setattr(convert, name, _timed(rec, "convert_in", getattr(convert, name)))
+            setattr(convert, name, timed(rec, "convert_in", getattr(convert, name)))
     for name in ("adjustment_to_pb", "updates_to_pb"):
-        setattr(convert, name, _timed(rec, "convert_out", getattr(convert, name)))
+        setattr(convert, name, timed(rec, "convert_out", getattr(convert, name)))
     for cls in (QosPolicy, RecordingPolicy):
         for hook in (*dispatch.HOOK_EVENTS, "synchronize", "configure"):
             if hook in vars(cls):
-                setattr(cls, hook, _timed(rec, "policy", getattr(cls, hook)))
+                setattr(cls, hook, timed(rec, "policy", getattr(cls, hook)))
 
 
 def stage_breakdown(record: dict[str, Any]) -> dict[str, int] | None:

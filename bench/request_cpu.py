@@ -60,7 +60,14 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH))
 
 from nri_real_payloads import _config_text, this_machine_root  # noqa: E402
-from real_payloads import FLAVORS, LIFECYCLE, LIVE_PART, Templates, load_templates  # noqa: E402
+from real_payloads import (  # noqa: E402
+    FLAVORS,
+    LIFECYCLE,
+    LIVE_PART,
+    Templates,
+    load_templates,
+    timed,
+)
 
 from nri_plugin import dispatch  # noqa: E402
 from nri_plugin.config import parse_config  # noqa: E402
@@ -79,26 +86,11 @@ class Taps:
     """Per-request stage sums, filled by wrappers around the stage functions."""
 
     def __init__(self) -> None:
-        self.current: dict[str, int] = {}
-        self._depth: dict[str, int] = {}
+        self.current: dict[str, Any] = {}
 
     def timed(self, stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        perf = time.perf_counter_ns
-        depth = self._depth
-
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            if depth.get(stage):
-                return fn(*args, **kwargs)
-            depth[stage] = 1
-            t0 = perf()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                cur = self.current
-                cur[stage] = cur.get(stage, 0) + perf() - t0
-                depth[stage] = 0
-
-        return wrapper
+        """real_payloads' stage wrapper: only the outermost call of a stage counts."""
+        return timed(self, stage, fn)
 
     def install(self) -> None:
         for stage, names in (("convert_in", CONVERT_IN), ("convert_out", CONVERT_OUT)):
