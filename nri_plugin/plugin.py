@@ -223,6 +223,15 @@ class NriPlugin:
         return self._session.runtime if self._session else None
 
     @property
+    def connection(self) -> str:
+        """The connection in words, as status and readiness show it."""
+        if self.configured.is_set():
+            return "serving"
+        if self._session is not None:
+            return "connecting"
+        return "waiting for the runtime"
+
+    @property
     def channel(self) -> NriChannel | None:
         """The current connection, for its bounds and high-water marks (status, tests)."""
         return self._session.channel if self._session else None

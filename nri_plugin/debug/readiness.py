@@ -56,13 +56,7 @@ class Readiness:
     def check(self) -> ReadyState:
         now = self._clock()
         recent = self._recent_fail_opens(now)
-        plugin = self.plugin
-        if plugin.configured.is_set():
-            connection = "serving"
-        elif plugin.channel is not None:
-            connection = "connecting"
-        else:
-            connection = "waiting for the runtime"
+        connection = self.plugin.connection
         synced = self.synchronized()
 
         def state(ready: bool, reason: str) -> ReadyState:
@@ -72,7 +66,7 @@ class Readiness:
             return state(False, "not registered with a runtime: no connection to its NRI socket")
         if connection == "connecting":
             return state(False, "connected, but the runtime has not configured the plugin yet")
-        runtime = plugin.runtime
+        runtime = self.plugin.runtime
         name = f"{runtime.name} {runtime.version}".strip() if runtime is not None else "runtime"
         if not synced:
             return state(

@@ -274,6 +274,9 @@ class PluginLike(Protocol):
     @property
     def channel(self) -> Any: ...
 
+    @property
+    def connection(self) -> str: ...
+
     async def in_policy_thread(self, fn: Callable[[], _R]) -> _R: ...
 
 
@@ -636,15 +639,9 @@ class _Servicer(pb_grpc.DebugServicer):  # type: ignore[misc]
         src = self.sources
         plugin = src.plugin
         runtime = plugin.runtime
-        if plugin.configured.is_set():
-            connection = "serving"
-        elif plugin.channel is not None:
-            connection = "connecting"
-        else:
-            connection = "waiting for the runtime"
         reply = pb.StatusReply(
             version=__version__,
-            connection=connection,
+            connection=plugin.connection,
             reconnects=src.reconnects() if src.reconnects is not None else 0,
             policy=src.policy_name,
             dry_run=self.server.dry_run,

@@ -139,6 +139,7 @@ class GatedPlugin:
         self.configured = asyncio.Event()
         self.runtime = None
         self.channel = None
+        self.connection = "waiting for the runtime"
         self.calls = 0
         self.gate = asyncio.Event()
 
