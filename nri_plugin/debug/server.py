@@ -215,8 +215,13 @@ class EventFeed:
 
         def add(kind: str, subject: str, message: str) -> DecisionEvent:
             event = original(kind, subject, message)
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody follows
-                loop.call_soon_threadsafe(self._publish, event)
+            # Wake the loop only for a follower: events come from the policy thread
+            # between requests, and each wake would take the GIL from it. No race with
+            # `follow`: it registers its queue before it reads the history, and the event
+            # is in the history before this looks at the followers.
+            if self._followers:
+                with contextlib.suppress(RuntimeError):  # the loop is closed
+                    loop.call_soon_threadsafe(self._publish, event)
             return event
 
         events.add = add  # type: ignore[method-assign]
