@@ -1,14 +1,15 @@
 """A one-shot alarm the event loop can watch: a Linux timerfd.
 
 Why a timerfd: the policy thread answers requests itself, and the event loop must step
-in only when it is late. Arming and disarming a timerfd are one system call each and
-wake nobody, whereas a timer in the loop (call_soon_threadsafe) or a watchdog thread
-(a condition variable) would wake a second thread for every request, which is exactly
-the cost the inline path exists to avoid: on a 2-CPU node starting containers, every
-wakeup waits for a CPU. The loop watches the descriptor with `add_reader` and is woken
-only when an alarm really goes off.
+in only when it is late. Arming a timerfd is one system call and wakes nobody, whereas a
+timer in the loop (call_soon_threadsafe) or a watchdog thread (a condition variable)
+would wake a second thread for every request, which is exactly the cost the inline path
+exists to avoid: on a 2-CPU node starting containers, every wakeup waits for a CPU. The
+loop watches the descriptor with `add_reader` and is woken only when an alarm goes off.
+The session arms it lazily (`Session._guard`): one arm serves every request that ends
+before it goes off, so most requests make no system call for it at all.
 
-Python 3.11 has no os.timerfd_*, so the two calls go through ctypes (libc).
+Python 3.11 has no os.timerfd_*, so the calls go through ctypes (libc).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import ctypes.util
 import os
 import time
 
-_CLOCK_MONOTONIC = 1
+_CLOCK_MONOTONIC = 1  # time.monotonic()'s clock on Linux, so deadlines compare directly
+_TFD_TIMER_ABSTIME = 1
 _TFD_NONBLOCK = os.O_NONBLOCK
 _TFD_CLOEXEC = os.O_CLOEXEC
 
@@ -48,10 +50,10 @@ _settime.restype = ctypes.c_int
 
 
 class Alarm:
-    """One timer: `arm(seconds)` from any thread, `disarm()`, and `fired()` in the
-    thread that watches `fileno()` (readable once the time has passed). Re-arming or
-    disarming clears an expiry nobody has read yet, so a reader woken by an old expiry
-    finds `fired()` False."""
+    """One timer: `arm_at(when)` or `arm(seconds)` from any thread, `disarm()`, and
+    `fired()` in the thread that watches `fileno()` (readable once the time has passed).
+    Re-arming or disarming clears an expiry nobody has read yet, so a reader woken by an
+    old expiry finds `fired()` False."""
 
     def __init__(self) -> None:
         fd = _create(_CLOCK_MONOTONIC, _TFD_NONBLOCK | _TFD_CLOEXEC)
@@ -68,15 +70,19 @@ class Alarm:
         fd: int = self._fd
         return fd
 
-    def arm(self, seconds: float) -> None:
-        """Go off once, `seconds` from now (at least 1 µs)."""
-        ns = max(1000, int(seconds * 1e9))
+    def arm_at(self, when: float) -> None:
+        """Go off once at `when`, a time.monotonic() value (at once if it has passed)."""
+        ns = max(1, int(when * 1e9))  # 0 would disarm
         value = self._spec.it_value
         value.tv_sec, value.tv_nsec = divmod(ns, 1_000_000_000)
         self.armed_at = time.monotonic()
-        if _settime(self._fd, 0, self._spec_ref, None) != 0:
+        if _settime(self._fd, _TFD_TIMER_ABSTIME, self._spec_ref, None) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"timerfd_settime: {os.strerror(err)}")
+
+    def arm(self, seconds: float) -> None:
+        """Go off once, `seconds` from now (at least 1 µs)."""
+        self.arm_at(time.monotonic() + max(1e-6, seconds))
 
     def disarm(self) -> None:
         if self._fd >= 0:

@@ -102,7 +102,9 @@ class Session:
             )
             self._thread_reads = False
         self._guarded: _Turn | None = None  # the request the alarm would answer
-        self._guarding = False  # the alarm is armed around the policy thread's work
+        self._guarding = False  # the policy thread is in a stretch the alarm guards
+        self._guard_due = 0.0  # when that stretch is late (time.monotonic())
+        self._alarm_due = 0.0  # when the timerfd goes off; 0: not armed
         self._hand_back_asked = False
         self._alarm_fd = -1
 
@@ -208,10 +210,11 @@ class Session:
     # While the policy thread is free, it waits on the socket itself (PolicyThread calls
     # the five methods below) and serves each request where it read it: decode, decide,
     # encode, write. No other thread wakes for a request answered in time. The alarm
-    # (a timerfd the loop watches) is armed around every stretch of the thread's work that
-    # leaves the socket unread: a request's budget, or TAKEOVER_AFTER for a background
-    # task or a notification decided after its reply. When it goes off, the loop answers
-    # the late request with no change (`_deadline_passed`) and reads the socket itself
+    # (a timerfd the loop watches) guards every stretch of the thread's work that leaves
+    # the socket unread: a request's budget, or TAKEOVER_AFTER for a background task or
+    # a notification decided after its reply (armed lazily: see `_guard`). When the
+    # thread is past its stretch as the alarm goes off, the loop answers the late
+    # request with no change (`_deadline_passed`) and reads the socket itself
     # (requests then go through `_start`, each under its own deadline, queued behind the
     # late call) until the thread is free again and asks for the socket back.
 
@@ -300,22 +303,31 @@ class Session:
             self._in_loop(self._conclude, turn, ran)
 
     def _guard(self, turn: _Turn | None, seconds: float) -> None:
+        """The policy thread begins a stretch that is late `seconds` from now. The alarm
+        is armed only when it is not armed already to go off by then: an alarm that goes
+        off early finds the thread not late and is armed again for the stretch under way
+        (`_alarm_went_off`), so back-to-back requests share one arm, and no request
+        disarms it. That costs the loop one wakeup per budget while requests keep coming,
+        and one after they stop."""
+        due = time.monotonic() + seconds
         with self._lock:
             self._guarded = turn
             self._guarding = True
-            if self._alarm is not None:
-                self._alarm.arm(seconds)
+            self._guard_due = due
+            alarm = self._alarm
+            if alarm is not None and not 0 < self._alarm_due <= due:
+                alarm.arm_at(due)
+                self._alarm_due = due
 
     def _unguard(self) -> None:
         with self._lock:
-            if self._guarding and self._alarm is not None:
-                self._alarm.disarm()
             self._guarding = False
             self._guarded = None
 
     def _alarm_went_off(self) -> None:
-        """In the loop: the policy thread has been busy past the alarm. Answer its
-        request if it has one, and read the socket meanwhile."""
+        """In the loop: the alarm went off. If the policy thread is past the stretch it
+        is in, answer its request (if it has one) and read the socket meanwhile; if it
+        is in a newer stretch, arm the alarm for that one; if it is free, leave it."""
         with self._lock:
             if self._alarm is None:
                 return
@@ -325,8 +337,18 @@ class Session:
                 with contextlib.suppress(ValueError, OSError):
                     self._loop.remove_reader(self._alarm_fd)
                 return
-            if not fired or not self._guarding:
-                return  # disarmed or re-armed since: not late
+            if not fired:
+                return  # re-armed since: its own expiry is still to come
+            self._alarm_due = 0.0
+            if not self._guarding:
+                return  # free: the next stretch arms it again
+            if time.monotonic() < self._guard_due:
+                try:
+                    self._alarm.arm_at(self._guard_due)
+                except OSError:  # closed under us: the session is ending
+                    return
+                self._alarm_due = self._guard_due
+                return
             turn = self._guarded
             self._guarding = False
             self._guarded = None

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from nri_plugin.alarm import Alarm
 from nri_plugin.policy.api import RecordingPolicy
 from nri_plugin.policy.intents import Intents, Note
 from nri_plugin.protocol import convert
@@ -108,6 +109,54 @@ async def test_a_late_inline_request_fails_open_and_the_next_ones_are_still_serv
         "queued",
         "after",
     ]
+    await end_plugin(plugin, runtime, task)
+
+
+async def test_back_to_back_requests_share_one_arm_of_the_alarm(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Requests answered in time make no system call for the alarm: the one armed for the
+    first still guards the next (none goes off after theirs)."""
+    plugin, runtime, task = await serve_plugin(Annotating())
+    await runtime.handshake()
+    arms: list[float] = []
+    original = Alarm.arm_at
+
+    def counting(self: Alarm, when: float) -> None:
+        arms.append(when)
+        original(self, when)
+
+    monkeypatch.setattr(Alarm, "arm_at", counting)
+    for i in range(20):
+        reply = await runtime.call("CreateContainer", _create(f"c{i}"))
+        assert _annotation(reply.payload) == f"c{i}"
+    assert len(arms) <= 1
+    await end_plugin(plugin, runtime, task)
+
+
+async def test_an_alarm_armed_for_an_earlier_request_does_not_cut_a_later_one_short() -> None:
+    """The alarm armed for a quick request goes off while a later one is still within
+    its own budget: the loop arms it again for that request, which is answered by the
+    policy (not with no change) and keeps the socket with the thread. Then, once the
+    thread is free, the alarm going off does nothing."""
+    policy = Annotating(held=frozenset({"later"}), hold_for=0.25)
+    plugin, runtime, task = await serve_plugin(policy)
+    await runtime.handshake()
+    quick = runtime.send("CreateContainer", _create("quick"), timeout=0.4)  # budget 0.2 s
+    assert _annotation((await runtime.response(quick)).payload) == "quick"
+    await asyncio.sleep(0.1)  # the alarm armed for `quick` goes off 0.1 s into `later`
+    later = runtime.send("CreateContainer", _create("later"), timeout=1.0)  # budget 0.5 s
+    assert _annotation((await runtime.response(later)).payload) == "later"
+    session = _session(plugin)
+    assert session._thread_reads
+    await asyncio.sleep(0.6)  # the alarm armed again for `later` goes off: it is free
+    assert session._thread_reads and session._alarm_due == 0.0
+    after = runtime.send("CreateContainer", _create("after"))
+    assert _annotation((await runtime.response(after)).payload) == "after"
+    assert (
+        metric(plugin.metrics, "nri_qos_fail_open", method="CreateContainer", reason="deadline")
+        == 0
+    )
     await end_plugin(plugin, runtime, task)
 
 

@@ -28,6 +28,21 @@ def test_the_alarm_goes_off_once_after_its_time() -> None:
         alarm.close()
 
 
+def test_the_alarm_goes_off_at_a_monotonic_time_or_at_once_if_it_passed() -> None:
+    alarm = Alarm()
+    try:
+        when = time.monotonic() + 0.05
+        alarm.arm_at(when)
+        readable, _, _ = select.select([alarm.fileno()], [], [], 1.0)
+        assert readable and time.monotonic() >= when
+        assert alarm.fired()
+        alarm.arm_at(time.monotonic() - 1.0)
+        readable, _, _ = select.select([alarm.fileno()], [], [], 0.5)
+        assert readable and alarm.fired()
+    finally:
+        alarm.close()
+
+
 def test_disarming_or_rearming_clears_an_expiry_nobody_read() -> None:
     alarm = Alarm()
     try:
