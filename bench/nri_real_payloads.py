@@ -41,11 +41,15 @@ to each CPU while measuring (warm-up included), as when runc and the shim start 
 container on the same CPUs. `both` measures idle and contended back to back at each
 level, for every target, in the same run.
 
-`--profile`: one more qos child with perf_counter_ns wrappers around each step of the
-request path (bench/real_payloads.py STAGES; monkeypatched in the child, nothing under
-nri_plugin/ is edited), at the highest `--live` level, and the per-stage breakdown of
-CreateContainer (and the other methods' totals). `--cprofile N` adds the top N functions
-(cumulative) of the qos policy's create_container, from cProfile in the policy thread.
+`--profile [qos|recording]`: one more child (qos by default) with perf_counter_ns
+wrappers around each step of the request path (bench/real_payloads.py STAGES;
+monkeypatched in the child, nothing under nri_plugin/ is edited), at the highest `--live`
+level, and the per-stage breakdown of CreateContainer (and the other methods' totals).
+With the runtime side's send and reply times, the breakdown covers the whole round trip:
+`to_wake` (written -> the plugin's policy thread woke), `read`, `envelope` (-> the
+histogram's "received"), the in-plugin stages, and `back` (reply written -> decoded here).
+`--cprofile N` adds the top N functions (cumulative) of the qos policy's
+create_container, from cProfile in the policy thread.
 
 Safety: the plugin's `[host] root` is a temp dir holding a copy of this machine's CPU
 topology from /sys, an empty cgroup2 tree and a procfs with only a mountinfo, so no
@@ -326,6 +330,9 @@ class Runtime:
     connected: asyncio.Event = field(default_factory=asyncio.Event)
     registered: asyncio.Event = field(default_factory=asyncio.Event)
     update_calls: int = 0
+    # (request written, reply decoded) per call, perf_counter_ns: CLOCK_MONOTONIC, the
+    # clock the plugin's stage timestamps use too
+    stamps: list[tuple[int, int]] = field(default_factory=list)
 
     async def start(self) -> None:
         self.server = await asyncio.start_unix_server(self._accept, path=str(self.sock))
@@ -361,11 +368,13 @@ class Runtime:
         """One request; (round trip in ms, reply payload)."""
         ch = self.channel
         assert ch is not None
-        t0 = time.perf_counter()
+        t0 = time.perf_counter_ns()
         _, reply = ch.start_call(services.PLUGIN_SERVICE, method, payload, timeout_nano, meta)
         async with asyncio.timeout(10):
             resp = await reply
-        rt = (time.perf_counter() - t0) * 1000
+        t1 = time.perf_counter_ns()
+        self.stamps.append((t0, t1))
+        rt = (t1 - t0) / 1e6
         if resp.code != 0:
             raise BenchError(f"{method}: error reply {resp.code} {resp.message}")
         return rt, resp.payload
@@ -477,6 +486,7 @@ async def measure_target(
                         before_hist = scrape(child.metrics_port)
                     rts: dict[str, list[float]] = {}
                     sent: list[str] = []
+                    first_stamp = len(runtime.stamps)
                     for _ in range(args.pairs):
                         for label, rt in await session.lifecycle(next_id, LIFECYCLE):
                             rts.setdefault(label, []).append(rt)
@@ -491,7 +501,9 @@ async def measure_target(
                         block["in_plugin_ms"] = _in_plugin(dump["observed"][before_tap:], sent)
                         block["histogram"] = hist_delta(before_hist, after_hist)
                         if stages:
-                            block["stages"] = _stages(dump["records"][before_tap:], sent)
+                            block["stages"] = _stages(
+                                dump["records"][before_tap:], sent, runtime.stamps[first_stamp:]
+                            )
                 results[key] = block
         errors = _logged_errors(child.log)
         out: dict[str, Any] = {"blocks": results, "events_mask": session.mask}
@@ -505,17 +517,17 @@ async def measure_target(
         child.stop()
 
 
-def _paired(items: list[Any], sent: list[str], method_of: Any) -> list[tuple[str, Any]]:
-    """Pair each observation with the request it was for (its label, StateChange's event
-    included). The runtime side sends one request at a time, so the requests of one method
-    are observed in the order they were sent; across methods the order may differ (a
-    reply the policy thread writes is observed after it, and the loop may already have
-    answered and observed the next request)."""
+def _paired(items: list[Any], sent: list[str], method_of: Any) -> list[tuple[int, Any]]:
+    """Pair each observation with the request it was for (its index in `sent`, whose
+    label includes StateChange's event). The runtime side sends one request at a time, so
+    the requests of one method are observed in the order they were sent; across methods
+    the order may differ (a reply the policy thread writes is observed after it, and the
+    loop may already have answered and observed the next request)."""
     if len(items) != len(sent):
         raise BenchError(f"the plugin observed {len(items)} requests, {len(sent)} were sent")
-    queues: dict[str, list[str]] = {}
-    for label in sent:
-        queues.setdefault(label.split("(")[0], []).append(label)
+    queues: dict[str, list[int]] = {}
+    for i, label in enumerate(sent):
+        queues.setdefault(label.split("(")[0], []).append(i)
     taken: dict[str, int] = {}
     out = []
     for item in items:
@@ -532,18 +544,31 @@ def _paired(items: list[Any], sent: list[str], method_of: Any) -> list[tuple[str
 def _in_plugin(observed: list[Any], sent: list[str]) -> dict[str, Any]:
     """Per request label, the exact values the histogram observed in this block (ms)."""
     by: dict[str, list[float]] = {}
-    for label, (_, seconds) in _paired(observed, sent, lambda o: o[0]):
-        by.setdefault(label, []).append(seconds * 1000)
+    for i, (_, seconds) in _paired(observed, sent, lambda o: o[0]):
+        by.setdefault(sent[i], []).append(seconds * 1000)
     return {label: _stats(v) for label, v in by.items()}
 
 
-def _stages(records: list[Any], sent: list[str]) -> dict[str, Any]:
+def _stages(records: list[Any], sent: list[str], stamps: list[tuple[int, int]]) -> dict[str, Any]:
+    """Per request label, each stage's p50 and mean (ms). With the runtime side's own
+    send and reply timestamps (perf_counter_ns is CLOCK_MONOTONIC in both processes), the
+    round trip's parts outside the plugin too: `to_wake` (request written -> the policy
+    thread's poll() returned), `read` (-> the read syscall returned), `envelope` (-> the
+    ttrpc envelope parsed: the histogram's "received") and `back` (reply written -> the
+    runtime side has decoded it)."""
     out: dict[str, dict[str, list[float]]] = {}
-    for label, rec in _paired(records, sent, lambda r: r["method"]):
+    for i, rec in _paired(records, sent, lambda r: r["method"]):
         br = stage_breakdown(rec)
         if br is None:
             continue
-        per = out.setdefault(label, {})
+        sent_at, replied_at = stamps[i]
+        if "wake_at" in rec:
+            br["to_wake"] = rec["wake_at"] - sent_at
+            br["read"] = rec["parse_at"] - rec["wake_at"]
+            br["envelope"] = rec["received_at"] - rec["parse_at"]
+        br["back"] = replied_at - rec["answered_at"]
+        br["round_trip"] = replied_at - sent_at
+        per = out.setdefault(sent[i], {})
         for k, v in br.items():
             per.setdefault(k, []).append(v / 1e6)
     return {
@@ -701,14 +726,14 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"{name}: {extra}")
     prof = report.get("profile")
     if prof:
-        print(f"\n## profile: qos, {prof['level']} live, containerd flavor {report['flavor']}")
+        print(f"\n## profile: {prof['policy']}, {prof['level']} live, flavor {report['flavor']}")
         for key, block in prof["blocks"].items():
             st = block.get("stages", {})
             cc = st.get("CreateContainer")
             if not cc:
                 continue
             print(f"\n### CreateContainer, {key} (ms; p50 / mean per stage)")
-            for k in (*STAGE_ORDER, "sum"):
+            for k in ("to_wake", "read", "envelope", *STAGE_ORDER, "sum", "back", "round_trip"):
                 if k in cc:
                     print(f"  {k:<12} {cc[k]['p50']:>8.4f} / {cc[k]['mean']:.4f}")
             print(
@@ -759,9 +784,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.profile:
             level = max(args.live)
             prof = await measure_target(
-                "qos", args, templates, tmp, host_root, stages=True, levels=[level]
+                args.profile, args, templates, tmp, host_root, stages=True, levels=[level]
             )
             prof["level"] = level
+            prof["policy"] = args.profile
             report["profile"] = prof
         if args.cprofile:
             report["cprofile"] = await cprofile_engine(args, templates, tmp, host_root)
@@ -808,7 +834,13 @@ def main() -> None:
     )
     parser.add_argument("--pairs", type=int, default=500, help="measured lifecycles per level")
     parser.add_argument("--policy", choices=["recording", "qos", "both"], default="both")
-    parser.add_argument("--profile", action="store_true", help="per-stage breakdown (qos)")
+    parser.add_argument(
+        "--profile",
+        nargs="?",
+        const="qos",
+        choices=["qos", "recording"],
+        help="per-stage breakdown of one more child running this policy (bare flag: qos)",
+    )
     parser.add_argument(
         "--cprofile",
         type=int,

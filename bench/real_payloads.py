@@ -366,6 +366,7 @@ def _install_stages(rec: _Recorder) -> None:
     from nri_plugin import session as session_mod
     from nri_plugin.policy.api import RecordingPolicy
     from nri_plugin.policy.qos_policy import QosPolicy
+    from nri_plugin.protocol import connection as connection_mod
     from nri_plugin.protocol import convert, services
 
     try:  # a baseline checkout from before the policy thread read the socket
@@ -377,6 +378,7 @@ def _install_stages(rec: _Recorder) -> None:
     S = session_mod.Session
     orig_received, orig_run, orig_reply_now = S._received, S._run, S._reply_now
     orig_inline = getattr(S, "_serve_inline", None)
+    orig_readable = getattr(S, "readable", None)  # a checkout before the thread read
     orig_handle, orig_answer = S._handle, S._answer
     orig_submit = pool.submit
     channel = channel_mod.NriChannel
@@ -385,6 +387,31 @@ def _install_stages(rec: _Recorder) -> None:
     def received(self: Any, event: Any) -> Any:
         rec.pending[event.stream_id] = {"method": event.method, "received_at": perf()}
         return orig_received(self, event)
+
+    # Before "received": the policy thread's poll() returned (wake_at), the read
+    # syscall, and the ttrpc envelope parsed. The first request of a read carries them.
+    orig_read_now = channel.read_now
+    orig_receive_data = connection_mod.NriConnection.receive_data
+
+    def readable(self: Any) -> None:
+        rec.local.read = {"wake_at": perf()}
+        try:
+            assert orig_readable is not None
+            orig_readable(self)
+        finally:
+            rec.local.read = None
+
+    def read_now(self: Any, in_loop: bool) -> Any:
+        read = getattr(rec.local, "read", None)
+        if read is not None:
+            read["read_at"] = perf()
+        return orig_read_now(self, in_loop)
+
+    def receive_data(self: Any, data: bytes) -> Any:
+        read = getattr(rec.local, "read", None)
+        if read is not None:
+            read["parse_at"] = perf()
+        return orig_receive_data(self, data)
 
     def submit(self: Any, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
         turn = args[0] if args else None
@@ -397,6 +424,10 @@ def _install_stages(rec: _Recorder) -> None:
     def serve_inline(self: Any, event: Any, received: float) -> None:
         """The policy thread read it: no submit, no hop (run_at is the submit)."""
         rec.current = {"method": event.method, "received_at": perf()}
+        read = getattr(rec.local, "read", None)
+        if read is not None and "parse_at" in read:
+            rec.current.update(read)
+            rec.local.read = None
         try:
             assert orig_inline is not None
             orig_inline(self, event, received)
@@ -454,6 +485,10 @@ def _install_stages(rec: _Recorder) -> None:
     S._run = run  # type: ignore[method-assign]
     if orig_inline is not None:
         S._serve_inline = serve_inline  # type: ignore[method-assign]
+    if orig_readable is not None:
+        S.readable = readable  # type: ignore[method-assign]
+        channel.read_now = read_now  # type: ignore[method-assign]
+        connection_mod.NriConnection.receive_data = receive_data  # type: ignore[method-assign]
     S._reply_now = reply_now  # type: ignore[method-assign]
     S._handle = handle  # type: ignore[method-assign]
     S._answer = answer  # type: ignore[method-assign]
