@@ -86,6 +86,7 @@ class _CallSide:
 class NriConnection:
     def __init__(self, role: Role) -> None:
         self.role = role
+        self._serve_conn = role.serve_conn
         self._mux = mux.MuxReader((role.serve_conn, role.call_conn))
         self._serve_reader = ttrpc.FrameReader()
         self._call_reader = ttrpc.FrameReader()
@@ -104,7 +105,7 @@ class NriConnection:
         try:
             events: list[Event] = []
             for conn_id, chunk in self._mux.feed(data):
-                if conn_id == self.role.serve_conn:
+                if conn_id == self._serve_conn:
                     for frame in self._serve_reader.feed(chunk):
                         events.extend(self._on_served_frame(frame))
                 else:

@@ -65,30 +65,35 @@ class MuxReader:
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
         chunks: list[tuple[int, bytes]] = []
-        view = memoryview(data)
-        pos = 0
-        while pos < len(view):
+        pos, end = 0, len(data)
+        while pos < end:
             if self._remaining == 0:
-                need = HEADER_SIZE - len(self._header)
-                self._header += view[pos : pos + need]
-                pos += min(need, len(view) - pos)
-                if len(self._header) < HEADER_SIZE:
-                    break
-                self._conn, self._remaining = HEADER.unpack(self._header)
-                self._header.clear()
-                if self._remaining > MAX_FRAME:
+                if not self._header and end - pos >= HEADER_SIZE:  # the usual: a whole header
+                    conn, remaining = HEADER.unpack_from(data, pos)
+                    pos += HEADER_SIZE
+                else:  # a header cut by the read: gather it
+                    need = HEADER_SIZE - len(self._header)
+                    self._header += data[pos : pos + need]
+                    pos += min(need, end - pos)
+                    if len(self._header) < HEADER_SIZE:
+                        break
+                    conn, remaining = HEADER.unpack(self._header)
+                    self._header.clear()
+                self._conn, self._remaining = conn, remaining
+                if remaining > MAX_FRAME:
                     raise RemoteProtocolError(
-                        f"mux frame for conn {self._conn} claims {self._remaining} bytes "
+                        f"mux frame for conn {conn} claims {remaining} bytes "
                         f"(limit {MAX_FRAME}): the stream is corrupt"
                     )
                 continue
-            take = min(self._remaining, len(view) - pos)
-            if self._conn in self._conn_ids:
-                chunk = bytes(view[pos : pos + take])
-                if chunks and chunks[-1][0] == self._conn:
-                    chunks[-1] = (self._conn, chunks[-1][1] + chunk)
+            take = min(self._remaining, end - pos)
+            conn = self._conn
+            if conn in self._conn_ids:
+                chunk = data[pos : pos + take]
+                if chunks and chunks[-1][0] == conn:
+                    chunks[-1] = (conn, chunks[-1][1] + chunk)
                 else:
-                    chunks.append((self._conn, chunk))
+                    chunks.append((conn, chunk))
             else:
                 self.dropped_bytes += take
             pos += take

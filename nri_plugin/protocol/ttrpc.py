@@ -78,6 +78,13 @@ class FrameReader:
 
     def feed(self, data: bytes) -> list[Frame | OversizedFrame]:
         """Add bytes; return every frame they complete (possibly none)."""
+        if not self._buf and not self._discard and len(data) >= HEADER_SIZE:
+            # The usual: one whole frame, read at once. Taken as it is, not buffered.
+            length, stream_id, raw_type, flags = HEADER.unpack_from(data)
+            if length + HEADER_SIZE == len(data) and length <= MAX_DATA:
+                return [
+                    Frame(stream_id, _message_type(raw_type, stream_id), flags, data[HEADER_SIZE:])
+                ]
         if self._discard:
             skipped = min(self._discard, len(data))
             self._discard -= skipped
@@ -103,13 +110,16 @@ class FrameReader:
 
 
 def _message_type(raw: int, stream_id: int) -> MessageType:
-    try:
-        return MessageType(raw)
-    except ValueError:
+    found = _TYPES.get(raw)
+    if found is None:
         raise RemoteProtocolError(
             f"unknown ttrpc message type {raw:#04x} on stream {stream_id}: "
             "the peer does not speak ttrpc or the stream is corrupt"
-        ) from None
+        )
+    return found
+
+
+_TYPES = {int(t): t for t in MessageType}
 
 
 # --- envelopes ---------------------------------------------------------------------------
