@@ -101,4 +101,12 @@ class RuntimeInfo:
 
     @property
     def capabilities(self) -> NriCapabilities:
-        return NriCapabilities(self.nri_version)
+        """Read on every container event: one per version, made once."""
+        found = _CAPABILITIES.get(self.nri_version)
+        if found is None:
+            found = _CAPABILITIES[self.nri_version] = NriCapabilities(self.nri_version)
+        return found
+
+
+# A handful of NRI versions ever exist in one process; the values are frozen.
+_CAPABILITIES: dict[NriVersion, NriCapabilities] = {}

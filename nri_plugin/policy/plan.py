@@ -98,24 +98,28 @@ class ContainerPlan:
         """The CreateContainer adjustment. `with_oom_score_adj` is False for runtimes
         older than NRI v0.7, which drop that field; the oom controller writes it instead."""
         return Adjustment(
-            resources=Resources(cpu=self.cpu_resources()),
+            resources=self._resources(),
             oom_score_adj=self.oom_score_adj.value if with_oom_score_adj else None,
             annotations=annotations or {},
         )
 
     def update(self) -> Update:
         """The resources to (re)apply to the running container."""
+        return Update(self.container_id, self._resources())
+
+    def _resources(self) -> Resources:
+        """`cpu_resources` as Resources, made once per distinct value: a pool's members
+        (and the replicas created into it) all get the same, and they are frozen."""
         key = (self.cpus.value, self.mems.value, self.cpu_shares.value, self.cpu_quota.value)
-        resources = _UPDATES.get(key)
+        resources = _RESOURCES.get(key)
         if resources is None:
-            if len(_UPDATES) > 4096:
-                _UPDATES.clear()
-            resources = _UPDATES[key] = Resources(cpu=self.cpu_resources())
-        return Update(self.container_id, resources)
+            if len(_RESOURCES) > 4096:
+                _RESOURCES.clear()
+            resources = _RESOURCES[key] = Resources(cpu=self.cpu_resources())
+        return resources
 
 
-# A pool's members get the same resources when it moves: build them once (they are frozen).
-_UPDATES: dict[tuple[object, ...], Resources] = {}
+_RESOURCES: dict[tuple[object, ...], Resources] = {}
 
 
 _CPU_LISTS: dict[frozenset[int], str] = {}
