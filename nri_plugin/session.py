@@ -303,12 +303,15 @@ class Session:
             self._in_loop(self._conclude, turn, ran)
 
     def _guard(self, turn: _Turn | None, seconds: float) -> None:
-        """The policy thread begins a stretch that is late `seconds` from now. The alarm
-        is armed only when it is not armed already to go off by then: an alarm that goes
-        off early finds the thread not late and is armed again for the stretch under way
-        (`_alarm_went_off`), so back-to-back requests share one arm, and no request
-        disarms it. That costs the loop one wakeup per budget while requests keep coming,
-        and one after they stop."""
+        """The policy thread begins a stretch that is late `seconds` from now: a
+        request's budget (`turn`), or TAKEOVER_AFTER for work that answers no request
+        (None). The alarm is armed only when it is not armed already to go off by then:
+        an alarm that goes off early finds the thread not late and is armed again for the
+        stretch under way (`_alarm_went_off`), so back-to-back requests share one arm,
+        and no request disarms it. That costs the loop one wakeup per budget while
+        requests keep coming, and one after they stop. A short stretch disarms the alarm
+        it armed when it ends (`_unguard`), or the next requests would find it going off
+        TAKEOVER_AFTER later, and wake the loop for nothing."""
         due = time.monotonic() + seconds
         with self._lock:
             self._guarded = turn
@@ -321,6 +324,10 @@ class Session:
 
     def _unguard(self) -> None:
         with self._lock:
+            short = self._guarding and self._guarded is None
+            if short and self._alarm is not None and 0 < self._alarm_due <= self._guard_due:
+                self._alarm.disarm()
+                self._alarm_due = 0.0
             self._guarding = False
             self._guarded = None
 

@@ -134,6 +134,38 @@ async def test_back_to_back_requests_share_one_arm_of_the_alarm(
     await end_plugin(plugin, runtime, task)
 
 
+async def test_mixed_requests_and_notifications_never_wake_the_loop_with_the_alarm(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A notification is decided after its reply under the short takeover alarm; it is
+    disarmed when that decision ends, so a steady stream of requests and notifications
+    (longer than many TAKEOVER_AFTERs) never has the alarm wake the loop."""
+    went_off: list[float] = []
+    original = Session._alarm_went_off
+
+    def counting(self: Session) -> None:
+        went_off.append(time.monotonic())
+        original(self)
+
+    monkeypatch.setattr(Session, "_alarm_went_off", counting)
+    plugin, runtime, task = await serve_plugin(Annotating())
+    await runtime.handshake()
+    went_off.clear()
+    end = time.monotonic() + TAKEOVER_AFTER * 6
+    n = 0
+    while time.monotonic() < end:
+        n += 1
+        reply = await runtime.call("CreateContainer", _create(f"c{n}"))
+        assert _annotation(reply.payload) == f"c{n}"
+        started = pb.StateChangeEvent(
+            event=pb.START_CONTAINER, pod=_pod(), container=_create(f"c{n}").container
+        )
+        assert (await runtime.call("StateChange", started)).code == 0
+        await asyncio.sleep(0.005)  # the runtime's own work between two requests
+    assert went_off == []
+    await end_plugin(plugin, runtime, task)
+
+
 async def test_an_alarm_armed_for_an_earlier_request_does_not_cut_a_later_one_short() -> None:
     """The alarm armed for a quick request goes off while a later one is still within
     its own budget: the loop arms it again for that request, which is answered by the
