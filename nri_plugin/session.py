@@ -309,9 +309,11 @@ class Session:
         an alarm that goes off early finds the thread not late and is armed again for the
         stretch under way (`_alarm_went_off`), so back-to-back requests share one arm,
         and no request disarms it. That costs the loop one wakeup per budget while
-        requests keep coming, and one after they stop. A short stretch disarms the alarm
-        it armed when it ends (`_unguard`), or the next requests would find it going off
-        TAKEOVER_AFTER later, and wake the loop for nothing."""
+        requests keep coming, and one after they stop. A short stretch that armed the
+        alarm moves it out to a request's budget from now when it ends (`_unguard`):
+        left as it is, it would go off TAKEOVER_AFTER later in the middle of the next
+        requests and wake the loop for nothing, and the next request would have to arm
+        it again (a notification is decided just before the next container event)."""
         due = time.monotonic() + seconds
         with self._lock:
             self._guarded = turn
@@ -326,8 +328,12 @@ class Session:
         with self._lock:
             short = self._guarding and self._guarded is None
             if short and self._alarm is not None and 0 < self._alarm_due <= self._guard_due:
-                self._alarm.disarm()
-                self._alarm_due = 0.0
+                due = time.monotonic() + self._budget(0)
+                try:
+                    self._alarm.arm_at(due)
+                except OSError:  # closed: the session is ending, nothing to guard
+                    due = 0.0
+                self._alarm_due = due
             self._guarding = False
             self._guarded = None
 

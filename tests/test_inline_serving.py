@@ -137,20 +137,34 @@ async def test_back_to_back_requests_share_one_arm_of_the_alarm(
 async def test_mixed_requests_and_notifications_never_wake_the_loop_with_the_alarm(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A notification is decided after its reply under the short takeover alarm; it is
-    disarmed when that decision ends, so a steady stream of requests and notifications
-    (longer than many TAKEOVER_AFTERs) never has the alarm wake the loop."""
+    """A notification is decided after its reply under the short takeover alarm; when
+    that decision ends the alarm is moved out to a request's budget, so a steady stream
+    of requests and notifications (longer than many TAKEOVER_AFTERs) never has the alarm
+    wake the loop, and the next request need not arm it: two timerfd calls per pair."""
     went_off: list[float] = []
+    timerfd_calls: list[str] = []
     original = Session._alarm_went_off
+    arm_at, disarm = Alarm.arm_at, Alarm.disarm
 
     def counting(self: Session) -> None:
         went_off.append(time.monotonic())
         original(self)
 
+    def counting_arm(self: Alarm, when: float) -> None:
+        timerfd_calls.append("arm")
+        arm_at(self, when)
+
+    def counting_disarm(self: Alarm) -> None:
+        timerfd_calls.append("disarm")
+        disarm(self)
+
     monkeypatch.setattr(Session, "_alarm_went_off", counting)
+    monkeypatch.setattr(Alarm, "arm_at", counting_arm)
+    monkeypatch.setattr(Alarm, "disarm", counting_disarm)
     plugin, runtime, task = await serve_plugin(Annotating())
     await runtime.handshake()
     went_off.clear()
+    timerfd_calls.clear()
     end = time.monotonic() + TAKEOVER_AFTER * 6
     n = 0
     while time.monotonic() < end:
@@ -163,6 +177,7 @@ async def test_mixed_requests_and_notifications_never_wake_the_loop_with_the_ala
         assert (await runtime.call("StateChange", started)).code == 0
         await asyncio.sleep(0.005)  # the runtime's own work between two requests
     assert went_off == []
+    assert len(timerfd_calls) <= 2 * n + 1, timerfd_calls
     await end_plugin(plugin, runtime, task)
 
 
