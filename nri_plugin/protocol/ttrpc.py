@@ -81,10 +81,9 @@ class FrameReader:
         if not self._buf and not self._discard and len(data) >= HEADER_SIZE:
             # The usual: one whole frame, read at once. Taken as it is, not buffered.
             length, stream_id, raw_type, flags = HEADER.unpack_from(data)
-            if length + HEADER_SIZE == len(data) and length <= MAX_DATA:
-                return [
-                    Frame(stream_id, _message_type(raw_type, stream_id), flags, data[HEADER_SIZE:])
-                ]
+            msg_type = _TYPES.get(raw_type)  # an unknown one fails below, as it always has
+            if msg_type is not None and length + HEADER_SIZE == len(data) and length <= MAX_DATA:
+                return [Frame(stream_id, msg_type, flags, data[HEADER_SIZE:])]
         if self._discard:
             skipped = min(self._discard, len(data))
             self._discard -= skipped

@@ -375,6 +375,42 @@ def test_round_trip_over_arbitrary_read_boundaries(
     assert [e.stream_id for e in events] == list(range(1, 2 * len(calls), 2))
 
 
+@given(
+    frame=st.tuples(
+        st.integers(0, 3),  # mux conn id: 1 is the one the plugin serves
+        st.integers(0, 2**32 - 1),  # ttrpc stream id
+        st.integers(0, 3),  # ttrpc message type
+        st.integers(0, 255),  # flags
+        st.binary(max_size=5000),  # ttrpc data (an envelope, or not)
+        st.integers(-2, 2),  # how far the two lengths are off
+    ),
+    earlier=st.binary(max_size=12),  # what a previous read left behind
+)
+def test_a_read_of_one_whole_request_gives_what_byte_by_byte_reading_gives(
+    frame: tuple[int, int, int, int, bytes, int], earlier: bytes
+) -> None:
+    """receive_data takes a read of exactly one whole request apart in one go; every
+    other read goes through the mux and ttrpc readers. Both must give the same events,
+    errors and state (here: the same input fed whole and one byte at a time)."""
+    conn_id, stream_id, raw_type, flags, data, off = frame
+    message = struct.pack(">IIBB", max(0, len(data) + off), stream_id, raw_type, flags) + data
+    wire = struct.pack(">II", conn_id, len(message) + (off if off < 0 else 0)) + message
+
+    def feed(pieces: list[bytes]) -> tuple[list[object], str | None, bool]:
+        plugin = NriConnection(Role.PLUGIN)
+        events: list[object] = []
+        try:
+            for piece in pieces:
+                events.extend(plugin.receive_data(piece))
+        except RemoteProtocolError as exc:
+            return events, str(exc), plugin.has_partial_message
+        return events, None, plugin.has_partial_message
+
+    whole = feed([earlier, wire] if earlier else [wire])
+    bytewise = feed([bytes([b]) for b in earlier + wire])
+    assert whole == bytewise
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=3000), st.lists(st.integers(1, 200), max_size=20))
 def test_garbage_never_hangs_or_raises_anything_but_protocol_errors(
