@@ -12,10 +12,21 @@ the exposition (`nri_qos_requests` is scraped as `nri_qos_requests_total`).
 
 from __future__ import annotations
 
+import bisect
+import threading
+import time
+from collections.abc import Callable, Iterator
 from enum import StrEnum
 from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
+
+# the `le` text prometheus_client writes for a bucket bound ("0.0002", "1.0", "+Inf")
+_go_float: Callable[[float], str] = floatToGoString
 
 _LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.0)
 
@@ -35,21 +46,105 @@ class MethodMetrics(NamedTuple):
     seconds: Any  # Histogram child: .observe(seconds)
 
 
+class MethodSeries:
+    """One method's request count and latency histogram, written from the thread that
+    answered (the policy thread, or the loop for a late request)."""
+
+    __slots__ = ("_bounds", "_lock", "buckets", "count", "created", "sum")
+
+    def __init__(self, bounds: tuple[float, ...], lock: threading.Lock) -> None:
+        self._bounds = bounds
+        self._lock = lock
+        self.count = 0  # requests served
+        self.buckets = [0] * (len(bounds) + 1)  # per bucket (not cumulative), +Inf last
+        self.sum = 0.0
+        self.created = time.time()
+
+    def inc(self) -> None:
+        with self._lock:
+            self.count += 1
+
+    def observe(self, seconds: float) -> None:
+        at = bisect.bisect_left(self._bounds, seconds)  # the first bound >= seconds: le
+        with self._lock:
+            self.buckets[at] += 1
+            self.sum += seconds
+
+
+class _Labelled:
+    """`.labels(method)`, as a labelled prometheus_client metric has it."""
+
+    def __init__(self, series: RequestSeries) -> None:
+        self._series = series
+
+    def labels(self, method: str) -> MethodSeries:
+        return self._series.of(method)
+
+
+class RequestSeries(Collector):
+    """`nri_qos_requests` and `nri_qos_request_duration_seconds`, exposed exactly as a
+    prometheus_client Counter and Histogram labelled by method would be (with `_created`),
+    but counted with one lock and a bisect. Both are touched on every runtime request, on
+    the thread that answers it; prometheus_client's children take a lock per value and
+    check in Python, on each call, that they may be observed: about a hundred bytecodes a
+    request between the two."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = tuple(sorted(bounds))
+        self._lock = threading.Lock()
+        self._methods: dict[str, MethodSeries] = {}
+        self.counter = _Labelled(self)
+        self.histogram = _Labelled(self)
+
+    def of(self, method: str) -> MethodSeries:
+        found = self._methods.get(method)
+        if found is None:
+            with self._lock:
+                found = self._methods.setdefault(method, MethodSeries(self.bounds, self._lock))
+        return found
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            rows = [
+                (m, s.count, list(s.buckets), s.sum, s.created) for m, s in self._methods.items()
+            ]
+        counter = CounterMetricFamily(
+            "nri_qos_requests", "Runtime requests served, by NRI method", labels=["method"]
+        )
+        histogram = HistogramMetricFamily(
+            "nri_qos_request_duration_seconds",
+            "Time from request received to reply written",
+            labels=["method"],
+        )
+        bounds = [_go_float(b) for b in self.bounds] + ["+Inf"]
+        for method, count, buckets, total, created in rows:
+            counter.add_metric([method], count, created=created)
+            cumulative, running = [], 0
+            for bound, n in zip(bounds, buckets, strict=True):
+                running += n
+                cumulative.append((bound, float(running)))
+            histogram.add_metric([method], cumulative, total)
+            histogram.samples.append(
+                Sample(f"{histogram.name}_created", {"method": method}, created)
+            )
+        yield counter
+        yield histogram
+
+    def describe(self) -> Iterator[Metric]:
+        """The names, so the registry refuses a clash with another collector's."""
+        yield CounterMetricFamily("nri_qos_requests", "", labels=["method"])
+        yield HistogramMetricFamily("nri_qos_request_duration_seconds", "", labels=["method"])
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self._by_method: dict[str, MethodMetrics] = {}
-        self.requests = Counter(
-            "nri_qos_requests", "Runtime requests served, by NRI method", ["method"], registry=r
-        )
-        self.request_seconds = Histogram(
-            "nri_qos_request_duration_seconds",
-            "Time from request received to reply written",
-            ["method"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
+        series = RequestSeries(_LATENCY_BUCKETS)
+        r.register(series)
+        self.requests = series.counter  # .labels(method).inc()
+        self.request_seconds = series.histogram  # .labels(method).observe(seconds)
         self.fail_open = Counter(
             "nri_qos_fail_open",
             "Requests answered with no adjustment because the handler was late or failed",
