@@ -798,3 +798,14 @@ def test_every_event_the_qos_policy_subscribes_to_says_why() -> None:
     }
     assert overridden == set(QosPolicy.EVENT_REASONS)
     assert all(len(why) > 40 for why in QosPolicy.EVENT_REASONS.values())
+
+
+def test_the_recording_policy_keeps_its_latest_observations_only() -> None:
+    """As a daemon's no-op policy it sees every container of the node for as long as the
+    node runs: its record is bounded, newest last."""
+    policy = RecordingPolicy(keep=5)
+    for i in range(23):
+        policy.run_pod(Pod(id=f"p{i}"))
+    kept = [o.pod.id for o in policy.observations if o.pod is not None]
+    assert 5 <= len(kept) <= 10
+    assert kept == [f"p{i}" for i in range(23 - len(kept), 23)]

@@ -104,14 +104,18 @@ class RecordingPolicy(PolicyBase):
     """Records everything it sees and asks for nothing.
 
     It proves the protocol path end to end (tests and `nri-qos lab` read `observations`)
-    without changing any container, and is the no-op baseline of the benchmarks.
+    without changing any container, and is the no-op baseline of the benchmarks. As a
+    daemon's policy (`[policy] name = "recording"`) it runs for as long as the node:
+    `observations` keeps the last `keep` to twice `keep` of them, not every one.
     """
 
     name = "recording"
+    KEEP = 10_000
 
-    def __init__(self) -> None:
+    def __init__(self, keep: int = KEEP) -> None:
         self.observations: list[Observation] = []
         self.runtime: RuntimeInfo | None = None
+        self.keep = max(1, keep)
 
     def _saw(
         self,
@@ -121,6 +125,8 @@ class RecordingPolicy(PolicyBase):
         **detail: object,
     ) -> Intents:
         self.observations.append(Observation(event, pod, container, dict(detail)))
+        if len(self.observations) > 2 * self.keep:
+            del self.observations[: -self.keep]  # now and then, so appending stays cheap
         return NO_INTENTS
 
     def configure(self, runtime: RuntimeInfo, config: str) -> Intents:
