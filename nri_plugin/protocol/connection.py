@@ -126,8 +126,9 @@ class NriConnection:
     def _one_whole_request(self, data: bytes) -> ttrpc.Frame | None:
         """The usual read: exactly one mux frame on the conn we serve, holding exactly one
         ttrpc request, with nothing left over from earlier reads. Taken apart here in two
-        header reads instead of going through both readers (what they would return, as
-        tests/protocol/test_codec.py's arbitrary read boundaries check); None otherwise."""
+        header reads instead of going through both readers, with what they would give
+        (tests/protocol/test_codec.py compares the two on generated reads); None
+        otherwise."""
         if len(data) < _WHOLE_MIN or self._mux.in_frame or self._serve_reader.in_message:
             return None
         conn_id, length = mux.HEADER.unpack_from(data)
