@@ -105,6 +105,8 @@ WARMUP = 20
 READY_TIMEOUT = 30.0
 TARGETS = ("floor", "recording", "qos")
 STAGE_ORDER = STAGES  # the order of the breakdown's rows
+ROUND_TRIP_BEFORE = ("to_wake", "read", "envelope")  # before the plugin's "received"
+ROUND_TRIP_AFTER = ("after_reply", "back", "round_trip")
 
 
 class BenchError(RuntimeError):
@@ -555,7 +557,8 @@ def _stages(records: list[Any], sent: list[str], stamps: list[tuple[int, int]]) 
     round trip's parts outside the plugin too: `to_wake` (request written -> the policy
     thread's poll() returned), `read` (-> the read syscall returned), `envelope` (-> the
     ttrpc envelope parsed: the histogram's "received") and `back` (reply written -> the
-    runtime side has decoded it)."""
+    runtime side has decoded it); and `after_reply`, the policy thread's own work after
+    the reply (notes, intents) until it can read again."""
     out: dict[str, list[dict[str, float]]] = {}
     for i, rec in _paired(records, sent, lambda r: r["method"]):
         br = stage_breakdown(rec)
@@ -567,6 +570,8 @@ def _stages(records: list[Any], sent: list[str], stamps: list[tuple[int, int]]) 
             br["read"] = rec["parse_at"] - rec["wake_at"]
             br["envelope"] = rec["received_at"] - rec["parse_at"]
         br["back"] = replied_at - rec["answered_at"]
+        if "done_at" in rec:  # the policy thread's work after the reply (notes, intents)
+            br["after_reply"] = rec["done_at"] - rec["answered_at"]
         br["round_trip"] = replied_at - sent_at
         out.setdefault(sent[i], []).append({k: v / 1e6 for k, v in br.items()})
     return {label: _stage_stats(requests) for label, requests in out.items()}
@@ -742,7 +747,7 @@ def print_report(report: dict[str, Any]) -> None:
             if not cc:
                 continue
             print(f"\n### CreateContainer, {key} (ms; p50 / mean / mean of the slowest 2 %)")
-            for k in ("to_wake", "read", "envelope", *STAGE_ORDER, "sum", "back", "round_trip"):
+            for k in (*ROUND_TRIP_BEFORE, *STAGE_ORDER, "sum", *ROUND_TRIP_AFTER):
                 if k in cc:
                     st_k = cc[k]
                     print(

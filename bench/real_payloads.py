@@ -395,11 +395,15 @@ def _install_stages(rec: _Recorder) -> None:
 
     def readable(self: Any) -> None:
         rec.local.read = {"wake_at": perf()}
+        rec.local.served = None
         try:
             assert orig_readable is not None
             orig_readable(self)
         finally:
             rec.local.read = None
+            served = rec.local.served  # the last request this read served
+            if served is not None:
+                served["done_at"] = perf()  # its work after the reply ends here
 
     def read_now(self: Any, in_loop: bool) -> Any:
         read = getattr(rec.local, "read", None)
@@ -423,16 +427,17 @@ def _install_stages(rec: _Recorder) -> None:
 
     def serve_inline(self: Any, event: Any, received: float) -> None:
         """The policy thread read it: no submit, no hop (run_at is the submit)."""
-        rec.current = {"method": event.method, "received_at": perf()}
+        rec.current = record = {"method": event.method, "received_at": perf()}
         read = getattr(rec.local, "read", None)
         if read is not None and "parse_at" in read:
-            rec.current.update(read)
+            record.update(read)
             rec.local.read = None
         try:
             assert orig_inline is not None
             orig_inline(self, event, received)
         finally:
             rec.current = None
+            rec.local.served = record
 
     def run(self: Any, turn: Any) -> Any:
         cur = rec.current
