@@ -75,6 +75,7 @@ from nri_plugin.policy.state import (
     ContainerRecord,
     ContainerTable,
     originals_annotation,
+    resized_since_created,
     restore_original,
 )
 from nri_plugin.policy.workload import DEDICATED, RECLAIMED, PlannerConfig, UsageSample, Workload
@@ -245,7 +246,7 @@ class Engine:
         ]
         notes: list[Note] = []
         for ctr in sorted(live, key=lambda c: (c.created_at, c.id)):
-            self._admit(restore_original(ctr), notes)
+            self._admit(restore_original(ctr), notes, resized=resized_since_created(ctr))
         planned = self.planner.rebuild([_workload(r) for r in self.table], self.planner.usage)
         updates: list[Update] = []
         host: list[HostIntent] = []

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from nri_plugin.policy.qos import Classification
+from nri_plugin.policy.workload import RECLAIMED_SHARES
 from qos_model.containers import Container, Pod
 from qos_model.text import NAME_LIMIT, clip
 
@@ -113,14 +114,22 @@ class ContainerTable:
 
 
 def restore_original(container: Container) -> Container:
-    """The container with the kubelet's original values that our adjustments replaced."""
+    """The container with the kubelet's original values that our adjustments replaced.
+    The CPU weight is put back only while it is the one we set (RECLAIMED_SHARES): any
+    other is the kubelet's own, from an in-place resize (`resized_since_created`), and
+    stands."""
     raw = container.annotations.get(ORIGINAL_ANNOTATION)
     if not raw:
         return container
     oom, shares = _originals(raw)
     res = container.resources
     cpu = res.cpu if res is not None else None
-    restore_shares = shares is not None and cpu is not None and cpu.shares != shares
+    restore_shares = (
+        shares is not None
+        and cpu is not None
+        and cpu.shares == RECLAIMED_SHARES
+        and shares != RECLAIMED_SHARES
+    )
     if (oom is None or oom == container.oom_score_adj) and not restore_shares:
         return container
     if restore_shares:
@@ -131,6 +140,20 @@ def restore_original(container: Container) -> Container:
         oom_score_adj=container.oom_score_adj if oom is None else oom,
         resources=res,
     )
+
+
+def resized_since_created(container: Container) -> bool:
+    """Whether the kubelet has set the container's CPU weight since we created it: the
+    weight it shows is neither the original we recorded nor the one we set. After a
+    restart this is all that is left of an in-place resize, and it decides whether a
+    reclaimed container's weight is ours or the kubelet's (planner `_weight`). A resize
+    back to exactly the original weight cannot be told from none."""
+    raw = container.annotations.get(ORIGINAL_ANNOTATION)
+    res = container.resources
+    if not raw or res is None or res.cpu is None or res.cpu.shares is None:
+        return False
+    _, original = _originals(raw)
+    return original is not None and res.cpu.shares not in (original, RECLAIMED_SHARES)
 
 
 def _originals(raw: str) -> tuple[int | None, int | None]:

@@ -9,12 +9,21 @@ reads back is what it asked for (kubernetes#130598).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from nri_plugin.policy.dedicated import place_dedicated
 from nri_plugin.policy.engine import Engine, EngineConfig
-from nri_plugin.policy.intents import Severity
+from nri_plugin.policy.intents import Intents, Severity
 from nri_plugin.policy.workload import PlannerConfig
 from nri_plugin.protocol.versions import infer_runtime
-from qos_model.containers import CpuResources, MemoryResources, Resources
+from qos_model.containers import (
+    Container,
+    ContainerState,
+    CpuResources,
+    MemoryResources,
+    Pod,
+    Resources,
+)
 from qos_model.cpulist import parse_cpu_list
 from tests.builders import MiB, container, kubelet_cpu, pod
 from tests.policy.sysfs_builder import MachineShape
@@ -217,3 +226,56 @@ def test_a_growth_never_takes_a_cpu_another_resizing_container_holds() -> None:
     assert not cpus_of(e, "ctr-a") & cpus_of(e, "ctr-b")
     for cid in ("ctr-a", "ctr-b"):
         assert "keeps its 1" in e.plan.containers[cid].cpus.reason  # whole cores only
+
+
+def _after_restart(e: Engine, batch_pod: Pod, batch: Container, created: Intents) -> Engine:
+    """A new engine synchronized with `batch` as the runtime reports it then: our
+    annotation and oom_score_adj from the create, the CPU weight it has now."""
+    assert created.adjustment is not None
+    record = e.table.get(batch.id)
+    assert record is not None and record.container.resources is not None
+    now = record.container.resources
+    weight = e.plan.containers[batch.id].cpu_shares.value
+    assert now.cpu is not None
+    reported = replace(
+        batch,
+        annotations={**batch.annotations, **created.adjustment.annotations},
+        state=ContainerState.RUNNING,
+        oom_score_adj=created.adjustment.oom_score_adj,
+        resources=replace(now, cpu=replace(now.cpu, shares=weight or now.cpu.shares)),
+    )
+    restarted = engine()
+    restarted.synchronize([batch_pod], [reported])
+    return restarted
+
+
+def test_a_restart_keeps_the_kubelets_weight_of_a_reclaimed_container_it_resized() -> None:
+    """After a restart, all that is left of an in-place resize is the weight the kubelet
+    set: neither ours nor the original we recorded. It stays the kubelet's, and the
+    container's request is the resized one (kubernetes#130598)."""
+    e = engine()
+    batch_pod = pod("batch", "reclaimed_cores")
+    batch = container("batch", 500, oom=900)
+    created = e.container_created(batch_pod, batch).intents
+    e.container_updated(batch_pod, batch, resize_to(1000))
+    restarted = _after_restart(e, batch_pod, batch, created)
+    shares = restarted.plan.containers[batch.id].cpu_shares
+    assert shares.value is None and "kubernetes#130598" in shares.reason
+    record = restarted.table.get(batch.id)
+    assert record is not None and record.resized
+    assert record.classification.cpu_request_millicores == 1000
+    step = restarted.container_updated(batch_pod, batch, Resources(cpu=CpuResources(cpus="1")))
+    (reply,) = step.intents.reply_updates
+    assert reply.resources.cpu is not None and reply.resources.cpu.shares is None
+
+
+def test_a_restart_keeps_our_weight_of_a_reclaimed_container_never_resized() -> None:
+    e = engine()
+    batch_pod = pod("batch", "reclaimed_cores")
+    batch = container("batch", 500, oom=900)
+    created = e.container_created(batch_pod, batch).intents
+    restarted = _after_restart(e, batch_pod, batch, created)
+    assert restarted.plan.containers[batch.id].cpu_shares.value == 2
+    record = restarted.table.get(batch.id)
+    assert record is not None and not record.resized
+    assert record.classification.cpu_request_millicores == 500  # from the original weight
