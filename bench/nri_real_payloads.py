@@ -19,6 +19,17 @@ Per level of live containers (`--live`, default 0,110): the live containers are 
 PostStart, Update, PostUpdate, Stop, RemoveContainer, StopPodSandbox, RemovePodSandbox,
 each if subscribed), so `level` other containers are live during each.
 
+The targets (the floor, the no-op and qos policies, and their `--baseline-repo`
+counterparts) are measured one after another, each running its lifecycles back to back:
+its code and data stay in the CPU caches from one request to the next. With
+`--interleave`, every target is connected at once, each to its own runtime socket, and
+the lifecycles go round them one at a time, in an order that rotates. Then all of them
+run in the same seconds of the machine (whose speed drifts by 20-50 % over tens of
+seconds on a shared VM), which makes a before/after comparison fairer. Each plugin also
+meets every request with caches the other processes have used in between, as on a node
+where containerd, runc and the workloads run between two container events: that is
+slower than back to back, and probably closer to production.
+
 Figures per method, p50 / p99 in ms:
 - in-plugin: received -> reply written, the exact value the plugin observes into its own
   `nri_qos_request_duration_seconds` histogram (captured by a tap around that observation;
@@ -290,6 +301,7 @@ def start_plugin(
         cmd.append("--stages")
     cmd += ["--", "run", "--socket", str(sock), "--config", str(config)]
     cmd += ["--log-level", "warning", "--metrics-address", f"127.0.0.1:{port}"]
+    cmd += ["--debug-socket", str(tmp / f"{target}{'-stages' if stages else ''}.debug.sock")]
     with log.open("ab") as err:
         proc = subprocess.Popen(
             cmd, env={**os.environ, "PYTHONPATH": str(checkout)}, cwd=checkout, stderr=err
@@ -444,8 +456,94 @@ def _stats(values: list[float]) -> dict[str, float]:
     }
 
 
-async def measure_target(
-    target: str,
+@dataclass
+class Target:
+    """One target under measurement: its child, its runtime side, its session, and the
+    block being measured (requests sent, round trips, the tap and histogram before it)."""
+
+    name: str
+    runtime: Runtime
+    child: Child
+    session: Session | None = None
+    rts: dict[str, list[float]] = field(default_factory=dict)
+    sent: list[str] = field(default_factory=list)
+    first_stamp: int = 0
+    before_tap: int = 0
+    before_hist: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    async def begin_block(self) -> None:
+        self.rts, self.sent = {}, []
+        self.first_stamp = len(self.runtime.stamps)
+        if self.child.dump is not None:
+            self.before_tap = len((await self.child.collect())["observed"])
+            self.before_hist = scrape(self.child.metrics_port)
+
+    async def one_lifecycle(self, n: int) -> None:
+        assert self.session is not None
+        for label, rt in await self.session.lifecycle(n, LIFECYCLE):
+            self.rts.setdefault(label, []).append(rt)
+            self.sent.append(label)
+
+    async def end_block(self, stages: bool) -> dict[str, Any]:
+        block: dict[str, Any] = {"round_trip_ms": {k: _stats(v) for k, v in self.rts.items()}}
+        child = self.child
+        if child.dump is not None:
+            dump = await child.collect()
+            after_hist = scrape(child.metrics_port)
+            block["in_plugin_ms"] = _in_plugin(dump["observed"][self.before_tap :], self.sent)
+            block["histogram"] = hist_delta(self.before_hist, after_hist)
+            if stages:
+                block["stages"] = _stages(
+                    dump["records"][self.before_tap :],
+                    self.sent,
+                    self.runtime.stamps[self.first_stamp :],
+                )
+        return block
+
+    def summary(self, blocks: dict[str, Any]) -> dict[str, Any]:
+        assert self.session is not None
+        out: dict[str, Any] = {"blocks": blocks, "events_mask": self.session.mask}
+        errors = _logged_errors(self.child.log)
+        if errors:
+            out["plugin_errors"] = len(errors)
+            out["plugin_first_error"] = errors[0]
+        out["update_containers_calls"] = self.runtime.update_calls
+        return out
+
+
+async def _start_target(
+    name: str,
+    args: argparse.Namespace,
+    templates: Templates,
+    tmp: Path,
+    host_root: Path,
+    stages: bool,
+) -> Target:
+    sock = tmp / f"{name}{'-stages' if stages else ''}.sock"
+    runtime = Runtime(sock)
+    await runtime.start()
+    if name == "floor":
+        all_events = 0
+        for e in LIFECYCLE:
+            all_events |= 1 << (e - 1)
+        child = start_floor(sock, tmp, all_events)
+    else:
+        checkout = args.baseline_repo if name.startswith("base-") else args.plugin_repo
+        child = start_plugin(name, sock, tmp, host_root, checkout, stages)
+    target = Target(name, runtime, child)
+    try:
+        await runtime.wait_ready(child)
+        target.session = Session(runtime, child, templates)
+        await target.session.configure()
+    except BaseException:
+        await runtime.stop()
+        child.stop()
+        raise
+    return target
+
+
+async def measure_targets(
+    names: list[str],
     args: argparse.Namespace,
     templates: Templates,
     tmp: Path,
@@ -453,70 +551,45 @@ async def measure_target(
     stages: bool = False,
     levels: list[int] | None = None,
 ) -> dict[str, Any]:
-    """All levels and contention modes for one target, on one connection."""
-    sock = tmp / f"{target}{'-stages' if stages else ''}.sock"
-    runtime = Runtime(sock)
-    await runtime.start()
-    if target == "floor":
-        all_events = 0
-        for e in LIFECYCLE:
-            all_events |= 1 << (e - 1)
-        child = start_floor(sock, tmp, all_events)
-    else:
-        checkout = args.baseline_repo if target.startswith("base-") else args.plugin_repo
-        child = start_plugin(target, sock, tmp, host_root, checkout, stages)
-    results: dict[str, Any] = {}
+    """Every level and contention mode for `names`, all connected at once, each to its
+    own runtime socket. Warm-up and measured lifecycles go round the targets one
+    lifecycle each, in an order that rotates, so the floor, the baseline and this code
+    share the same seconds of this VM, whose speed drifts over tens of seconds."""
+    targets: list[Target] = []
     try:
-        await runtime.wait_ready(child)
-        session = Session(runtime, child, templates)
-        await session.configure()
+        for name in names:
+            targets.append(await _start_target(name, args, templates, tmp, host_root, stages))
+        results: dict[str, dict[str, Any]] = {t.name: {} for t in targets}
         live = 0
         next_id = 1_000_000
         modes = {"off": [False], "on": [True], "both": [False, True]}[args.contention]
         for level in levels or args.live:
             while live < level:
-                await session.lifecycle(live, LIVE_PART)
+                for t in targets:
+                    assert t.session is not None
+                    await t.session.lifecycle(live, LIVE_PART)
                 live += 1
             for contended in modes:
                 key = f"{level} live, {'contention' if contended else 'idle'}"
                 with burners(contended):
                     for _ in range(WARMUP):
-                        await session.lifecycle(next_id, LIFECYCLE)
+                        for t in targets:
+                            await t.one_lifecycle(next_id)
                         next_id += 1
-                    if child.dump is not None:
-                        before_tap = len((await child.collect())["observed"])
-                        before_hist = scrape(child.metrics_port)
-                    rts: dict[str, list[float]] = {}
-                    sent: list[str] = []
-                    first_stamp = len(runtime.stamps)
-                    for _ in range(args.pairs):
-                        for label, rt in await session.lifecycle(next_id, LIFECYCLE):
-                            rts.setdefault(label, []).append(rt)
-                            sent.append(label)
+                    for t in targets:
+                        await t.begin_block()
+                    for i in range(args.pairs):
+                        turn = i % len(targets)
+                        for t in targets[turn:] + targets[:turn]:
+                            await t.one_lifecycle(next_id)
                         next_id += 1
-                    block: dict[str, Any] = {
-                        "round_trip_ms": {k: _stats(v) for k, v in rts.items()}
-                    }
-                    if child.dump is not None:
-                        dump = await child.collect()
-                        after_hist = scrape(child.metrics_port)
-                        block["in_plugin_ms"] = _in_plugin(dump["observed"][before_tap:], sent)
-                        block["histogram"] = hist_delta(before_hist, after_hist)
-                        if stages:
-                            block["stages"] = _stages(
-                                dump["records"][before_tap:], sent, runtime.stamps[first_stamp:]
-                            )
-                results[key] = block
-        errors = _logged_errors(child.log)
-        out: dict[str, Any] = {"blocks": results, "events_mask": session.mask}
-        if errors:
-            out["plugin_errors"] = len(errors)
-            out["plugin_first_error"] = errors[0]
-        out["update_containers_calls"] = runtime.update_calls
-        return out
+                    for t in targets:
+                        results[t.name][key] = await t.end_block(stages)
+        return {t.name: t.summary(results[t.name]) for t in targets}
     finally:
-        await runtime.stop()
-        child.stop()
+        for t in targets:
+            await t.runtime.stop()
+            t.child.stop()
 
 
 def _paired(items: list[Any], sent: list[str], method_of: Any) -> list[tuple[int, Any]]:
@@ -782,6 +855,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "pairs": args.pairs,
         "live": args.live,
         "contention": args.contention,
+        "interleaved": args.interleave,
         "cpus": sorted(os.sched_getaffinity(0)),
         "plugin": _describe(args.plugin_repo),
         "baseline": _describe(args.baseline_repo) if args.baseline_repo else None,
@@ -795,15 +869,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="nri-real-") as tmpdir:
         tmp = Path(tmpdir)
         host_root = this_machine_root(tmp / "host")
-        for target in targets:
-            report["targets"][target] = await measure_target(
-                target, args, templates, tmp, host_root
-            )
+        if not args.interleave:
+            for target in targets:
+                measured = await measure_targets([target], args, templates, tmp, host_root)
+                report["targets"].update(measured)
+        else:
+            report["targets"] = await measure_targets(targets, args, templates, tmp, host_root)
         if args.profile:
             level = max(args.live)
-            prof = await measure_target(
-                args.profile, args, templates, tmp, host_root, stages=True, levels=[level]
-            )
+            (prof,) = (
+                await measure_targets(
+                    [args.profile], args, templates, tmp, host_root, stages=True, levels=[level]
+                )
+            ).values()
             prof["level"] = level
             prof["policy"] = args.profile
             report["profile"] = prof
@@ -851,6 +929,11 @@ def main() -> None:
         help="levels of live containers, comma-separated (default 0,110)",
     )
     parser.add_argument("--pairs", type=int, default=500, help="measured lifecycles per level")
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="connect every target at once and go round them one lifecycle each",
+    )
     parser.add_argument("--policy", choices=["recording", "qos", "both"], default="both")
     parser.add_argument(
         "--profile",
