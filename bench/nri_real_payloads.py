@@ -55,7 +55,8 @@ level, for every target, in the same run.
 `--profile [qos|recording]`: one more child (qos by default) with perf_counter_ns
 wrappers around each step of the request path (bench/real_payloads.py STAGES;
 monkeypatched in the child, nothing under nri_plugin/ is edited), at the highest `--live`
-level, and the per-stage breakdown of CreateContainer (and the other methods' totals).
+level, and the per-stage breakdown of CreateContainer (and the other methods' totals);
+with `--interleave`, that child runs interleaved with the floor and the other policy.
 With the runtime side's send and reply times, the breakdown covers the whole round trip:
 `to_wake` (written -> the plugin's policy thread woke), `read`, `envelope` (-> the
 histogram's "received"), the in-plugin stages, and `back` (reply written -> decoded here).
@@ -877,11 +878,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             report["targets"] = await measure_targets(targets, args, templates, tmp, host_root)
         if args.profile:
             level = max(args.live)
-            (prof,) = (
-                await measure_targets(
-                    [args.profile], args, templates, tmp, host_root, stages=True, levels=[level]
-                )
-            ).values()
+            # interleaved: among the floor and the other policy, so its caches are as cold
+            others = ["floor", "qos" if args.profile == "recording" else "recording"]
+            names = [*others, args.profile] if args.interleave else [args.profile]
+            measured = await measure_targets(
+                names, args, templates, tmp, host_root, stages=True, levels=[level]
+            )
+            prof = measured[args.profile]
             prof["level"] = level
             prof["policy"] = args.profile
             report["profile"] = prof
