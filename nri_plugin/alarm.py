@@ -17,7 +17,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-import time
 
 _CLOCK_MONOTONIC = 1  # time.monotonic()'s clock on Linux, so deadlines compare directly
 _TFD_TIMER_ABSTIME = 1
@@ -50,8 +49,8 @@ _settime.restype = ctypes.c_int
 
 
 class Alarm:
-    """One timer: `arm_at(when)` or `arm(seconds)` from any thread, `disarm()`, and
-    `fired()` in the thread that watches `fileno()` (readable once the time has passed).
+    """One timer: `arm_at(when)` from any thread, `disarm()`, and `fired()` in the
+    thread that watches `fileno()` (readable once the time has passed).
     Re-arming or disarming clears an expiry nobody has read yet, so a reader woken by an
     old expiry finds `fired()` False."""
 
@@ -64,7 +63,6 @@ class Alarm:
         self._spec = _Itimerspec()
         self._spec_ref = ctypes.byref(self._spec)
         self._zero = ctypes.byref(_Itimerspec())
-        self.armed_at = 0.0  # time.monotonic() of the last arm, for who reads the expiry
 
     def fileno(self) -> int:
         fd: int = self._fd
@@ -75,14 +73,9 @@ class Alarm:
         ns = max(1, int(when * 1e9))  # 0 would disarm
         value = self._spec.it_value
         value.tv_sec, value.tv_nsec = divmod(ns, 1_000_000_000)
-        self.armed_at = time.monotonic()
         if _settime(self._fd, _TFD_TIMER_ABSTIME, self._spec_ref, None) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"timerfd_settime: {os.strerror(err)}")
-
-    def arm(self, seconds: float) -> None:
-        """Go off once, `seconds` from now (at least 1 µs)."""
-        self.arm_at(time.monotonic() + max(1e-6, seconds))
 
     def disarm(self) -> None:
         if self._fd >= 0:

@@ -17,11 +17,12 @@ from nri_plugin.policy_thread import PolicyThread
 def test_the_alarm_goes_off_once_after_its_time() -> None:
     alarm = Alarm()
     try:
-        alarm.arm(0.05)
+        armed = time.monotonic()
+        alarm.arm_at(armed + 0.05)
         assert not alarm.fired()
         readable, _, _ = select.select([alarm.fileno()], [], [], 1.0)
         assert readable
-        assert time.monotonic() - alarm.armed_at >= 0.049
+        assert time.monotonic() - armed >= 0.049
         assert alarm.fired()
         assert not alarm.fired()  # read once
     finally:
@@ -46,13 +47,14 @@ def test_the_alarm_goes_off_at_a_monotonic_time_or_at_once_if_it_passed() -> Non
 def test_disarming_or_rearming_clears_an_expiry_nobody_read() -> None:
     alarm = Alarm()
     try:
-        alarm.arm(0.001)
+        alarm.arm_at(time.monotonic() + 0.001)
         time.sleep(0.02)
         alarm.disarm()
         assert not alarm.fired()
-        alarm.arm(0.001)
+        alarm.arm_at(time.monotonic() + 0.001)
         time.sleep(0.02)
-        alarm.arm(10)  # a woken reader must not take this for the new arm's expiry
+        # a woken reader must not take this new arm for the old arm's expiry
+        alarm.arm_at(time.monotonic() + 10)
         assert not alarm.fired()
     finally:
         alarm.close()
