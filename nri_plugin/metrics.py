@@ -71,16 +71,6 @@ class MethodSeries:
             self.sum += seconds
 
 
-class _Labelled:
-    """`.labels(method)`, as a labelled prometheus_client metric has it."""
-
-    def __init__(self, series: RequestSeries) -> None:
-        self._series = series
-
-    def labels(self, method: str) -> MethodSeries:
-        return self._series.of(method)
-
-
 class RequestSeries(Collector):
     """`nri_qos_requests` and `nri_qos_request_duration_seconds`, exposed exactly as a
     prometheus_client Counter and Histogram labelled by method would be (with `_created`),
@@ -93,10 +83,9 @@ class RequestSeries(Collector):
         self.bounds = tuple(sorted(bounds))
         self._lock = threading.Lock()
         self._methods: dict[str, MethodSeries] = {}
-        self.counter = _Labelled(self)
-        self.histogram = _Labelled(self)
 
-    def of(self, method: str) -> MethodSeries:
+    def labels(self, method: str) -> MethodSeries:
+        """One method's series, as a labelled prometheus_client metric's `labels`."""
         found = self._methods.get(method)
         if found is None:
             with self._lock:
@@ -143,8 +132,8 @@ class Metrics:
         self._by_method: dict[str, MethodMetrics] = {}
         series = RequestSeries(_LATENCY_BUCKETS)
         r.register(series)
-        self.requests = series.counter  # .labels(method).inc()
-        self.request_seconds = series.histogram  # .labels(method).observe(seconds)
+        self.requests = series  # .labels(method).inc()
+        self.request_seconds = series  # .labels(method).observe(seconds)
         self.fail_open = Counter(
             "nri_qos_fail_open",
             "Requests answered with no adjustment because the handler was late or failed",
