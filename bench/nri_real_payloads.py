@@ -30,6 +30,12 @@ meets every request with caches the other processes have used in between, as on 
 where containerd, runc and the workloads run between two container events: that is
 slower than back to back, and probably closer to production.
 
+`--gap-ms N` leaves the machine idle for N ms after each measured lifecycle of each
+target, as between two pods' starts on a node (tens of ms at least). Nothing runs in the
+gap on this guest, yet a plugin whose request touches more code and data finds less of
+it in the caches afterwards: on this VM, 5 ms made the qos CreateContainer 0.13 ms slower
+and the no-op's 0.04 (docs/benchmarks.md, issue 12 round 4).
+
 Figures per method, p50 / p99 in ms:
 - in-plugin: received -> reply written, the exact value the plugin observes into its own
   `nri_qos_request_duration_seconds` histogram (captured by a tap around that observation;
@@ -564,6 +570,7 @@ async def measure_targets(
         live = 0
         next_id = 1_000_000
         modes = {"off": [False], "on": [True], "both": [False, True]}[args.contention]
+        gap = args.gap_ms / 1000
         for level in levels or args.live:
             while live < level:
                 for t in targets:
@@ -583,6 +590,8 @@ async def measure_targets(
                         turn = i % len(targets)
                         for t in targets[turn:] + targets[:turn]:
                             await t.one_lifecycle(next_id)
+                            if gap:
+                                await asyncio.sleep(gap)
                         next_id += 1
                     for t in targets:
                         results[t.name][key] = await t.end_block(stages)
@@ -763,6 +772,7 @@ def print_report(report: dict[str, Any]) -> None:
         f"flavor {report['flavor']} ({t['session']}); {report['pairs']} measured lifecycles "
         f"per level after {WARMUP} warm-up; CPUs: {report['cpus']}; plugin: {report['plugin']}"
         + (f"; baseline: {report['baseline']}" if report.get("baseline") else "")
+        + (f"; idle {report['gap_ms']:g} ms after each lifecycle" if report.get("gap_ms") else "")
     )
     print("request sizes (bytes): " + ", ".join(f"{k} {v}" for k, v in t["sizes"].items()))
     targets = report["targets"]
@@ -854,6 +864,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "date": datetime.date.today().isoformat(),
         "flavor": args.flavor,
         "pairs": args.pairs,
+        "gap_ms": args.gap_ms,
         "live": args.live,
         "contention": args.contention,
         "interleaved": args.interleave,
@@ -936,6 +947,13 @@ def main() -> None:
         "--interleave",
         action="store_true",
         help="connect every target at once and go round them one lifecycle each",
+    )
+    parser.add_argument(
+        "--gap-ms",
+        type=float,
+        default=0.0,
+        help="idle time after each measured lifecycle (as between two pods' starts on a "
+        "node): what an idle vCPU's caches keep over it is what the next request finds",
     )
     parser.add_argument("--policy", choices=["recording", "qos", "both"], default="both")
     parser.add_argument(

@@ -37,7 +37,7 @@ import time
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, start_http_server
@@ -45,7 +45,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from nri_plugin.plugin import PluginSetupError
-from nri_plugin.policy.intents import Evict, Intents
+from nri_plugin.policy.intents import Evict, Intents, Severity
 from nri_plugin.policy.interference import Verdict
 from nri_plugin.policy.mitigation import Rung
 from nri_plugin.policy.workload import DEDICATED, RECLAIMED, SHARED, SYSTEM
@@ -318,6 +318,7 @@ DIRECTIONS = ("up", "down")
 _STEP = re.compile(r"^step (?P<dir>up|down) (?P<rung>[a-z-]+)")
 _DRY_RUN = re.compile(r"^dry-run: would evict pod \S+: (?P<why>.*)$", re.DOTALL)
 _VERDICTS = {str(v) for v in Verdict}
+_NOTE_SERIES_KEPT = 256  # (kind, severity) pairs whose counter child is kept
 _RUNGS = {str(r) for r in Rung}
 
 
@@ -368,6 +369,10 @@ class Decisions:
             ["kind", "severity"],
             registry=registry,
         )
+        # The notes counter's children by (kind, severity): a CreateContainer hands over
+        # a note or two, and prometheus_client's labels() checks and locks on each call.
+        # The engine's note kinds are a handful; the bound is for safety only.
+        self._notes_by: dict[tuple[str, Severity], Any] = {}
         for verdict in sorted(_VERDICTS):
             self.detections.labels(verdict)
         for rung in Rung:
@@ -381,7 +386,7 @@ class Decisions:
         """Count the decisions in one `Intents`. Call it exactly once per value the
         engine returned (where it is handed to `HostExecutor.submit`); thread-safe."""
         for note in intents.notes:
-            self.notes.labels(note.kind, str(note.severity)).inc()
+            self._note_counter(note.kind, note.severity).inc()
             if note.kind == "interference":
                 verdict = note.message.partition(":")[0]
                 if verdict in _VERDICTS:  # a new episode ("now X:" is the same one)
@@ -399,6 +404,15 @@ class Decisions:
         for intent in intents.host:
             if isinstance(intent, Evict):
                 self._evicted(_trigger(intent.reason), self.evictions)
+
+    def _note_counter(self, kind: str, severity: Severity) -> Any:
+        key = (kind, severity)
+        child = self._notes_by.get(key)
+        if child is None:
+            child = self.notes.labels(kind, str(severity))
+            if len(self._notes_by) < _NOTE_SERIES_KEPT:
+                self._notes_by[key] = child
+        return child
 
     def _evicted(self, trigger: str, counter: Counter) -> None:
         """The ladder's top rung has no mitigation note: its step up is the eviction

@@ -11,7 +11,7 @@ and stays in `nri_plugin.protocol.versions`.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, order=True, slots=True)
@@ -47,47 +47,41 @@ V0_12 = NriVersion(0, 12, 0)
 class NriCapabilities:
     """What a runtime of a given NRI version does with what a plugin sends (and sends it).
 
-    Each flag names the NRI release that introduced it (docs/nri-protocol.md §3-§7)."""
+    Each flag names the NRI release that introduced it (docs/nri-protocol.md §3-§7). The
+    flags are worked out once, from `version`, when the value is made: the engine reads
+    one on every container event, and a comparison of two versions is a call into
+    Python each time."""
 
     version: NriVersion
+    # ContainerAdjustment.linux.oom_score_adj reaches the container (v0.7).
+    applies_oom_score_adj: bool = field(init=False, repr=False)
+    applies_pids: bool = field(init=False, repr=False)  # v0.7
+    applies_device_rules: bool = field(init=False, repr=False)  # v0.10
+    # The LinuxRdt adjustment (clos_id, schemata, monitoring) (v0.11).
+    applies_rdt: bool = field(init=False, repr=False)
+    # Configure carries registration/request timeouts; Synchronize may be split (v0.7).
+    has_timeouts: bool = field(init=False, repr=False)
+    # UpdatePodSandbox / PostUpdatePodSandbox / ValidateContainerAdjustment (v0.10).
+    has_pod_update_events: bool = field(init=False, repr=False)
+    # created_at / started_at / finished_at in Container (v0.10).
+    has_container_timestamps: bool = field(init=False, repr=False)
+    # Per-event notification RPCs, StateChange only as the fallback (v0.12).
+    has_dedicated_notifications: bool = field(init=False, repr=False)
 
-    @property
-    def applies_oom_score_adj(self) -> bool:
-        """ContainerAdjustment.linux.oom_score_adj reaches the container (v0.7)."""
-        return self.version >= V0_7
-
-    @property
-    def applies_pids(self) -> bool:
-        return self.version >= V0_7
-
-    @property
-    def applies_device_rules(self) -> bool:
-        return self.version >= V0_10
-
-    @property
-    def applies_rdt(self) -> bool:
-        """The LinuxRdt adjustment (clos_id, schemata, monitoring) (v0.11)."""
-        return self.version >= V0_11
-
-    @property
-    def has_timeouts(self) -> bool:
-        """Configure carries registration/request timeouts; Synchronize may be split (v0.7)."""
-        return self.version >= V0_7
-
-    @property
-    def has_pod_update_events(self) -> bool:
-        """UpdatePodSandbox / PostUpdatePodSandbox / ValidateContainerAdjustment (v0.10)."""
-        return self.version >= V0_10
-
-    @property
-    def has_container_timestamps(self) -> bool:
-        """created_at / started_at / finished_at in Container (v0.10)."""
-        return self.version >= V0_10
-
-    @property
-    def has_dedicated_notifications(self) -> bool:
-        """Per-event notification RPCs, StateChange only as the fallback (v0.12)."""
-        return self.version >= V0_12
+    def __post_init__(self) -> None:
+        v = self.version
+        flags = {
+            "applies_oom_score_adj": v >= V0_7,
+            "applies_pids": v >= V0_7,
+            "applies_device_rules": v >= V0_10,
+            "applies_rdt": v >= V0_11,
+            "has_timeouts": v >= V0_7,
+            "has_pod_update_events": v >= V0_10,
+            "has_container_timestamps": v >= V0_10,
+            "has_dedicated_notifications": v >= V0_12,
+        }
+        for name, value in flags.items():
+            object.__setattr__(self, name, value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,15 +92,8 @@ class RuntimeInfo:
     version: str
     nri_version: NriVersion  # best estimate, never above what the runtime speaks
     reason: str  # how it was decided, for logs and the debug API
+    # what that NRI version lets a plugin do; made with the value (read on every event)
+    capabilities: NriCapabilities = field(init=False, repr=False, compare=False)
 
-    @property
-    def capabilities(self) -> NriCapabilities:
-        """Read on every container event: one per version, made once."""
-        found = _CAPABILITIES.get(self.nri_version)
-        if found is None:
-            found = _CAPABILITIES[self.nri_version] = NriCapabilities(self.nri_version)
-        return found
-
-
-# A handful of NRI versions ever exist in one process; the values are frozen.
-_CAPABILITIES: dict[NriVersion, NriCapabilities] = {}
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "capabilities", NriCapabilities(self.nri_version))

@@ -186,3 +186,16 @@ def test_a_later_request_wins_over_an_earlier_one(
         for f in fields(CpuResources):
             if f.name not in REALTIME and _is_set(getattr(second.cpu, f.name)):
                 assert getattr(both.cpu, f.name) == getattr(alone.cpu, f.name)
+
+
+# Resources with at most one field set (the usual adjustments and requests), or any.
+_one_field_set = st.builds(
+    lambda name, r: replace(Resources(), **{name: getattr(r, name)}),
+    st.sampled_from([f.name for f in fields(Resources)]),
+    resources,
+)
+
+
+@given(st.just(Resources()) | _one_field_set | resources)
+def test_resources_are_empty_exactly_when_equal_to_the_default(r: Resources) -> None:
+    assert r.is_empty() == (r == Resources())
