@@ -28,6 +28,11 @@ Per request it prints:
 
     python3 bench/request_footprint.py --method CreateContainer --tree . --tree /tmp/before
 
+`--part` counts one part of the request instead: decode, convert (protobuf -> model) or
+policy (the hook alone); the parts before it run after the walk, uncounted, as they do
+before it in the plugin. What the whole request brings in beyond the three is the
+reply's building and encoding, and dispatch.
+
 Each `--tree` is a checkout of this repository (its own bench/ and code are run). Needs
 valgrind (apt install valgrind). `--thrash-mb 0`: no walk, warm caches.
 """
@@ -53,13 +58,27 @@ sys.path.insert(0, tree + "/bench")
 sys.path.insert(0, tree)
 import request_cpu as rc
 from real_payloads import LIFECYCLE, LIVE_PART, load_templates
-from nri_plugin.protocol import services
+from nri_plugin.protocol import convert, services
+from nri_plugin.protocol import nri_pb2 as pb
 
 def whole(name, payload):  # decode, decide, build the reply and encode it
     runner.call(name, payload)[1].reply.SerializeToString()
 
 def decode_only(name, payload):
-    services.decode(services.PLUGIN_METHODS[name].request, payload, name)
+    return services.decode(services.PLUGIN_METHODS[name].request, payload, name)
+
+def converted(request):  # what dispatch.handle gives the policy hook
+    args = [convert.pod_for_policy(request.pod), convert.container_for_policy(request.container)]
+    if isinstance(request, pb.UpdateContainerRequest):
+        has = request.HasField("linux_resources")
+        args.append(convert.resources_for_policy(request.linux_resources) if has else None)
+    return args
+
+HOOKS = {
+    "CreateContainer": "create_container",
+    "UpdateContainer": "update_container",
+    "StopContainer": "stop_container",
+}
 
 root = rc.this_machine_root(Path(tempfile.mkdtemp(prefix="nri-footprint-")))
 runner = rc.Runner(load_templates(flavor), rc.build_policy(root), rc.Taps())
@@ -72,6 +91,8 @@ for _ in range(20):
     for name, payload in list(runner.lifecycle(next_id, LIFECYCLE)):
         runner.call(name, payload)
     next_id += 1
+if part == "policy" and method not in HOOKS:
+    raise SystemExit(f"--part policy: one of {', '.join(HOOKS)}")
 walk = bytearray(thrash_mb << 20)
 marks = [bytes([i]) * (len(walk) // 64) for i in (1, 2)]
 seen = 0
@@ -87,6 +108,14 @@ for i in range(n * 50):
         if part == "decode":
             functools.reduce(lambda _, p: decode_only(name, p), (payload,), None)
             runner.call(name, payload)
+        elif part == "convert":  # decoded cold, then converted (counted)
+            request = decode_only(name, payload)
+            functools.reduce(lambda _, r: converted(r), (request,), None)
+            runner.call(name, payload)
+        elif part == "policy":  # decoded and converted cold, then the hook alone (counted)
+            hook = getattr(runner.policy, HOOKS[name])
+            args = converted(decode_only(name, payload))
+            functools.reduce(lambda _, a: hook(*a), (args,), None)
         else:
             functools.reduce(lambda _, p: whole(name, p), (payload,), None)
         seen += 1
@@ -153,9 +182,12 @@ def main() -> None:
     parser.add_argument("--thrash-mb", type=int, default=16)
     parser.add_argument(
         "--part",
-        choices=["request", "decode"],
+        choices=["request", "decode", "convert", "policy"],
         default="request",
-        help="what is counted: decode, decide, build and encode the reply, or decode alone",
+        help="what is counted: decode, decide, build and encode the reply (request); or one "
+        "part, the parts before it run uncounted after the walk: decode, convert "
+        "(protobuf -> model), policy (the hook; CreateContainer, UpdateContainer, "
+        "StopContainer)",
     )
     parser.add_argument("--tree", type=Path, action="append", help="a checkout (repeatable)")
     args = parser.parse_args()
