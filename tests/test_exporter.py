@@ -28,7 +28,7 @@ from nri_plugin.metrics import ConnectionState, Metrics
 from nri_plugin.policy.class_isolation import Backend, HostSupport, IsolationConfig
 from nri_plugin.policy.engine import Engine, EngineConfig
 from nri_plugin.policy.eviction import EvictionConfig
-from nri_plugin.policy.intents import Evict, HostIntent, Intents
+from nri_plugin.policy.intents import Evict, HostIntent, Intents, Note, Severity
 from nri_plugin.policy.protection import ProtectionConfig
 from nri_plugin.policy.workload import SHARED, PlannerConfig
 from nri_plugin.protect import ProtectState
@@ -370,6 +370,30 @@ def test_memory_pressure_evictions_in_dry_run_are_counted_apart() -> None:
     r = metrics.registry
     assert r.get_sample_value("nri_qos_dry_run_evictions_total", {"trigger": "memory_pressure"})
     assert r.get_sample_value("nri_qos_evictions_total", {"trigger": "memory_pressure"}) == 0
+
+
+def test_engine_notes_are_counted_by_kind_and_severity_apart() -> None:
+    """The exporter keeps each (kind, severity) counter child after its first note: two
+    severities of one kind, and two kinds of one severity, stay separate series."""
+    metrics = Metrics()
+    exporter = NodeExporter(metrics.registry)
+    notes = (
+        Note("plan", "a", "one"),
+        Note("plan", "b", "two", Severity.WARNING),
+        Note("pool", "node", "three"),
+        Note("plan", "c", "four"),
+    )
+    for _ in range(2):
+        exporter.observe_intents(Intents(notes=notes))
+    r = metrics.registry
+
+    def count(kind: str, severity: Severity) -> float | None:
+        labels = {"kind": kind, "severity": str(severity)}
+        return r.get_sample_value("nri_qos_engine_notes_total", labels)
+
+    assert count("plan", Severity.INFO) == 4
+    assert count("plan", Severity.WARNING) == 2
+    assert count("pool", Severity.INFO) == 2
 
 
 # --- the threading rule -------------------------------------------------------------------
