@@ -296,6 +296,9 @@ def _install_taps(rec: _Recorder) -> None:
         def __init__(self, child: Any, method: str) -> None:
             self._child, self._method = child, method
 
+        def inc(self) -> None:
+            self._child.inc()
+
         def observe(self, value: float) -> None:
             if rec.current is not None and rec.current["method"] == self._method:
                 rec.current["observe_at"] = time.perf_counter_ns()
@@ -319,7 +322,28 @@ def _install_taps(rec: _Recorder) -> None:
         original_init(self, *args, **kwargs)
         self.request_seconds = _Tap(self.request_seconds)
 
-    metrics_mod.Metrics.__init__ = init  # type: ignore[method-assign]
+    original_of_method = getattr(metrics_mod.Metrics, "of_method", None)
+    tapped: dict[tuple[int, str], Any] = {}
+
+    def of_method(self: Any, method: str) -> Any:
+        """A tree with `Metrics.of_method` (the session's only way to its series): its
+        series for `method`, with the observation tapped; made once per method."""
+        key = (id(self), method)
+        found = tapped.get(key)
+        if found is None:
+            assert original_of_method is not None
+            series = original_of_method(self, method)
+            if hasattr(series, "seconds"):  # (requests, seconds) children, up to 5b215ae
+                found = series._replace(seconds=_Child(series.seconds, method))
+            else:  # one MethodSeries: inc() and observe()
+                found = _Child(series, method)
+            tapped[key] = found
+        return found
+
+    if original_of_method is None:  # older still: the session labels request_seconds itself
+        metrics_mod.Metrics.__init__ = init  # type: ignore[method-assign]
+    else:
+        metrics_mod.Metrics.of_method = of_method  # type: ignore[method-assign]
     if rec.stages:
         _install_stages(rec)
 

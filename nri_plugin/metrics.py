@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from enum import StrEnum
-from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -39,16 +38,9 @@ class ConnectionState(StrEnum):
     CONFIGURED = "configured"  # Configure answered: requests are served
 
 
-class MethodMetrics(NamedTuple):
-    """One NRI method's series (children of the labelled metrics)."""
-
-    requests: Any  # Counter child: .inc()
-    seconds: Any  # Histogram child: .observe(seconds)
-
-
 class MethodSeries:
-    """One method's request count and latency histogram, written from the thread that
-    answered (the policy thread, or the loop for a late request)."""
+    """One method's request count (`inc`) and latency histogram (`observe`), written
+    from the thread that answered (the policy thread, or the loop for a late request)."""
 
     __slots__ = ("_bounds", "_lock", "buckets", "count", "created", "sum")
 
@@ -129,7 +121,6 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self._by_method: dict[str, MethodMetrics] = {}
         series = RequestSeries(_LATENCY_BUCKETS)
         r.register(series)
         self.requests = series  # .labels(method).inc()
@@ -183,15 +174,10 @@ class Metrics:
         self._state = ConnectionState.DISCONNECTED
         self._show(ConnectionState.DISCONNECTED)
 
-    def of_method(self, method: str) -> MethodMetrics:
-        """The request counter and the duration histogram of one NRI method, looked up
-        once: `labels()` takes a lock and builds a key on every call, and these two are
-        touched on every request."""
-        found = self._by_method.get(method)
-        if found is None:
-            found = MethodMetrics(self.requests.labels(method), self.request_seconds.labels(method))
-            self._by_method[method] = found
-        return found
+    def of_method(self, method: str) -> MethodSeries:
+        """The request count and duration histogram of one NRI method (kept by the
+        collector: touched on every request)."""
+        return self.requests.labels(method)
 
     def connection_changed(self, state: ConnectionState) -> None:
         """Record a transition of the runtime connection. The plugin calls it with

@@ -25,7 +25,7 @@ from google.protobuf.message import Message
 from nri_plugin import dispatch
 from nri_plugin.alarm import Alarm
 from nri_plugin.channel import Ending, NriChannel
-from nri_plugin.metrics import ConnectionState, MethodMetrics
+from nri_plugin.metrics import ConnectionState, MethodSeries
 from nri_plugin.policy.intents import Intents
 from nri_plugin.protocol import convert, services
 from nri_plugin.protocol import nri_pb2 as pb
@@ -494,7 +494,7 @@ class Session:
         bug of ours (`_failed_early`)."""
         method = turn.method
         turn.metrics = self.plugin.metrics.of_method(method.name)
-        turn.metrics.requests.inc()
+        turn.metrics.inc()
         turn.budget = self._budget(turn.event.timeout_nano)
         if method.reply_is_fixed:
             turn.claim()
@@ -590,7 +590,7 @@ class Session:
         if not self._answer(turn.event.stream_id, turn.method, decision):
             self._answer_last_resort(turn.event.stream_id, turn.method)
         metrics = turn.metrics or self.plugin.metrics.of_method(turn.method.name)
-        metrics.seconds.observe(time.monotonic() - turn.received)
+        metrics.observe(time.monotonic() - turn.received)
 
     def _deadline_passed(self, turn: _Turn) -> None:
         """In the loop, when the budget is spent: answer with no change, unless the
@@ -843,7 +843,7 @@ class _Turn:
     done: asyncio.Future[_Decision | dispatch.SyncOverflow] | None = None
     budget: float = 0.0  # seconds from `received` to the fail-open reply
     late: bool = False  # the deadline answered; the policy call may still be running
-    metrics: MethodMetrics | None = None
+    metrics: MethodSeries | None = None
     timer: asyncio.TimerHandle | None = None  # the deadline
     _claimed: threading.Lock = field(default_factory=threading.Lock)
 
