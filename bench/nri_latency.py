@@ -262,7 +262,6 @@ def _config_text(policy: str, host_root: Path | None) -> str:
 
 
 async def measure(
-    samples: int,
     sync_rounds: int,
     policy: str,
     population: Population,
@@ -549,7 +548,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     runs[n, policy].append(
                         asyncio.run(
                             measure(
-                                args.samples,
                                 args.sync_rounds,
                                 policy,
                                 population,
