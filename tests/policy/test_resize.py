@@ -179,11 +179,17 @@ def test_a_shared_resize_keeps_the_kubelets_values_and_resizes_the_pool() -> Non
     assert len(e.plan.pools.shared) > len(shared_before)  # more online demand
 
 
-def test_a_reclaimed_container_keeps_the_kubelets_weight_once_the_kubelet_resized_it() -> None:
-    e = engine()
+def _reclaimed_batch(e: Engine) -> tuple[Pod, Container, Intents]:
+    """A reclaimed_cores container requesting half a CPU (our weight for it: 2), created
+    in `e`: its pod, itself, and what the create decided."""
     batch_pod = pod("batch", "reclaimed_cores")
     batch = container("batch", 500, oom=900)
-    e.container_created(batch_pod, batch)
+    return batch_pod, batch, e.container_created(batch_pod, batch).intents
+
+
+def test_a_reclaimed_container_keeps_the_kubelets_weight_once_the_kubelet_resized_it() -> None:
+    e = engine()
+    batch_pod, batch, _ = _reclaimed_batch(e)
     assert e.plan.containers[batch.id].cpu_shares.value == 2
     # a cpuset-only update (the kubelet's CPU manager) is no resize: our weight stays
     step = e.container_updated(batch_pod, batch, Resources(cpu=CpuResources(cpus="0-15")))
@@ -202,9 +208,7 @@ def test_a_reclaimed_container_keeps_the_kubelets_weight_once_the_kubelet_resize
 
 def test_repeating_the_kubelets_own_values_is_not_a_resize() -> None:
     e = engine()
-    batch_pod = pod("batch", "reclaimed_cores")
-    batch = container("batch", 500, oom=900)
-    e.container_created(batch_pod, batch)
+    batch_pod, batch, _ = _reclaimed_batch(e)
     assert batch.resources is not None
     e.container_updated(batch_pod, batch, batch.resources)
     record = e.table.get(batch.id)
@@ -254,9 +258,7 @@ def test_a_restart_keeps_the_kubelets_weight_of_a_reclaimed_container_it_resized
     set: neither ours nor the original we recorded. It stays the kubelet's, and the
     container's request is the resized one (kubernetes#130598)."""
     e = engine()
-    batch_pod = pod("batch", "reclaimed_cores")
-    batch = container("batch", 500, oom=900)
-    created = e.container_created(batch_pod, batch).intents
+    batch_pod, batch, created = _reclaimed_batch(e)
     e.container_updated(batch_pod, batch, resize_to(1000))
     restarted = _after_restart(e, batch_pod, batch, created)
     shares = restarted.plan.containers[batch.id].cpu_shares
@@ -271,9 +273,7 @@ def test_a_restart_keeps_the_kubelets_weight_of_a_reclaimed_container_it_resized
 
 def test_a_restart_keeps_our_weight_of_a_reclaimed_container_never_resized() -> None:
     e = engine()
-    batch_pod = pod("batch", "reclaimed_cores")
-    batch = container("batch", 500, oom=900)
-    created = e.container_created(batch_pod, batch).intents
+    batch_pod, batch, created = _reclaimed_batch(e)
     restarted = _after_restart(e, batch_pod, batch, created)
     assert restarted.plan.containers[batch.id].cpu_shares.value == 2
     record = restarted.table.get(batch.id)
